@@ -1,0 +1,153 @@
+"""`flexgen-dist` command line: flags -> RunConfig/Policy, one JSON summary line, exit 2 on bad input."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from flexgen_dist.errors import UserError
+from flexgen_dist.generation import Sampling
+from flexgen_dist.memory.budget import MemoryBudget, parse_max_memory
+from flexgen_dist.policy import Policy
+from flexgen_dist.prompts import load_prompts_file, requests_from_cli, synthetic_requests
+from flexgen_dist.run import DTYPES, RunConfig, generate
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2, like every other bad input
+        self.exit(2, f"flexgen-dist: error: {message} (see --help)\n")
+
+
+def _add_policy_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("policy")
+    g.add_argument("--policy", metavar="FILE.yaml", help="a saved policy (fields of Policy); flags below override it")
+    g.add_argument("--percent", nargs=6, type=float, metavar=("W_GPU", "W_CPU", "CACHE_GPU", "CACHE_CPU", "ACT_GPU", "ACT_CPU"),
+                   help="placement percentages; disk gets the rest of each pair (default 100 0 100 0 100 0)")
+    g.add_argument("--gpu-batch-size", type=int, help="sequences per GPU batch (default 1)")
+    g.add_argument("--num-gpu-batches", type=int, help="GPU batches per block: weights are reused across them (default 1)")
+    g.add_argument("--no-overlap", action="store_true", help="run transfers inline instead of overlapping compute")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="flexgen-dist", description="High-throughput offloaded OPT inference (FlexGen design).")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    gen = sub.add_parser("generate", help="generate for prompts; results as JSONL, summary as the last stdout line")
+    gen.add_argument("--model", required=True, help="opt-125m … opt-175b (with --dummy-weights) or an HF checkpoint dir")
+    gen.add_argument("--dummy-weights", action="store_true", help="seeded random weights of the model's size")
+    src = gen.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompts", metavar="FILE.jsonl", help='lines {"id", "prompt"|"input_ids", ["max_new_tokens"]}')
+    src.add_argument("--prompt", action="append", metavar="TEXT", help="a prompt (repeatable)")
+    src.add_argument("--synthetic", type=int, metavar="N", help="N random prompts of --prompt-len tokens")
+    gen.add_argument("--prompt-len", type=int, default=128, help="with --synthetic (default 128)")
+    d = gen.add_argument_group("decoding")
+    d.add_argument("--max-new-tokens", type=int, default=32)
+    d.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    d.add_argument("--top-p", type=float, default=1.0)
+    d.add_argument("--seed", type=int, default=0, help="sampling, synthetic prompts and dummy weights")
+    d.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens tokens")
+    _add_policy_flags(gen)
+    r = gen.add_argument_group("resources")
+    r.add_argument("--device", choices=("cuda", "cpu"), help="default: cuda if available")
+    r.add_argument("--dtype", choices=tuple(DTYPES), help="default: float16 on cuda, bfloat16 on cpu")
+    r.add_argument("--max-memory", metavar="gpu=…,cpu=…,disk=…", help="per-tier budgets, e.g. gpu=16GiB,cpu=64GiB")
+    r.add_argument("--offload-dir", help="where the disk tier's files go (default: the system temp dir)")
+    o = gen.add_argument_group("output")
+    o.add_argument("--output", metavar="FILE.jsonl", help="results, one line per prompt; re-running resumes (default: stdout)")
+    o.add_argument("--quiet", action="store_true", help="no progress bar")
+    gen.set_defaults(func=_generate)
+    return parser
+
+
+def _policy(args: argparse.Namespace) -> Policy:
+    fields: dict = {}
+    if args.policy:
+        if args.policy == "auto":
+            raise UserError("--policy auto (the LP policy search) is not available in this version; "
+                            "give --percent/--gpu-batch-size/--num-gpu-batches or a policy YAML file")
+        fields.update(_load_policy_file(Path(args.policy)))
+    if args.percent:
+        names = ("w_gpu_percent", "w_cpu_percent", "cache_gpu_percent", "cache_cpu_percent", "act_gpu_percent", "act_cpu_percent")
+        fields.update(zip(names, args.percent))
+    if args.gpu_batch_size is not None:
+        fields["gpu_batch_size"] = args.gpu_batch_size
+    if args.num_gpu_batches is not None:
+        fields["num_gpu_batches"] = args.num_gpu_batches
+    if args.no_overlap:
+        fields["overlap"] = False
+    return Policy(**fields)
+
+
+def _load_policy_file(path: Path) -> dict:
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as e:
+        raise UserError(f"--policy {path}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise UserError(f"--policy {path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    data = data.get("policy", data) if isinstance(data, dict) else data
+    known = set(Policy.__dataclass_fields__)
+    if not isinstance(data, dict) or set(data) - known:
+        extra = sorted(set(data) - known) if isinstance(data, dict) else []
+        raise UserError(f"--policy {path}: expected a mapping of {', '.join(sorted(known))}"
+                        + (f"; unknown: {', '.join(extra)}" if extra else ""))
+    return data
+
+
+def _requests(args: argparse.Namespace, vocab_size: int):
+    if args.prompts:
+        return load_prompts_file(args.prompts)
+    if args.prompt:
+        return requests_from_cli(args.prompt)
+    if args.synthetic < 1 or args.prompt_len < 1:
+        raise UserError("--synthetic and --prompt-len must be >= 1")
+    return synthetic_requests(args.synthetic, args.prompt_len, vocab_size, args.seed)
+
+
+def _generate(args: argparse.Namespace) -> int:
+    if args.temperature < 0 or not 0 < args.top_p <= 1:
+        raise UserError("--temperature must be >= 0 and --top-p in (0, 1]")
+    run = RunConfig(
+        model=args.model,
+        policy=_policy(args),
+        dummy_weights=args.dummy_weights,
+        max_new_tokens=args.max_new_tokens,
+        sampling=Sampling(args.temperature, args.top_p, args.seed, args.ignore_eos),
+        device=args.device,
+        dtype=args.dtype,
+        budget=parse_max_memory(args.max_memory) if args.max_memory else MemoryBudget(),
+        offload_dir=args.offload_dir,
+        output=args.output,
+        progress=not args.quiet,
+    )
+    requests = _requests(args, _vocab_size(args))
+    summary = generate(run, requests)
+    print(json.dumps(summary), flush=True)
+    return 0
+
+
+def _vocab_size(args: argparse.Namespace) -> int:
+    """Synthetic prompts draw ids from the model's vocabulary; read it without loading weights."""
+    if not args.synthetic:
+        return 0
+    from flexgen_dist.model_source import resolve_model
+
+    return resolve_model(args.model, True, args.seed).config.vocab_size
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as e:
+        print(f"flexgen-dist: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # disk full, permissions, I/O errors in the offload or output dir
+        print(f"flexgen-dist: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("flexgen-dist: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,201 @@
+"""The offloading engine over a contiguous slice of layers (one pipeline stage; the whole model is one slice).
+
+One `step` runs every GPU batch of a block through the slice in FlexGen's zig-zag order: layer by layer, and within
+a layer batch by batch, so each layer's weights are loaded once per block and reused by all its batches. While batch
+k of layer j computes, the weight lane loads layer j+1 and the cache lane loads batch k+1's KV cache and writes back
+batch k-1's new token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from flexgen_dist.memory.cache_home import CacheHome, LoadedPiece
+from flexgen_dist.memory.disk import DiskTensor, aligned_empty
+from flexgen_dist.memory.tiers import TIERS, Tier, TierSet
+from flexgen_dist.memory.weight_home import WeightHome
+from flexgen_dist.models import opt
+from flexgen_dist.models.layout import LayerSpec
+from flexgen_dist.policy import Policy
+from flexgen_dist.transfer import Lane
+from flexgen_dist.weights import WeightSource
+
+
+@dataclass
+class BatchInput:
+    """One GPU batch's input to a stage for one step."""
+
+    data: torch.Tensor  # token ids [B, S] for a stage holding the embedding, else hidden states [B, S, H]
+    valid: torch.Tensor  # [B, T] bool, T = cached + S positions: which are real tokens (False = left padding)
+
+
+class ActivationStore:
+    """Hidden states between layers, per GPU batch, kept on the policy's activation tier."""
+
+    def __init__(self, tiers: TierSet, tier: Tier) -> None:
+        self.tiers, self.tier = tiers, tier
+        self._items: dict[int, torch.Tensor | DiskTensor] = {}
+
+    def put(self, k: int, hidden: torch.Tensor) -> None:
+        if self.tiers.addressable(self.tier):
+            self._items[k] = hidden
+            return
+        self._drop(k)
+        stored = self.tiers.empty(self.tier, tuple(hidden.shape), hidden.dtype, name=f"act{k}")
+        if isinstance(stored, DiskTensor):
+            stored.write_rows(hidden.contiguous().cpu())
+        else:
+            stored.copy_(hidden)
+        self._items[k] = stored
+
+    def get(self, k: int) -> torch.Tensor:
+        stored = self._items[k]
+        if isinstance(stored, DiskTensor):
+            host = aligned_empty(stored.shape, stored.dtype)
+            stored.read_rows_into(host)
+            return host.to(self.tiers.device)
+        return stored.to(self.tiers.device)
+
+    def _drop(self, k: int) -> None:
+        old = self._items.pop(k, None)
+        if old is not None and not self.tiers.addressable(self.tier):
+            self.tiers.release(self.tier, old)
+
+    def clear(self) -> None:
+        for k in list(self._items):
+            self._drop(k)
+
+
+def _single_tier(percents: tuple[float, float, float]) -> Tier:
+    return next(t for t, p in zip(TIERS, percents) if p > 0)
+
+
+class StageEngine:
+    def __init__(self, cfg: opt.OptConfig, layers: list[LayerSpec], policy: Policy, source: WeightSource,
+                 device: torch.device, dtype: torch.dtype, offload_dir: str | None = None) -> None:
+        self.cfg, self.layers, self.policy, self.device, self.dtype = cfg, layers, policy, device, dtype
+        self.tiers = TierSet(device, offload_dir)
+        self.homes: list[WeightHome] = []
+        self.caches: dict[tuple[int, int], CacheHome] = {}
+        self._weight_lane = Lane(device, policy.overlap, "flexgen-weights")
+        self._cache_lane = Lane(device, policy.overlap, "flexgen-cache")
+        try:
+            for layer in layers:
+                self.homes.append(WeightHome(layer, self.tiers, policy.weight_percents(), dtype, source))
+            staged = [h for h in self.homes if not h.in_place]
+            size = max((h.numel for h in staged), default=0)
+            # Two slots: layer j computes from one while layer j+1 loads into the other.
+            self._staging = [self.tiers.empty(Tier.GPU, (size,), dtype, "w-staging") for _ in range(2)] if staged else []
+            disk = max((h.nbytes(Tier.DISK) for h in staged), default=0) // torch.empty((), dtype=dtype).element_size()
+            self._bounce = ([self.tiers.empty(Tier.CPU, (disk,), dtype, "w-bounce") for _ in range(2)]
+                            if disk and device.type == "cuda" else [])
+        except BaseException:
+            self.close()
+            raise
+        self.acts = ActivationStore(self.tiers, _single_tier(policy.act_percents()))
+
+    @property
+    def has_embedding(self) -> bool:
+        return self.layers[0].kind == "embed"
+
+    @property
+    def has_head(self) -> bool:
+        return self.layers[-1].kind == "head"
+
+    # ---- block lifetime: the KV cache of a block lives from its prefill to its last decode step ----
+
+    def start_block(self, batch_sizes: list[int], capacity: int) -> None:
+        self.end_block()
+        for j, layer in enumerate(self.layers):
+            if layer.kind == "attention":
+                for k, b in enumerate(batch_sizes):
+                    self.caches[j, k] = CacheHome(self.tiers, b, self.cfg.num_heads, self.cfg.head_dim, capacity,
+                                                  self.dtype, self.policy.cache_percents(), f"{layer.label}-b{k}")
+
+    def end_block(self) -> None:
+        for home in self.caches.values():
+            home.release()
+        self.caches = {}
+        self.acts.clear()
+
+    # ---- one step (prefill when nothing is cached yet, else one decode token) ----
+
+    def _load_weights(self, j: int) -> dict[str, torch.Tensor]:
+        slot = j % 2
+        return self.homes[j].load(self._staging[slot] if self._staging else None,
+                                  self._bounce[slot] if self._bounce else None)
+
+    def step(self, inputs: list[BatchInput]) -> list[torch.Tensor]:
+        """Run all GPU batches of the block through the slice. Returns per batch the last position's float32 logits
+        [B, V] when the slice ends with the head, else the hidden states [B, S, H]."""
+        query_len = inputs[0].data.shape[1]
+        past = inputs[0].valid.shape[1] - query_len
+        valid = [x.valid.to(self.device) for x in inputs]
+        masks = [opt.attention_mask(v, query_len) for v in valid]
+        if not self.has_embedding:
+            for k, x in enumerate(inputs):
+                self.acts.put(k, x.data.to(self.device, self.dtype))
+        attention_order = [(j, k) for j, l in enumerate(self.layers) if l.kind == "attention" for k in range(len(inputs))]
+        cache_loads = {}
+        if past and attention_order:
+            cache_loads[attention_order[0]] = self._cache_lane.submit(self.caches[attention_order[0]].load, past)
+        next_weights = self._weight_lane.submit(self._load_weights, 0)
+        outputs: list[torch.Tensor] = []
+        for j, layer in enumerate(self.layers):
+            w = next_weights.result()
+            if j + 1 < len(self.layers):
+                next_weights = self._weight_lane.submit(self._load_weights, j + 1)
+            for k, x in enumerate(inputs):
+                if layer.kind == "embed":
+                    self.acts.put(k, opt.embed(w, x.data.to(self.device), opt.position_ids(valid[k], query_len)))
+                    continue
+                hidden = self.acts.get(k)
+                if layer.kind == "head":
+                    outputs.append(opt.lm_head(self.cfg, w, hidden[:, -1]))
+                elif layer.kind == "mlp":
+                    self.acts.put(k, opt.mlp(self.cfg, w, hidden))
+                elif past == 0:
+                    self.acts.put(k, self._prefill_attention(j, k, w, hidden, masks[k]))
+                else:
+                    pos = attention_order.index((j, k))
+                    if pos + 1 < len(attention_order):
+                        nxt = attention_order[pos + 1]
+                        cache_loads[nxt] = self._cache_lane.submit(self.caches[nxt].load, past)
+                    loaded = cache_loads.pop((j, k)).result()
+                    self.acts.put(k, self._decode_attention(w, hidden, loaded, masks[k], past))
+                    self._cache_lane.submit(self.caches[j, k].store_token, loaded, past)
+        self._cache_lane.drain()
+        self._weight_lane.drain()
+        if self.has_head:
+            return outputs
+        return [self.acts.get(k) for k in range(len(inputs))]
+
+    def _prefill_attention(self, j: int, k: int, w, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        q, key, value = opt.attention_input(self.cfg, w, hidden)  # [B, N, S, D] each
+        self._cache_lane.submit(self.caches[j, k].store_prefill, key, value)
+        return opt.attention_output(self.cfg, w, hidden, opt.attend(q, key, value, mask))
+
+    def _decode_attention(self, w, hidden: torch.Tensor, loaded: list[LoadedPiece], mask: torch.Tensor,
+                          past: int) -> torch.Tensor:
+        q, key, value = opt.attention_input(self.cfg, w, hidden)  # [B, N, 1, D] each
+        contexts = []
+        for lp in loaded:  # one piece per tier holding a range of heads; attention is independent per head
+            h0, h1 = lp.piece.head_start, lp.piece.head_stop
+            lp.k[:, :, past] = key[:, h0:h1, 0]
+            lp.v[:, :, past] = value[:, h0:h1, 0]
+            contexts.append(opt.attend(q[:, h0:h1], lp.k[:, :, : past + 1], lp.v[:, :, : past + 1], mask))
+        context = contexts[0] if len(contexts) == 1 else torch.cat(contexts, dim=1)
+        return opt.attention_output(self.cfg, w, hidden, context)
+
+    def close(self) -> None:
+        """Free every tier allocation and delete this engine's offload files."""
+        for lane in (self._weight_lane, self._cache_lane):
+            lane.close()
+        if hasattr(self, "acts"):
+            self.end_block()
+        for home in self.homes:
+            home.release()
+        self.homes = []
+        self.tiers.close()

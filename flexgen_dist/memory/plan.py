@@ -1,0 +1,92 @@
+"""Bytes a policy needs on each tier, computed before any weight is loaded.
+
+Weights and KV cache use the very split functions the engine places them with, so the prediction is the placement;
+staging buffers and compute workspace follow the engine's allocation rules (engine.py, cache_home.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from flexgen_dist.errors import UserError
+from flexgen_dist.memory.budget import MemoryBudget, format_bytes
+from flexgen_dist.memory.disk import ALIGN
+from flexgen_dist.memory.placement import split_elements, split_heads
+from flexgen_dist.memory.tiers import TIERS, Tier
+from flexgen_dist.memory.weight_home import FlatLayout
+from flexgen_dist.models.layout import LayerSpec
+from flexgen_dist.models.opt import OptConfig
+from flexgen_dist.policy import Policy
+
+_CACHE_LOADS_IN_FLIGHT = 3  # decode: next batch loading, current computing, previous writing back
+
+
+@dataclass(frozen=True)
+class TierPlan:
+    weights: dict[Tier, int]
+    cache: dict[Tier, int]
+    activations: dict[Tier, int]
+    buffers: dict[Tier, int]  # weight staging, cache staging, compute workspace
+
+    def total(self, tier: Tier) -> int:
+        return self.weights[tier] + self.cache[tier] + self.activations[tier] + self.buffers[tier]
+
+    def as_dict(self) -> dict[str, int]:
+        return {t.value: self.total(t) for t in TIERS}
+
+
+def plan_bytes(cfg: OptConfig, layers: list[LayerSpec], policy: Policy, dtype: torch.dtype, device: torch.device,
+               prompt_len: int, gen_len: int) -> TierPlan:
+    item = torch.empty((), dtype=dtype).element_size()
+    page = ALIGN // item
+    addressable = {Tier.GPU} | ({Tier.CPU} if device.type == "cpu" else set())
+    weights, cache, acts, buffers = ({t: 0 for t in TIERS} for _ in range(4))
+
+    staged_numel, disk_numel = 0, 0
+    for layer in layers:
+        numel = FlatLayout.of(layer, dtype).numel
+        pieces = split_elements(numel, policy.weight_percents(), page)
+        for tier, (start, stop) in pieces.items():
+            weights[tier] += (stop - start) * item
+        if not (len(pieces) == 1 and next(iter(pieces)) in addressable):
+            staged_numel = max(staged_numel, numel)
+            disk_numel = max(disk_numel, sum(stop - start for t, (start, stop) in pieces.items() if t is Tier.DISK))
+    buffers[Tier.GPU] += 2 * staged_numel * item
+    if device.type == "cuda":
+        buffers[Tier.CPU] += 2 * disk_numel * item
+
+    batch, blocks = policy.gpu_batch_size, policy.num_gpu_batches
+    capacity = prompt_len + gen_len
+    num_attention = sum(layer.kind == "attention" for layer in layers)
+    head_bytes = 2 * batch * capacity * cfg.head_dim * item  # K and V of one head for one GPU batch
+    for tier, (h0, h1) in split_heads(cfg.num_heads, policy.cache_percents()).items():
+        cache[tier] += num_attention * blocks * (h1 - h0) * head_bytes
+        if tier not in addressable:
+            buffers[Tier.GPU] += _CACHE_LOADS_IN_FLIGHT * (h1 - h0) * head_bytes
+            if tier is Tier.DISK:
+                buffers[Tier.CPU] += _CACHE_LOADS_IN_FLIGHT * (h1 - h0) * head_bytes
+
+    act_tier = next(t for t, p in zip(TIERS, policy.act_percents()) if p > 0)
+    acts[act_tier] += blocks * batch * prompt_len * cfg.hidden_size * item
+
+    # One batch computing a layer at prefill: q/k/v/context, MLP hidden, fp32 attention scores, fp32 logits.
+    tokens = batch * prompt_len
+    workspace = tokens * (6 * cfg.hidden_size + cfg.ffn_dim) * item
+    workspace += batch * cfg.num_heads * prompt_len * capacity * 4 + 2 * batch * cfg.vocab_size * 4
+    buffers[Tier.GPU] += workspace
+    return TierPlan(weights, cache, acts, buffers)
+
+
+def check_budget(plan: TierPlan, budget: MemoryBudget) -> None:
+    """Refuse, with the tier and the shortfall, a plan that does not fit the user's budgets."""
+    for tier in TIERS:
+        limit = getattr(budget, tier.value)
+        need = plan.total(tier)
+        if limit is not None and need > limit:
+            raise UserError(
+                f"policy needs {format_bytes(need)} on the {tier.value} tier (weights {format_bytes(plan.weights[tier])}, "
+                f"KV cache {format_bytes(plan.cache[tier])}, activations {format_bytes(plan.activations[tier])}, "
+                f"buffers {format_bytes(plan.buffers[tier])}) but --max-memory gives {format_bytes(limit)}: "
+                f"short by {format_bytes(need - limit)}; move weights or cache to a lower tier or use smaller batches")

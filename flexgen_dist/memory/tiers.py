@@ -1,0 +1,93 @@
+"""The three memory tiers of one engine: compute device ("gpu"), CPU memory, disk files, with byte accounting.
+
+On a CPU-only machine the "gpu" tier is the compute device's memory, which is CPU memory: both memory tiers are then
+addressable by compute, and the engine skips copies between them.
+"""
+
+from __future__ import annotations
+
+import enum
+import shutil
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+from flexgen_dist.errors import UserError
+from flexgen_dist.memory.disk import DiskTensor, aligned_empty
+
+
+class Tier(enum.Enum):
+    GPU = "gpu"
+    CPU = "cpu"
+    DISK = "disk"
+
+
+TIERS = (Tier.GPU, Tier.CPU, Tier.DISK)
+
+Stored = torch.Tensor | DiskTensor
+
+
+def nbytes_of(stored: Stored) -> int:
+    return stored.nbytes if isinstance(stored, DiskTensor) else stored.numel() * stored.element_size()
+
+
+class TierSet:
+    """Allocates tensors in a tier and keeps current and peak bytes per tier (the summary's `peak_bytes`)."""
+
+    def __init__(self, device: torch.device, offload_dir: str | Path | None) -> None:
+        self.device = device
+        self.pin_memory = device.type == "cuda"
+        self._offload_root = Path(offload_dir) if offload_dir else None
+        self._dir: Path | None = None  # created on first disk allocation; the engine deletes only this directory
+        self._files = 0
+        self._lock = threading.Lock()  # I/O threads allocate and free staging buffers too
+        self.current = {t: 0 for t in TIERS}
+        self.peak = {t: 0 for t in TIERS}
+
+    def addressable(self, tier: Tier) -> bool:
+        """Can compute read this tier's tensors in place?"""
+        return tier is Tier.GPU or (tier is Tier.CPU and self.device.type == "cpu")
+
+    def _count(self, tier: Tier, nbytes: int) -> None:
+        with self._lock:
+            self.current[tier] += nbytes
+            self.peak[tier] = max(self.peak[tier], self.current[tier])
+
+    def empty(self, tier: Tier, shape: tuple[int, ...], dtype: torch.dtype, name: str = "t") -> Stored:
+        if tier is Tier.DISK:
+            stored: Stored = DiskTensor(self._new_path(name), tuple(shape), dtype)
+        elif tier is Tier.GPU and self.device.type != "cpu":
+            stored = torch.empty(shape, dtype=dtype, device=self.device)
+        else:
+            # Page-aligned so disk reads can land here directly; pinned on CUDA for async copies.
+            stored = aligned_empty(tuple(shape), dtype, pin_memory=self.pin_memory)
+        self._count(tier, nbytes_of(stored))
+        return stored
+
+    def release(self, tier: Tier, stored: Stored) -> None:
+        self._count(tier, -nbytes_of(stored))
+        if isinstance(stored, DiskTensor):
+            stored.delete()
+
+    def _new_path(self, name: str) -> Path:
+        with self._lock:
+            if self._dir is None:
+                root = self._offload_root or Path(tempfile.gettempdir())
+                try:
+                    root.mkdir(parents=True, exist_ok=True)
+                    self._dir = Path(tempfile.mkdtemp(prefix="flexgen-", dir=root))
+                except OSError as e:
+                    raise UserError(f"cannot create offload directory under {root}: {e.strerror}") from None
+            self._files += 1
+            return self._dir / f"{self._files:06d}-{name}.bin"
+
+    def close(self) -> None:
+        """Remove the offload files this engine created (only its own directory)."""
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._dir = None
+
+    def peak_bytes(self) -> dict[str, int]:
+        return {t.value: self.peak[t] for t in TIERS}

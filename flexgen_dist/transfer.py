@@ -1,0 +1,58 @@
+"""Background transfer lanes: how the engine overlaps loads and stores with compute.
+
+A lane is one worker thread (disk reads release the GIL) and, on CUDA, its own stream. Work submitted to a lane runs
+in order, after the compute already queued when it was submitted (an event fence), and its result is ready on the
+device when the future resolves. With overlap off, work runs inline: the same code path, serialized.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Callable, TypeVar
+
+import torch
+
+T = TypeVar("T")
+
+
+class Lane:
+    def __init__(self, device: torch.device, overlap: bool, name: str) -> None:
+        self.cuda = device.type == "cuda"
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix=name) if overlap else None
+        self._stream = torch.cuda.Stream(device) if (self.cuda and overlap) else None
+        self._pending: list[Future] = []
+
+    def submit(self, fn: Callable[..., T], *args) -> Future:
+        if self._executor is None:
+            future: Future = Future()
+            try:
+                future.set_result(fn(*args))
+            except BaseException as e:  # surfaces at .result(), as with a thread
+                future.set_exception(e)
+            return future
+        fence = None
+        if self._stream is not None:
+            fence = torch.cuda.Event()
+            fence.record()  # on the compute stream: the lane must not touch buffers compute still uses
+        future = self._executor.submit(self._run, fence, fn, args)
+        self._pending.append(future)
+        return future
+
+    def _run(self, fence, fn: Callable[..., T], args) -> T:
+        if self._stream is None:
+            return fn(*args)
+        with torch.cuda.stream(self._stream):
+            self._stream.wait_event(fence)
+            result = fn(*args)
+            self._stream.synchronize()  # the result is complete on the device before the future resolves
+        return result
+
+    def drain(self) -> None:
+        """Wait for everything submitted so far; re-raise the first failure."""
+        pending, self._pending = self._pending, []
+        for f in pending:
+            f.result()
+
+    def close(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=True)
