@@ -19,6 +19,7 @@ from flexgen_dist.errors import UserError
 from flexgen_dist.generation import Sampling, Sequence, run_block
 from flexgen_dist.memory.budget import MemoryBudget
 from flexgen_dist.memory.plan import check_budget, plan_bytes
+from flexgen_dist.memory.tiers import Tier, ensure_offload_root
 from flexgen_dist.model_source import ModelSource, resolve_model
 from flexgen_dist.models.layout import model_layers
 from flexgen_dist.outputs import ResultWriter, read_done_ids
@@ -110,6 +111,8 @@ def generate(run: RunConfig, requests: list[Request]) -> dict:
     gen_len = max((s.max_new_tokens for _, s in work), default=1)
     plan = plan_bytes(cfg, layers, policy, dtype, device, prompt_len, gen_len)
     check_budget(plan, run.budget)
+    if plan.total(Tier.DISK):
+        ensure_offload_root(run.offload_dir)
 
     # Similar lengths share a block: less padding computed and cached.
     work.sort(key=lambda rs: len(rs[1].prompt_ids), reverse=True)

@@ -29,6 +29,16 @@ TIERS = (Tier.GPU, Tier.CPU, Tier.DISK)
 Stored = torch.Tensor | DiskTensor
 
 
+def ensure_offload_root(root: str | Path | None) -> Path:
+    """The directory offload files go under (created if needed), or a one-line UserError."""
+    path = Path(root).expanduser() if root else Path(tempfile.gettempdir())
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create offload directory {path}: {e.strerror}") from None
+    return path
+
+
 def nbytes_of(stored: Stored) -> int:
     return stored.nbytes if isinstance(stored, DiskTensor) else stored.numel() * stored.element_size()
 
@@ -39,7 +49,7 @@ class TierSet:
     def __init__(self, device: torch.device, offload_dir: str | Path | None) -> None:
         self.device = device
         self.pin_memory = device.type == "cuda"
-        self._offload_root = Path(offload_dir) if offload_dir else None
+        self._offload_root = offload_dir
         self._dir: Path | None = None  # created on first disk allocation; the engine deletes only this directory
         self._files = 0
         self._lock = threading.Lock()  # I/O threads allocate and free staging buffers too
@@ -74,9 +84,8 @@ class TierSet:
     def _new_path(self, name: str) -> Path:
         with self._lock:
             if self._dir is None:
-                root = self._offload_root or Path(tempfile.gettempdir())
+                root = ensure_offload_root(self._offload_root)
                 try:
-                    root.mkdir(parents=True, exist_ok=True)
                     self._dir = Path(tempfile.mkdtemp(prefix="flexgen-", dir=root))
                 except OSError as e:
                     raise UserError(f"cannot create offload directory under {root}: {e.strerror}") from None

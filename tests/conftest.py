@@ -1,0 +1,140 @@
+"""Session fixtures: a tiny tokenizer and tiny OPT checkpoints in every layout the engine reads,
+all built locally so no test ever touches the Hugging Face hub."""
+from __future__ import annotations
+
+import os
+
+# Before anything imports huggingface_hub, which reads these once at import time.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+import random
+import shutil
+import string
+import sysconfig
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+
+if TYPE_CHECKING:
+    from transformers import OPTForCausalLM
+
+VOCAB_SIZE = 512
+# OPT's convention: </s> is both BOS and EOS; <pad> is 1.
+SPECIAL_TOKENS = ["<s>", "<pad>", "</s>", "<unk>"]
+_BASE_CONFIG = dict(
+    vocab_size=VOCAB_SIZE, hidden_size=64, num_hidden_layers=3, ffn_dim=256, num_attention_heads=4,
+    max_position_embeddings=128, pad_token_id=1, bos_token_id=2, eos_token_id=2,
+    dropout=0.0, attention_dropout=0.0,
+)
+
+
+def _corpus_files(workdir: Path) -> list[str]:
+    """Text that ships with Debian and CPython; generated words if none of it is present."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    licenses = Path("/usr/share/common-licenses")
+    candidates = [stdlib / "LICENSE.txt", stdlib / "textwrap.py", stdlib / "argparse.py",
+                  licenses / "GPL-3", licenses / "Apache-2.0", licenses / "MPL-2.0"]
+    found = [str(p) for p in candidates if p.is_file()]
+    if found:
+        return found
+    rng = random.Random(0)
+    words = ["".join(rng.choices(string.ascii_lowercase, k=rng.randint(1, 8))) for _ in range(400)]
+    fallback = workdir / "corpus.txt"
+    fallback.write_text("\n".join(" ".join(rng.choices(words, k=12)) + "." for _ in range(4000)))
+    return [str(fallback)]
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Byte-level BPE, 512 ids, OPT special ids, prepends </s> (id 2) as BOS like OPT's tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    out = tmp_path_factory.mktemp("tiny_tokenizer")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE, special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    tok.train(_corpus_files(tmp_path_factory.mktemp("corpus")), trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single="</s> $A", pair="</s> $A </s> $B", special_tokens=[("</s>", 2)]
+    )
+    PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="</s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    ).save_pretrained(out)
+    return out
+
+
+def _tiny_opt(**overrides: object) -> OPTForCausalLM:
+    import torch
+    import transformers
+    from transformers import OPTConfig, OPTForCausalLM
+
+    transformers.logging.disable_progress_bar()
+    torch.manual_seed(0)
+    model = OPTForCausalLM(OPTConfig(**{**_BASE_CONFIG, **overrides})).float().eval()
+    # The default init (std 0.02) gives near-uniform logits, so greedy picks would hinge on ties.
+    # Wider token embeddings (tied to the lm_head) widen the top-1 margin too.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.copy_(0.1 * torch.randn_like(p))
+            elif "layer_norm" in name:
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+            else:
+                p.normal_(0.0, 0.5 if "embed_tokens" in name else 0.2)
+            if name.endswith("fc2.weight"):
+                # ReLU outputs have a positive mean that fc2 would turn into one fixed vector added
+                # at every position; in the post-LN model that swamps the input and greedy repeats
+                # one or two tokens forever. Zero-mean rows remove that shared component.
+                p.sub_(p.mean(dim=1, keepdim=True))
+        # Zero rows give <s>, <pad>, <unk> logit 0, far below the best of ~500 others, so greedy
+        # never emits them (as with a trained OPT). A 1.5x </s> row makes roughly a fifth to a half
+        # of 32-token greedy runs stop at EOS, so stopping gets exercised.
+        emb = model.get_input_embeddings().weight
+        emb[[0, 1, 3]] = 0.0
+        emb[2] *= 1.5
+    return model
+
+
+def _with_tokenizer(model_dir: Path, tokenizer_dir: Path) -> Path:
+    for f in tokenizer_dir.iterdir():
+        shutil.copy(f, model_dir / f.name)
+    return model_dir
+
+
+@pytest.fixture(scope="session")
+def opt_preln_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer_dir: Path) -> Path:
+    """Pre-LN OPT (like opt-125m and larger) in one model.safetensors."""
+    out = tmp_path_factory.mktemp("opt_preln")
+    _tiny_opt(do_layer_norm_before=True, word_embed_proj_dim=64).save_pretrained(out)
+    return _with_tokenizer(out, tiny_tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def opt_postln_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer_dir: Path) -> Path:
+    """Post-LN OPT with project_in/project_out (like opt-350m) in a legacy pytorch_model.bin."""
+    import torch
+    from safetensors.torch import load_file
+
+    out = tmp_path_factory.mktemp("opt_postln")
+    _tiny_opt(do_layer_norm_before=False, word_embed_proj_dim=32).save_pretrained(out)
+    # transformers 5 only writes safetensors; re-save the same tensors in the pickle format.
+    weights = out / "model.safetensors"
+    torch.save(load_file(weights), out / "pytorch_model.bin")
+    weights.unlink()
+    return _with_tokenizer(out, tiny_tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def opt_sharded_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer_dir: Path) -> Path:
+    """The pre-LN model (same weights as opt_preln_dir) as sharded safetensors with an index."""
+    out = tmp_path_factory.mktemp("opt_sharded")
+    # ~0.75 MB of float32 weights; 200KB shards give 4 files.
+    _tiny_opt(do_layer_norm_before=True, word_embed_proj_dim=64).save_pretrained(out, max_shard_size="200KB")
+    return _with_tokenizer(out, tiny_tokenizer_dir)
