@@ -26,7 +26,7 @@ def hf_generate_throughput(cfg: OptConfig, prompts: list[list[int]], gen_len: in
     from transformers import OPTForCausalLM
 
     torch.manual_seed(0)
-    model = OPTForCausalLM._from_config(hf_config(cfg), torch_dtype=dtype).eval()
+    model = OPTForCausalLM._from_config(hf_config(cfg), dtype=dtype).eval()
     generated, elapsed = 0, 0.0
     with torch.inference_mode():
         for i in range(0, len(prompts), batch_size):

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from flexgen_dist.memory.cache_home import CacheHome, LoadedPiece
 from flexgen_dist.memory.disk import DiskTensor, aligned_empty
@@ -144,7 +145,8 @@ class StageEngine:
         next_weights = self._weight_lane.submit(self._load_weights, 0)
         outputs: list[torch.Tensor] = []
         for j, layer in enumerate(self.layers):
-            w = next_weights.result()
+            with self.tiers.stats.waiting("weights"):
+                w = next_weights.result()
             if j + 1 < len(self.layers):
                 next_weights = self._weight_lane.submit(self._load_weights, j + 1)
             for k, x in enumerate(inputs):
@@ -163,11 +165,13 @@ class StageEngine:
                     if pos + 1 < len(attention_order):
                         nxt = attention_order[pos + 1]
                         cache_loads[nxt] = self._cache_lane.submit(self.caches[nxt].load, past)
-                    loaded = cache_loads.pop((j, k)).result()
+                    with self.tiers.stats.waiting("cache"):
+                        loaded = cache_loads.pop((j, k)).result()
                     self.acts.put(k, self._decode_attention(w, hidden, loaded, masks[k], past))
                     self._cache_lane.submit(self.caches[j, k].store_token, loaded, past)
-        self._cache_lane.drain()
-        self._weight_lane.drain()
+        with self.tiers.stats.waiting("drain"):
+            self._cache_lane.drain()
+            self._weight_lane.drain()
         if self.has_head:
             return outputs
         return [self.acts.get(k) for k in range(len(inputs))]
@@ -185,7 +189,10 @@ class StageEngine:
             h0, h1 = lp.piece.head_start, lp.piece.head_stop
             lp.k[:, :, past] = key[:, h0:h1, 0]
             lp.v[:, :, past] = value[:, h0:h1, 0]
-            contexts.append(opt.attend(q[:, h0:h1], lp.k[:, :, : past + 1], lp.v[:, :, : past + 1], mask))
+            # Attend over the whole contiguous buffer (a strided prefix view makes bf16 bmm copy it); the
+            # positions past this token are masked out.
+            span_mask = F.pad(mask, (0, lp.k.shape[2] - mask.shape[-1]), value=False)
+            contexts.append(opt.attend(q[:, h0:h1], lp.k, lp.v, span_mask))
         context = contexts[0] if len(contexts) == 1 else torch.cat(contexts, dim=1)
         return opt.attention_output(self.cfg, w, hidden, context)
 

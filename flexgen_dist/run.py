@@ -146,6 +146,7 @@ def generate(run: RunConfig, requests: list[Request]) -> dict:
             if bar is not None:
                 bar.update(len(block))
         tier_peaks = engine.tiers.peak_bytes() if engine else {}
+        summary.update(engine.tiers.stats.summary() if engine else {})
     total = summary["prefill_s"] + summary["decode_s"]
     summary["total_s"] = total
     summary["generation_throughput_tok_s"] = summary["generated_tokens"] / total if total else 0.0

@@ -31,7 +31,7 @@ class LoadedPiece:
     """A piece's keys and values on the compute device, with room to write the position being decoded."""
 
     piece: CachePiece
-    k: torch.Tensor  # [B, h, capacity, D]
+    k: torch.Tensor  # [B, h, span, D]: the home itself (span = capacity) or a staged copy (span = cached + 1)
     v: torch.Tensor
     staged: bool  # a copy of the home (write-back needed), not the home itself
 
@@ -45,6 +45,11 @@ class CacheHome:
             shape = (capacity, batch, h1 - h0, head_dim) if tier is Tier.DISK else (batch, h1 - h0, capacity, head_dim)
             k = tiers.empty(tier, shape, dtype, name=f"{label}-k")
             v = tiers.empty(tier, shape, dtype, name=f"{label}-v")
+            if not isinstance(k, DiskTensor):
+                # Decode attends over a home's whole capacity (contiguous, so bf16 bmm does not copy it): the
+                # not-yet-written positions are masked, and must be finite so masked probabilities (0) times them stay 0.
+                k.zero_()
+                v.zero_()
             self.pieces.append(CachePiece(tier, h0, h1, k, v))
 
     def store_prefill(self, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -62,15 +67,19 @@ class CacheHome:
         """Each piece with its first `length` positions valid, ready for the compute device."""
         loaded = []
         for p in self.pieces:
-            if isinstance(p.k, DiskTensor):
-                loaded.append(LoadedPiece(p, self._from_disk(p.k, length), self._from_disk(p.v, length), True))
-            elif self.tiers.addressable(p.tier):
+            if self.tiers.addressable(p.tier):
                 loaded.append(LoadedPiece(p, p.k, p.v, False))
-            else:
-                k, v = self._staging(p.k.shape, p.k.dtype), self._staging(p.v.shape, p.v.dtype)
-                k[:, :, :length].copy_(p.k[:, :, :length], non_blocking=True)
-                v[:, :, :length].copy_(p.v[:, :, :length], non_blocking=True)
-                loaded.append(LoadedPiece(p, k, v, True))
+                continue
+            prefix = p.k.row_nbytes * length if isinstance(p.k, DiskTensor) else p.k[:, :, :length].nbytes
+            with self.tiers.stats.timed("cache", p.tier.value, Tier.GPU.value, 2 * prefix):
+                if isinstance(p.k, DiskTensor):
+                    loaded.append(LoadedPiece(p, self._from_disk(p.k, length), self._from_disk(p.v, length), True))
+                else:
+                    b, h, _, d = p.k.shape
+                    k, v = self._staging((b, h, length + 1, d), p.k.dtype), self._staging((b, h, length + 1, d), p.v.dtype)
+                    k[:, :, :length].copy_(p.k[:, :, :length], non_blocking=True)
+                    v[:, :, :length].copy_(p.v[:, :, :length], non_blocking=True)
+                    loaded.append(LoadedPiece(p, k, v, True))
         return loaded
 
     def _staging(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -79,11 +88,11 @@ class CacheHome:
         return staged
 
     def _from_disk(self, home: DiskTensor, length: int) -> torch.Tensor:
-        cap, b, h, d = home.shape
+        _, b, h, d = home.shape
         host = self.tiers.empty(Tier.CPU, (length, b, h, d), home.dtype, name="kv-bounce")
         assert isinstance(host, torch.Tensor)
         home.read_rows_into(host, 0, length)
-        out = self._staging((b, h, cap, d), home.dtype)
+        out = self._staging((b, h, length + 1, d), home.dtype)
         out[:, :, :length].copy_(host.permute(1, 2, 0, 3), non_blocking=True)
         if out.device.type == "cuda":
             torch.cuda.current_stream().synchronize()  # the bounce buffer is freed next
@@ -95,12 +104,13 @@ class CacheHome:
         for lp in loaded:
             if not lp.staged:
                 continue
-            for home, new in ((lp.piece.k, lp.k), (lp.piece.v, lp.v)):
-                row = new[:, :, pos]  # [B, h, D]
-                if isinstance(home, DiskTensor):
-                    home.write_rows(row.unsqueeze(0).contiguous().cpu(), pos)
-                else:
-                    home[:, :, pos].copy_(row, non_blocking=True)
+            with self.tiers.stats.timed("cache", Tier.GPU.value, lp.piece.tier.value, 2 * lp.k[:, :, pos].nbytes):
+                for home, new in ((lp.piece.k, lp.k), (lp.piece.v, lp.v)):
+                    row = new[:, :, pos]  # [B, h, D]
+                    if isinstance(home, DiskTensor):
+                        home.write_rows(row.unsqueeze(0).contiguous().cpu(), pos)
+                    else:
+                        home[:, :, pos].copy_(row, non_blocking=True)
             if lp.k.device.type == "cuda":
                 torch.cuda.current_stream().synchronize()
             self.tiers.release(Tier.GPU, lp.k)

@@ -16,6 +16,7 @@ import torch
 
 from flexgen_dist.errors import UserError
 from flexgen_dist.memory.disk import DiskTensor, aligned_empty
+from flexgen_dist.memory.stats import TransferStats
 
 
 class Tier(enum.Enum):
@@ -53,6 +54,7 @@ class TierSet:
         self._dir: Path | None = None  # created on first disk allocation; the engine deletes only this directory
         self._files = 0
         self._lock = threading.Lock()  # I/O threads allocate and free staging buffers too
+        self.stats = TransferStats()
         self.current = {t: 0 for t in TIERS}
         self.peak = {t: 0 for t in TIERS}
 

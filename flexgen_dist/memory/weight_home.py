@@ -97,16 +97,18 @@ class WeightHome:
         if self.in_place:
             return self.layout.views(self.layer, self.pieces[0][3])
         assert staging is not None
+        item = staging.element_size()
         for tier, start, stop, stored in self.pieces:
             dst = staging[start:stop]
-            if not isinstance(stored, DiskTensor):
-                dst.copy_(stored, non_blocking=True)
-            elif dst.device.type == "cpu":
-                stored.read_rows_into(dst)  # straight into the staging buffer, O_DIRECT
-            else:
-                assert bounce is not None
-                stored.read_rows_into(bounce[: stop - start])
-                dst.copy_(bounce[: stop - start], non_blocking=True)
+            with self.tiers.stats.timed("weights", tier.value, Tier.GPU.value, (stop - start) * item):
+                if not isinstance(stored, DiskTensor):
+                    dst.copy_(stored, non_blocking=True)
+                elif dst.device.type == "cpu":
+                    stored.read_rows_into(dst)  # straight into the staging buffer, O_DIRECT
+                else:
+                    assert bounce is not None
+                    stored.read_rows_into(bounce[: stop - start])
+                    dst.copy_(bounce[: stop - start], non_blocking=True)
         return self.layout.views(self.layer, staging)
 
     def release(self) -> None:

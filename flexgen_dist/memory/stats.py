@@ -1,0 +1,48 @@
+"""Counters of what moved between tiers and how long it took, shared by the engine's threads."""
+
+from __future__ import annotations
+
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+
+@dataclass
+class Flow:
+    nbytes: int = 0
+    seconds: float = 0.0  # wall time inside the transfer calls
+
+    @property
+    def gbps(self) -> float:
+        return self.nbytes / self.seconds / 1e9 if self.seconds else 0.0
+
+
+class TransferStats:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.flows: dict[tuple[str, str, str], Flow] = {}  # (kind, src tier, dst tier) -> totals
+        self.waits: dict[str, float] = {}  # seconds compute sat waiting for a lane, per kind
+
+    @contextmanager
+    def waiting(self, kind: str):
+        start = time.perf_counter()
+        yield
+        with self._lock:
+            self.waits[kind] = self.waits.get(kind, 0.0) + time.perf_counter() - start
+
+    @contextmanager
+    def timed(self, kind: str, src: str, dst: str, nbytes: int):
+        start = time.perf_counter()
+        yield
+        elapsed = time.perf_counter() - start
+        with self._lock:
+            flow = self.flows.setdefault((kind, src, dst), Flow())
+            flow.nbytes += nbytes
+            flow.seconds += elapsed
+
+    def summary(self) -> dict[str, dict]:
+        with self._lock:
+            flows = {f"{kind}:{src}->{dst}": {"bytes": f.nbytes, "seconds": round(f.seconds, 4), "gbps": round(f.gbps, 3)}
+                     for (kind, src, dst), f in sorted(self.flows.items())}
+            return {"transfers": flows, "wait_s": {k: round(v, 4) for k, v in sorted(self.waits.items())}}
