@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import stat
 from collections.abc import Iterable
 from pathlib import Path
 from types import TracebackType
@@ -93,6 +94,7 @@ class ResultWriter:
             os.close(fd)
             raise UserError(f"output file {self.path} ends with an incomplete line; resume to repair it")
         self._fd = fd
+        self._durable = stat.S_ISREG(os.fstat(fd).st_mode)  # fsync means nothing (EINVAL) on /dev/stdout or a pipe
         return self
 
     def __exit__(
@@ -113,4 +115,5 @@ class ResultWriter:
         data = memoryview("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode("utf-8"))
         while data:
             data = data[os.write(self._fd, data):]
-        os.fsync(self._fd)
+        if self._durable:
+            os.fsync(self._fd)
