@@ -69,6 +69,15 @@ class ActivationStore:
             self._drop(k)
 
 
+def _used_by_compute(loaded: list[LoadedPiece]) -> None:
+    """Staged cache copies were allocated on a lane's CUDA stream; keep the allocator from reusing them while the
+    compute stream still reads them."""
+    for lp in loaded:
+        if lp.staged and lp.k.is_cuda:
+            lp.k.record_stream(torch.cuda.current_stream())
+            lp.v.record_stream(torch.cuda.current_stream())
+
+
 def _single_tier(percents: tuple[float, float, float]) -> Tier:
     return next(t for t, p in zip(TIERS, percents) if p > 0)
 
@@ -167,6 +176,7 @@ class StageEngine:
                         cache_loads[nxt] = self._cache_lane.submit(self.caches[nxt].load, past)
                     with self.tiers.stats.waiting("cache"):
                         loaded = cache_loads.pop((j, k)).result()
+                    _used_by_compute(loaded)
                     self.acts.put(k, self._decode_attention(w, hidden, loaded, masks[k], past))
                     self._cache_lane.submit(self.caches[j, k].store_token, loaded, past)
         with self.tiers.stats.waiting("drain"):

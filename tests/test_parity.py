@@ -40,11 +40,11 @@ def _prompts_file(tmp_path, prompts):
     return path
 
 
-def run_cli(tmp_path, model_dir, *flags, prompts=PROMPTS, max_new=MAX_NEW):
+def run_cli(tmp_path, model_dir, *flags, prompts=PROMPTS, max_new=MAX_NEW, device="cpu"):
     tmp_path.mkdir(parents=True, exist_ok=True)
     out = tmp_path / "out.jsonl"
     argv = ["generate", "--model", str(model_dir), "--prompts", str(_prompts_file(tmp_path, prompts)),
-            "--max-new-tokens", str(max_new), "--dtype", "float32", "--device", "cpu",
+            "--max-new-tokens", str(max_new), "--dtype", "float32", "--device", device,
             "--offload-dir", str(tmp_path / "offload"), "--output", str(out), "--quiet", *flags]
     assert main(argv) == 0
     records = {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}
