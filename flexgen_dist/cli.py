@@ -12,7 +12,8 @@ from flexgen_dist.generation import Sampling
 from flexgen_dist.memory.budget import MemoryBudget, parse_max_memory
 from flexgen_dist.policy import Policy
 from flexgen_dist.prompts import load_prompts_file, requests_from_cli, synthetic_requests
-from flexgen_dist.run import DTYPES, RunConfig, generate
+from flexgen_dist.run import generate
+from flexgen_dist.run_config import DTYPES, RunConfig
 
 
 class _Parser(argparse.ArgumentParser):
@@ -53,6 +54,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--dtype", choices=tuple(DTYPES), help="default: float16 on cuda, bfloat16 on cpu")
     r.add_argument("--max-memory", metavar="gpu=…,cpu=…,disk=…", help="per-tier budgets, e.g. gpu=16GiB,cpu=64GiB")
     r.add_argument("--offload-dir", help="where the disk tier's files go (default: the system temp dir)")
+    dist = gen.add_argument_group("distribution")
+    dist.add_argument("--stages", type=int, default=1, help="pipeline stages, one device each (default 1)")
+    dist.add_argument("--ray-address", help="join this Ray cluster (default: RAY_ADDRESS, else an embedded local one)")
+    dist.add_argument("--placement-strategy", default="PACK", choices=("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
+                      help="how stages' bundles land on nodes (default PACK)")
+    dist.add_argument("--executor", default="ray", choices=("ray", "local"),
+                      help="ray: one actor per stage (default); local: the same stage workers in this process")
     o = gen.add_argument_group("output")
     o.add_argument("--output", metavar="FILE.jsonl", help="results, one line per prompt; re-running resumes (default: stdout)")
     o.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -122,6 +130,10 @@ def _generate(args: argparse.Namespace) -> int:
         offload_dir=args.offload_dir,
         output=args.output,
         progress=not args.quiet,
+        stages=args.stages,
+        executor=args.executor,
+        ray_address=args.ray_address,
+        placement_strategy=args.placement_strategy,
     )
     requests = _requests(args, _vocab_size(args))
     summary = generate(run, requests)

@@ -69,6 +69,12 @@ class ActivationStore:
             self._drop(k)
 
 
+@dataclass
+class _Block:
+    caches: dict[tuple[int, int], CacheHome]  # (layer index, GPU batch) -> KV cache
+    acts: ActivationStore
+
+
 def _used_by_compute(loaded: list[LoadedPiece]) -> None:
     """Staged cache copies were allocated on a lane's CUDA stream; keep the allocator from reusing them while the
     compute stream still reads them."""
@@ -88,7 +94,8 @@ class StageEngine:
         self.cfg, self.layers, self.policy, self.device, self.dtype = cfg, layers, policy, device, dtype
         self.tiers = TierSet(device, offload_dir)
         self.homes: list[WeightHome] = []
-        self.caches: dict[tuple[int, int], CacheHome] = {}
+        self.act_tier = _single_tier(policy.act_percents())
+        self.blocks: dict[int, _Block] = {}
         self._weight_lane = Lane(device, policy.overlap, "flexgen-weights")
         self._cache_lane = Lane(device, policy.overlap, "flexgen-cache")
         try:
@@ -104,7 +111,6 @@ class StageEngine:
         except BaseException:
             self.close()
             raise
-        self.acts = ActivationStore(self.tiers, _single_tier(policy.act_percents()))
 
     @property
     def has_embedding(self) -> bool:
@@ -114,21 +120,25 @@ class StageEngine:
     def has_head(self) -> bool:
         return self.layers[-1].kind == "head"
 
-    # ---- block lifetime: the KV cache of a block lives from its prefill to its last decode step ----
+    # ---- block lifetime: a block's KV cache lives from its prefill to its last decode step. A pipeline stage holds
+    # several blocks at once (one per stage in flight), each under its own id. ----
 
-    def start_block(self, batch_sizes: list[int], capacity: int) -> None:
-        self.end_block()
+    def start_block(self, block_id: int, batch_sizes: list[int], capacity: int) -> None:
+        self.end_block(block_id)
+        caches = {}
         for j, layer in enumerate(self.layers):
             if layer.kind == "attention":
                 for k, b in enumerate(batch_sizes):
-                    self.caches[j, k] = CacheHome(self.tiers, b, self.cfg.num_heads, self.cfg.head_dim, capacity,
-                                                  self.dtype, self.policy.cache_percents(), f"{layer.label}-b{k}")
+                    caches[j, k] = CacheHome(self.tiers, b, self.cfg.num_heads, self.cfg.head_dim, capacity,
+                                             self.dtype, self.policy.cache_percents(), f"{layer.label}-blk{block_id}-b{k}")
+        self.blocks[block_id] = _Block(caches, ActivationStore(self.tiers, self.act_tier))
 
-    def end_block(self) -> None:
-        for home in self.caches.values():
-            home.release()
-        self.caches = {}
-        self.acts.clear()
+    def end_block(self, block_id: int) -> None:
+        block = self.blocks.pop(block_id, None)
+        if block is not None:
+            for home in block.caches.values():
+                home.release()
+            block.acts.clear()
 
     # ---- one step (prefill when nothing is cached yet, else one decode token) ----
 
@@ -137,20 +147,21 @@ class StageEngine:
         return self.homes[j].load(self._staging[slot] if self._staging else None,
                                   self._bounce[slot] if self._bounce else None)
 
-    def step(self, inputs: list[BatchInput]) -> list[torch.Tensor]:
-        """Run all GPU batches of the block through the slice. Returns per batch the last position's float32 logits
+    def step(self, block_id: int, inputs: list[BatchInput]) -> list[torch.Tensor]:
+        """Run all GPU batches of a block through the slice. Returns per batch the last position's float32 logits
         [B, V] when the slice ends with the head, else the hidden states [B, S, H]."""
+        caches, acts = self.blocks[block_id].caches, self.blocks[block_id].acts
         query_len = inputs[0].data.shape[1]
         past = inputs[0].valid.shape[1] - query_len
         valid = [x.valid.to(self.device) for x in inputs]
         masks = [opt.attention_mask(v, query_len) for v in valid]
         if not self.has_embedding:
             for k, x in enumerate(inputs):
-                self.acts.put(k, x.data.to(self.device, self.dtype))
+                acts.put(k, x.data.to(self.device, self.dtype))
         attention_order = [(j, k) for j, l in enumerate(self.layers) if l.kind == "attention" for k in range(len(inputs))]
         cache_loads = {}
         if past and attention_order:
-            cache_loads[attention_order[0]] = self._cache_lane.submit(self.caches[attention_order[0]].load, past)
+            cache_loads[attention_order[0]] = self._cache_lane.submit(caches[attention_order[0]].load, past)
         next_weights = self._weight_lane.submit(self._load_weights, 0)
         outputs: list[torch.Tensor] = []
         for j, layer in enumerate(self.layers):
@@ -160,35 +171,35 @@ class StageEngine:
                 next_weights = self._weight_lane.submit(self._load_weights, j + 1)
             for k, x in enumerate(inputs):
                 if layer.kind == "embed":
-                    self.acts.put(k, opt.embed(w, x.data.to(self.device), opt.position_ids(valid[k], query_len)))
+                    acts.put(k, opt.embed(w, x.data.to(self.device), opt.position_ids(valid[k], query_len)))
                     continue
-                hidden = self.acts.get(k)
+                hidden = acts.get(k)
                 if layer.kind == "head":
                     outputs.append(opt.lm_head(self.cfg, w, hidden[:, -1]))
                 elif layer.kind == "mlp":
-                    self.acts.put(k, opt.mlp(self.cfg, w, hidden))
+                    acts.put(k, opt.mlp(self.cfg, w, hidden))
                 elif past == 0:
-                    self.acts.put(k, self._prefill_attention(j, k, w, hidden, masks[k]))
+                    acts.put(k, self._prefill_attention(caches[j, k], w, hidden, masks[k]))
                 else:
                     pos = attention_order.index((j, k))
                     if pos + 1 < len(attention_order):
                         nxt = attention_order[pos + 1]
-                        cache_loads[nxt] = self._cache_lane.submit(self.caches[nxt].load, past)
+                        cache_loads[nxt] = self._cache_lane.submit(caches[nxt].load, past)
                     with self.tiers.stats.waiting("cache"):
                         loaded = cache_loads.pop((j, k)).result()
                     _used_by_compute(loaded)
-                    self.acts.put(k, self._decode_attention(w, hidden, loaded, masks[k], past))
-                    self._cache_lane.submit(self.caches[j, k].store_token, loaded, past)
+                    acts.put(k, self._decode_attention(w, hidden, loaded, masks[k], past))
+                    self._cache_lane.submit(caches[j, k].store_token, loaded, past)
         with self.tiers.stats.waiting("drain"):
             self._cache_lane.drain()
             self._weight_lane.drain()
         if self.has_head:
             return outputs
-        return [self.acts.get(k) for k in range(len(inputs))]
+        return [acts.get(k) for k in range(len(inputs))]
 
-    def _prefill_attention(self, j: int, k: int, w, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def _prefill_attention(self, cache: CacheHome, w, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         q, key, value = opt.attention_input(self.cfg, w, hidden)  # [B, N, S, D] each
-        self._cache_lane.submit(self.caches[j, k].store_prefill, key, value)
+        self._cache_lane.submit(cache.store_prefill, key, value)
         return opt.attention_output(self.cfg, w, hidden, opt.attend(q, key, value, mask))
 
     def _decode_attention(self, w, hidden: torch.Tensor, loaded: list[LoadedPiece], mask: torch.Tensor,
@@ -210,8 +221,8 @@ class StageEngine:
         """Free every tier allocation and delete this engine's offload files."""
         for lane in (self._weight_lane, self._cache_lane):
             lane.close()
-        if hasattr(self, "acts"):
-            self.end_block()
+        for block_id in list(self.blocks):
+            self.end_block(block_id)
         for home in self.homes:
             home.release()
         self.homes = []

@@ -1,6 +1,7 @@
-"""One generation run: validate everything, check budgets, load the engine, generate block by block, write results.
+"""One generation run: validate everything, check budgets, start the stages, stream blocks through them, write results.
 
-The CLI maps flags onto `RunConfig`; this module knows nothing about argparse.
+The CLI maps flags onto `RunConfig`; this module knows nothing about argparse, and nothing about Ray beyond choosing
+the executor.
 """
 
 from __future__ import annotations
@@ -10,52 +11,21 @@ import json
 import resource
 import sys
 import time
-from dataclasses import dataclass
+from collections.abc import Iterator
 
-import torch
-
-from flexgen_dist.engine import StageEngine
 from flexgen_dist.errors import UserError
-from flexgen_dist.generation import Sampling, Sequence, run_block
-from flexgen_dist.memory.budget import MemoryBudget
+from flexgen_dist.generation import BlockRun, Sequence
 from flexgen_dist.memory.plan import check_budget, plan_bytes
-from flexgen_dist.memory.tiers import Tier, ensure_offload_root
+from flexgen_dist.memory.tiers import TIERS, Tier, ensure_offload_root
 from flexgen_dist.model_source import ModelSource, resolve_model
 from flexgen_dist.models.layout import model_layers
 from flexgen_dist.outputs import ResultWriter, read_done_ids
-from flexgen_dist.policy import Policy
 from flexgen_dist.prompts import Request
-
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-
-
-@dataclass(frozen=True)
-class RunConfig:
-    model: str
-    policy: Policy
-    dummy_weights: bool = False
-    max_new_tokens: int = 32
-    sampling: Sampling = Sampling()
-    device: str | None = None  # None: cuda when available
-    dtype: str | None = None  # None: float16 on cuda, bfloat16 on cpu
-    budget: MemoryBudget = MemoryBudget()
-    offload_dir: str | None = None
-    output: str | None = None
-    progress: bool = True
-
-
-def resolve_device(name: str | None) -> torch.device:
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA device is available here (use --device cpu)")
-    return torch.device(name)
-
-
-def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
-    if name is None:
-        return torch.float16 if device.type == "cuda" else torch.bfloat16  # bf16 matmuls are fast on AMX CPUs
-    return DTYPES[name]
+from flexgen_dist.run_config import RunConfig, resolve_device, resolve_dtype
+from flexgen_dist.runtime.coordinator import run_blocks
+from flexgen_dist.runtime.executor import Executor, LocalExecutor
+from flexgen_dist.runtime.partition import partition
+from flexgen_dist.runtime.worker import StageSpec
 
 
 def _tokenize(requests: list[Request], source: ModelSource, default_new: int) -> list[tuple[Request, Sequence]]:
@@ -94,6 +64,14 @@ def _progress_bar(total: int, enabled: bool):
     return tqdm(total=total, unit="seq", desc="generate", file=sys.stderr, dynamic_ncols=True)
 
 
+def make_executor(run: RunConfig, specs: list[StageSpec]) -> Executor:
+    if run.executor == "local":
+        return LocalExecutor(specs)
+    from flexgen_dist.runtime.ray_executor import RayExecutor
+
+    return RayExecutor(specs, run.ray_address, run.placement_strategy)
+
+
 def generate(run: RunConfig, requests: list[Request]) -> dict:
     """Run everything; return the summary. Raises UserError for bad input before any heavy work."""
     if run.max_new_tokens < 1:
@@ -107,50 +85,63 @@ def generate(run: RunConfig, requests: list[Request]) -> dict:
         done = read_done_ids(run.output)
         work = [(r, s) for r, s in work if r.id not in done]
     layers = model_layers(cfg)
+    ranges = partition(layers, run.stages)
     prompt_len = max((len(s.prompt_ids) for _, s in work), default=1)
     gen_len = max((s.max_new_tokens for _, s in work), default=1)
-    plan = plan_bytes(cfg, layers, policy, dtype, device, prompt_len, gen_len)
-    check_budget(plan, run.budget)
-    if plan.total(Tier.DISK):
+    # Each stage holds the KV cache of every block in flight (one per stage) on its own device, CPU and disk.
+    plans = [plan_bytes(cfg, layers[a:b], policy, dtype, device, prompt_len, gen_len, blocks_in_flight=run.stages)
+             for a, b in ranges]
+    for plan in plans:
+        check_budget(plan, run.budget)
+    if any(plan.total(Tier.DISK) for plan in plans):
         ensure_offload_root(run.offload_dir)
 
     # Similar lengths share a block: less padding computed and cached.
     work.sort(key=lambda rs: len(rs[1].prompt_ids), reverse=True)
+    blocks = [work[i : i + policy.block_size] for i in range(0, len(work), policy.block_size)]
     summary = {"model": cfg.name, "device": device.type, "dtype": str(dtype).removeprefix("torch."),
-               "sequences": len(work), "generated_tokens": 0, "prompt_tokens": sum(len(s.prompt_ids) for _, s in work),
-               "prefill_s": 0.0, "decode_s": 0.0}
-    generator = torch.Generator().manual_seed(run.sampling.seed)
-    engine = None
+               "stages": run.stages, "executor": run.executor, "sequences": len(work), "generated_tokens": 0,
+               "prompt_tokens": sum(len(s.prompt_ids) for _, s in work)}
+    specs = [StageSpec(run.model, run.dummy_weights, run.sampling.seed, a, b, policy, run.device, run.dtype,
+                       run.offload_dir) for a, b in ranges]
+    stage_stats: list[dict] = []
     with contextlib.ExitStack() as stack:
         # Open the output first: an unwritable path fails before minutes of weight loading.
         writer = stack.enter_context(ResultWriter(run.output)) if run.output else None
-        load_start = time.perf_counter()
-        engine = StageEngine(cfg, layers, policy, source.weights, device, dtype, run.offload_dir) if work else None
-        if engine is not None:
-            stack.callback(engine.close)  # frees tiers and deletes offload files, also on errors and Ctrl-C
-        summary["load_s"] = time.perf_counter() - load_start
-        bar = stack.enter_context(_progress_bar(len(work), run.progress))
-        for i in range(0, len(work), policy.block_size):
-            block = work[i : i + policy.block_size]
-            timing = run_block(engine, [s for _, s in block], policy.gpu_batch_size, cfg.pad_token_id,
-                               cfg.eos_token_id, run.sampling, generator)
-            summary["prefill_s"] += timing.prefill_s
-            summary["decode_s"] += timing.decode_s
-            summary["generated_tokens"] += sum(len(s.output_ids) for _, s in block)
-            records = [_record(r, s, source.tokenizer) for r, s in block]
-            if writer is not None:
-                writer.write_many(records)
-            else:
-                for rec in records:
-                    print(json.dumps(rec, ensure_ascii=False), flush=True)
-            if bar is not None:
-                bar.update(len(block))
-        tier_peaks = engine.tiers.peak_bytes() if engine else {}
-        summary.update(engine.tiers.stats.summary() if engine else {})
-    total = summary["prefill_s"] + summary["decode_s"]
-    summary["total_s"] = total
-    summary["generation_throughput_tok_s"] = summary["generated_tokens"] / total if total else 0.0
-    summary["peak_bytes"] = {**tier_peaks, "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
-    summary["planned_bytes"] = plan.as_dict()
+        timing = None
+        if blocks:
+            load_start = time.perf_counter()
+            executor = make_executor(run, specs)
+            stack.callback(executor.shutdown)  # frees tiers, deletes offload files, stops what the run started
+            summary["load_s"] = time.perf_counter() - load_start
+            bar = stack.enter_context(_progress_bar(len(work), run.progress))
+
+            def block_runs() -> Iterator[BlockRun]:
+                for i, block in enumerate(blocks):
+                    yield BlockRun(i, [s for _, s in block], policy.gpu_batch_size, cfg.pad_token_id,
+                                   cfg.eos_token_id, run.sampling.ignore_eos)
+
+            def finished(block: BlockRun) -> None:
+                records = [_record(r, s, source.tokenizer) for r, s in blocks[block.block_id]]
+                summary["generated_tokens"] += sum(len(s.output_ids) for s in block.sequences)
+                if writer is not None:
+                    writer.write_many(records)
+                else:
+                    for rec in records:
+                        print(json.dumps(rec, ensure_ascii=False), flush=True)
+                if bar is not None:
+                    bar.update(len(block.sequences))
+
+            timing = run_blocks(executor, block_runs(), run.sampling, max_in_flight=run.stages, on_block_done=finished)
+            stage_stats = executor.stats()
+    total = timing.total_s if timing else 0.0
+    summary.update(total_s=total, prefill_s=timing.prefill_s if timing else 0.0,
+                   decode_s=timing.decode_s if timing else 0.0,
+                   generation_throughput_tok_s=summary["generated_tokens"] / total if total else 0.0)
+    peak = {t.value: sum(s["peak_bytes"][t.value] for s in stage_stats) for t in TIERS}
+    peak["rss"] = max([s["rss"] for s in stage_stats] + [resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024])
+    summary["peak_bytes"] = peak
+    summary["planned_bytes"] = {t.value: sum(p.total(t) for p in plans) for t in TIERS}
+    summary["stage_stats"] = [{"stage": i, "layers": list(ranges[i]), **s} for i, s in enumerate(stage_stats)]
     summary["policy"] = policy.to_dict()
     return summary

@@ -14,12 +14,12 @@ from flexgen_dist.weights import DummyWeights, open_checkpoint
 def _steps(stages, ids, valid_steps):
     """Prefill then decode through chained stages; returns the logits of every step."""
     for s in stages:
-        s.start_block([ids.shape[0]], valid_steps[-1].shape[1])
+        s.start_block(0, [ids.shape[0]], valid_steps[-1].shape[1])
     logits, data = [], ids
     for valid in valid_steps:
         x = data
         for s in stages:
-            (x,) = s.step([BatchInput(x, valid)])
+            (x,) = s.step(0, [BatchInput(x, valid)])
         logits.append(x)
         data = x.argmax(-1)[:, None]
     return logits

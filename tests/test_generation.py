@@ -59,7 +59,7 @@ def test_rerun_resumes_skipping_done_ids(tmp_path, opt_preln_dir, capsys):
     out.write_text(lines[0] + "\n" + lines[1] + "\n" + '{"id": "2", "input_ids": [1')
     capsys.readouterr()
     assert main(["generate", "--model", str(opt_preln_dir), "--prompts", str(prompts), "--max-new-tokens", "12",
-                 "--dtype", "float32", "--gpu-batch-size", "1", "--output", str(out), "--quiet"]) == 0
+                 "--dtype", "float32", "--gpu-batch-size", "1", "--output", str(out), "--quiet", "--executor", "local"]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["sequences"] == len(PROMPTS) - 2
     records = [json.loads(line) for line in out.read_text().splitlines()]

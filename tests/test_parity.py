@@ -40,12 +40,13 @@ def _prompts_file(tmp_path, prompts):
     return path
 
 
-def run_cli(tmp_path, model_dir, *flags, prompts=PROMPTS, max_new=MAX_NEW, device="cpu"):
+def run_cli(tmp_path, model_dir, *flags, prompts=PROMPTS, max_new=MAX_NEW, device="cpu", executor="local"):
+    """Run `generate`; the in-process executor unless told otherwise (test_pipeline.py covers Ray)."""
     tmp_path.mkdir(parents=True, exist_ok=True)
     out = tmp_path / "out.jsonl"
     argv = ["generate", "--model", str(model_dir), "--prompts", str(_prompts_file(tmp_path, prompts)),
             "--max-new-tokens", str(max_new), "--dtype", "float32", "--device", device,
-            "--offload-dir", str(tmp_path / "offload"), "--output", str(out), "--quiet", *flags]
+            "--offload-dir", str(tmp_path / "offload"), "--output", str(out), "--quiet", "--executor", executor, *flags]
     assert main(argv) == 0
     records = {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}
     return [records[str(i)]["output_ids"] for i in range(len(prompts))], records
@@ -84,7 +85,7 @@ def test_text_prompts_use_the_checkpoint_tokenizer(tmp_path, opt_preln_dir, caps
     expected = hf_greedy(opt_preln_dir, ids, 6)
     out = tmp_path / "out.jsonl"
     argv = ["generate", "--model", str(opt_preln_dir), "--prompt", texts[0], "--prompt", texts[1], "--max-new-tokens", "6",
-            "--dtype", "float32", "--gpu-batch-size", "2", "--output", str(out), "--quiet"]
+            "--dtype", "float32", "--gpu-batch-size", "2", "--output", str(out), "--quiet", "--executor", "local"]
     assert main(argv) == 0
     records = {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}
     assert [records["0"]["input_ids"], records["1"]["input_ids"]] == ids
@@ -98,7 +99,7 @@ def test_per_prompt_max_new_tokens_and_eos(tmp_path, opt_preln_dir):
                     + json.dumps({"id": "long", "input_ids": PROMPTS[2]}) + "\n")
     out = tmp_path / "out.jsonl"
     assert main(["generate", "--model", str(opt_preln_dir), "--prompts", str(path), "--max-new-tokens", "30",
-                 "--dtype", "float32", "--gpu-batch-size", "2", "--output", str(out), "--quiet"]) == 0
+                 "--dtype", "float32", "--gpu-batch-size", "2", "--output", str(out), "--quiet", "--executor", "local"]) == 0
     records = {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}
     assert records["short"]["output_ids"] == hf_greedy(opt_preln_dir, [PROMPTS[0]], 2)[0]
     assert records["short"]["finish_reason"] == "length"

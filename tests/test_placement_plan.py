@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from flexgen_dist.engine import StageEngine
-from flexgen_dist.generation import Sampling, Sequence, run_block
+from flexgen_dist.engine import BatchInput
+from flexgen_dist.generation import BlockRun, Sequence
 from flexgen_dist.memory.placement import split_elements, split_heads
 from flexgen_dist.memory.plan import plan_bytes
 from flexgen_dist.memory.tiers import Tier
@@ -53,8 +54,12 @@ def test_plan_matches_measured_weights_and_cache(tmp_path, percent):
     try:
         for tier in (Tier.GPU, Tier.CPU, Tier.DISK):
             assert sum(h.nbytes(tier) for h in engine.homes) == plan.weights[tier]
-        seqs = [Sequence(list(range(4, 20)), 4) for _ in range(4)]
-        run_block(engine, seqs, 2, 1, 2, Sampling(ignore_eos=True), torch.Generator())
+        block = BlockRun(0, [Sequence(list(range(4, 20)), 4) for _ in range(4)], 2, 1, 2, ignore_eos=True)
+        engine.start_block(0, block.batch_sizes, block.capacity)
+        while not block.done:
+            logits = engine.step(0, [BatchInput(t, v) for t, v in zip(block.tokens, block.valid)])
+            block.advance([x.argmax(-1) for x in logits])
+        engine.end_block(0)
         peaks = engine.tiers.peak_bytes()
         for tier in (Tier.GPU, Tier.CPU, Tier.DISK):
             assert peaks[tier.value] <= plan.total(tier), (tier, peaks, plan.as_dict())

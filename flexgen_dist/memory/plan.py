@@ -38,7 +38,8 @@ class TierPlan:
 
 
 def plan_bytes(cfg: OptConfig, layers: list[LayerSpec], policy: Policy, dtype: torch.dtype, device: torch.device,
-               prompt_len: int, gen_len: int) -> TierPlan:
+               prompt_len: int, gen_len: int, blocks_in_flight: int = 1) -> TierPlan:
+    """`blocks_in_flight`: blocks whose KV cache a stage holds at once (one per pipeline stage)."""
     item = torch.empty((), dtype=dtype).element_size()
     page = ALIGN // item
     addressable = {Tier.GPU} | ({Tier.CPU} if device.type == "cpu" else set())
@@ -62,14 +63,14 @@ def plan_bytes(cfg: OptConfig, layers: list[LayerSpec], policy: Policy, dtype: t
     num_attention = sum(layer.kind == "attention" for layer in layers)
     head_bytes = 2 * batch * capacity * cfg.head_dim * item  # K and V of one head for one GPU batch
     for tier, (h0, h1) in split_heads(cfg.num_heads, policy.cache_percents()).items():
-        cache[tier] += num_attention * blocks * (h1 - h0) * head_bytes
+        cache[tier] += blocks_in_flight * num_attention * blocks * (h1 - h0) * head_bytes
         if tier not in addressable:
             buffers[Tier.GPU] += _CACHE_LOADS_IN_FLIGHT * (h1 - h0) * head_bytes
             if tier is Tier.DISK:
                 buffers[Tier.CPU] += _CACHE_LOADS_IN_FLIGHT * (h1 - h0) * head_bytes
 
     act_tier = next(t for t, p in zip(TIERS, policy.act_percents()) if p > 0)
-    acts[act_tier] += blocks * batch * prompt_len * cfg.hidden_size * item
+    acts[act_tier] += blocks_in_flight * blocks * batch * prompt_len * cfg.hidden_size * item
 
     # One batch computing a layer at prefill: q/k/v/context, MLP hidden, fp32 attention scores, fp32 logits.
     tokens = batch * prompt_len

@@ -1,0 +1,67 @@
+"""The coordinator: feeds blocks through the stages with up to S blocks in flight, samples nothing itself (the last
+stage samples), tracks stopping, and hands finished blocks back as they complete.
+
+With S stages and S blocks in flight, stage s works on one block while stage s+1 works on the block submitted before
+it: Ray runs each actor's calls in order, and object refs flow actor to actor without visiting the coordinator.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+from flexgen_dist.generation import BlockRun, Sampling
+from flexgen_dist.runtime.executor import Executor
+
+
+@dataclass
+class PipelineTiming:
+    total_s: float = 0.0  # wall time from the first submitted step to the last result
+    prefill_s: float = 0.0  # summed latency of prefill steps (overlaps decode when blocks are in flight together)
+    decode_s: float = 0.0
+    decode_step_latencies: list[float] = field(default_factory=list)
+
+
+def run_blocks(executor: Executor, blocks: Iterator[BlockRun], sampling: Sampling, max_in_flight: int,
+               on_block_done: Callable[[BlockRun], None],
+               on_tokens: Callable[[int], None] | None = None) -> PipelineTiming:
+    timing = PipelineTiming()
+    in_flight: list[tuple[BlockRun, object, float]] = []  # (block, handle of its current step, submit time)
+    start = time.perf_counter()
+
+    def submit(block: BlockRun) -> None:
+        in_flight.append((block, executor.submit_step(block.block_id, block.tokens, block.valid), time.perf_counter()))
+
+    pending = iter(blocks)
+    exhausted = False
+    try:
+        while True:
+            while not exhausted and len(in_flight) < max_in_flight:
+                block = next(pending, None)
+                if block is None:
+                    exhausted = True
+                    break
+                executor.start_block(block.block_id, block.batch_sizes, block.capacity, sampling)
+                submit(block)
+            if not in_flight:
+                break
+            block, handle, submitted = in_flight.pop(executor.wait_any([h for _, h, _ in in_flight]))
+            tokens = executor.result(handle)
+            latency = time.perf_counter() - submitted
+            if block.steps_done == 0:
+                timing.prefill_s += latency
+            else:
+                timing.decode_s += latency
+                timing.decode_step_latencies.append(latency)
+            produced = block.advance(tokens)
+            if on_tokens is not None:
+                on_tokens(produced)
+            if block.done:
+                executor.end_block(block.block_id)
+                on_block_done(block)
+            else:
+                submit(block)
+    finally:
+        timing.total_s = time.perf_counter() - start
+    return timing

@@ -1,0 +1,68 @@
+"""The narrow call surface between the coordinator and the stages, and its in-process implementation.
+
+A step is submitted to stage 0 and flows stage to stage; the handle resolves to the last stage's sampled tokens.
+The Ray implementation (ray_executor.py) has the same methods, so the coordinator cannot tell them apart.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import torch
+
+from flexgen_dist.generation import Sampling
+from flexgen_dist.runtime.worker import StageSpec, StageWorker
+
+
+class Executor(Protocol):
+    num_stages: int
+
+    def start_block(self, block_id: int, batch_sizes: list[int], capacity: int, sampling: Sampling) -> None: ...
+    def submit_step(self, block_id: int, tokens: list[torch.Tensor], valid: list[torch.Tensor]) -> Any: ...
+    def wait_any(self, handles: list[Any]) -> int: ...
+    def result(self, handle: Any) -> list[torch.Tensor]: ...
+    def end_block(self, block_id: int) -> None: ...
+    def stats(self) -> list[dict]: ...
+    def shutdown(self) -> None: ...
+
+
+class LocalExecutor:
+    """All stages in this process, run one after the other (no pipelining): tests and in-process baselines."""
+
+    def __init__(self, specs: list[StageSpec]) -> None:
+        self.workers: list[StageWorker] = []
+        try:
+            for spec in specs:
+                self.workers.append(StageWorker(spec))
+        except BaseException:
+            self.shutdown()
+            raise
+        self.num_stages = len(specs)
+
+    def start_block(self, block_id: int, batch_sizes: list[int], capacity: int, sampling: Sampling) -> None:
+        for w in self.workers:
+            w.start_block(block_id, batch_sizes, capacity, sampling)
+
+    def submit_step(self, block_id: int, tokens: list[torch.Tensor], valid: list[torch.Tensor]) -> list[torch.Tensor]:
+        data = tokens
+        for w in self.workers:
+            data = w.step(block_id, data, valid)
+        return data
+
+    def wait_any(self, handles: list[Any]) -> int:
+        return 0  # every handle is already complete
+
+    def result(self, handle: list[torch.Tensor]) -> list[torch.Tensor]:
+        return handle
+
+    def end_block(self, block_id: int) -> None:
+        for w in self.workers:
+            w.end_block(block_id)
+
+    def stats(self) -> list[dict]:
+        return [w.stats() for w in self.workers]
+
+    def shutdown(self) -> None:
+        for w in self.workers:
+            w.close()
+        self.workers = []
