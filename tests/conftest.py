@@ -138,3 +138,69 @@ def opt_sharded_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer_dir
     # ~0.75 MB of float32 weights; 200KB shards give 4 files.
     _tiny_opt(do_layer_norm_before=True, word_embed_proj_dim=64).save_pretrained(out, max_shard_size="200KB")
     return _with_tokenizer(out, tiny_tokenizer_dir)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tmp_path_factory: pytest.TempPathFactory):
+    """A real local Ray head on 127.0.0.1, one per test session: `ray start --head --block` runs as our child, and
+    terminating it stops every process it started. Yields {"address": GCS address, "dashboard": job API URL}."""
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    import secrets
+    import urllib.error
+
+    gcs, dashboard = _free_port(), _free_port()
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    # Ray's token authentication stays on: the head, this process's drivers and `ray job submit` share a fresh token.
+    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16), "RAY_USAGE_STATS_ENABLED": "0"}
+    saved = {k: os.environ.get(k) for k in auth}
+    os.environ.update(auth)
+    log = tmp_path_factory.mktemp("ray") / "ray-head.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [ray_bin, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
+             "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--include-dashboard=true",
+             "--num-cpus=2", "--disable-usage-stats"],
+            stdout=out, stderr=subprocess.STDOUT, env=dict(os.environ))
+    url = f"http://127.0.0.1:{dashboard}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"ray start exited with {proc.returncode}: {log.read_text()[-2000:]}")
+            try:
+                with urllib.request.urlopen(url, timeout=2):
+                    break
+            except urllib.error.HTTPError:
+                break  # the dashboard answers: it is up
+            except OSError:
+                if time.monotonic() > deadline:
+                    pytest.fail(f"Ray head did not come up in 120 s: {log.read_text()[-2000:]}")
+                time.sleep(0.5)
+        yield {"address": f"127.0.0.1:{gcs}", "dashboard": url, "process": proc}
+    finally:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()  # disconnect this test process's driver before the cluster goes away
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
