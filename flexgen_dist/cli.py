@@ -5,18 +5,20 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 from flexgen_dist.errors import UserError
 from flexgen_dist.generation import Sampling
 from flexgen_dist.memory.budget import MemoryBudget, parse_max_memory
-from flexgen_dist.policy import Policy
+from flexgen_dist.policy import Policy, load_policy_file
 from flexgen_dist.prompts import load_prompts_file, requests_from_cli, synthetic_requests
 from flexgen_dist.run import generate
-from flexgen_dist.run_config import DTYPES, RunConfig
+from flexgen_dist.run_config import DEVICES, DTYPES, PLACEMENT_STRATEGIES, RunConfig
 
 
-class _Parser(argparse.ArgumentParser):
+class Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, exit 2, like every other bad input
         self.exit(2, f"flexgen-dist: error: {message} (see --help)\n")
 
@@ -32,8 +34,8 @@ def _add_policy_flags(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="flexgen-dist", description="High-throughput offloaded OPT inference (FlexGen design).")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    parser = Parser(prog="flexgen-dist", description="High-throughput offloaded OPT inference (FlexGen design).")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     gen = sub.add_parser("generate", help="generate for prompts; results as JSONL, summary as the last stdout line")
     gen.add_argument("--model", required=True, help="opt-125m … opt-175b (with --dummy-weights) or an HF checkpoint dir")
     gen.add_argument("--dummy-weights", action="store_true", help="seeded random weights of the model's size")
@@ -50,14 +52,14 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens tokens")
     _add_policy_flags(gen)
     r = gen.add_argument_group("resources")
-    r.add_argument("--device", choices=("cuda", "cpu"), help="default: cuda if available")
+    r.add_argument("--device", choices=DEVICES, help="default: cuda if available")
     r.add_argument("--dtype", choices=tuple(DTYPES), help="default: float16 on cuda, bfloat16 on cpu")
     r.add_argument("--max-memory", metavar="gpu=…,cpu=…,disk=…", help="per-tier budgets, e.g. gpu=16GiB,cpu=64GiB")
     r.add_argument("--offload-dir", help="where the disk tier's files go (default: the system temp dir)")
     dist = gen.add_argument_group("distribution")
     dist.add_argument("--stages", type=int, default=1, help="pipeline stages, one device each (default 1)")
     dist.add_argument("--ray-address", help="join this Ray cluster (default: RAY_ADDRESS, else an embedded local one)")
-    dist.add_argument("--placement-strategy", default="PACK", choices=("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
+    dist.add_argument("--placement-strategy", default="PACK", choices=PLACEMENT_STRATEGIES,
                       help="how stages' bundles land on nodes (default PACK)")
     dist.add_argument("--executor", default="ray", choices=("ray", "local"),
                       help="ray: one actor per stage (default); local: the same stage workers in this process")
@@ -69,12 +71,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _policy(args: argparse.Namespace) -> Policy:
-    fields: dict = {}
+    base = Policy()
     if args.policy:
         if args.policy == "auto":
             raise UserError("--policy auto (the LP policy search) is not available in this version; "
                             "give --percent/--gpu-batch-size/--num-gpu-batches or a policy YAML file")
-        fields.update(_load_policy_file(Path(args.policy)))
+        base = load_policy_file(Path(args.policy))
+    fields: dict = {}
     if args.percent:
         names = ("w_gpu_percent", "w_cpu_percent", "cache_gpu_percent", "cache_cpu_percent", "act_gpu_percent", "act_cpu_percent")
         fields.update(zip(names, args.percent))
@@ -84,25 +87,7 @@ def _policy(args: argparse.Namespace) -> Policy:
         fields["num_gpu_batches"] = args.num_gpu_batches
     if args.no_overlap:
         fields["overlap"] = False
-    return Policy(**fields)
-
-
-def _load_policy_file(path: Path) -> dict:
-    import yaml
-
-    try:
-        data = yaml.safe_load(path.read_text())
-    except OSError as e:
-        raise UserError(f"--policy {path}: {e.strerror}") from None
-    except yaml.YAMLError as e:
-        raise UserError(f"--policy {path}: not valid YAML ({str(e).splitlines()[0]})") from None
-    data = data.get("policy", data) if isinstance(data, dict) else data
-    known = set(Policy.__dataclass_fields__)
-    if not isinstance(data, dict) or set(data) - known:
-        extra = sorted(set(data) - known) if isinstance(data, dict) else []
-        raise UserError(f"--policy {path}: expected a mapping of {', '.join(sorted(known))}"
-                        + (f"; unknown: {', '.join(extra)}" if extra else ""))
-    return data
+    return replace(base, **fields)
 
 
 def _requests(args: argparse.Namespace, vocab_size: int):
@@ -116,8 +101,6 @@ def _requests(args: argparse.Namespace, vocab_size: int):
 
 
 def _generate(args: argparse.Namespace) -> int:
-    if args.temperature < 0 or not 0 < args.top_p <= 1:
-        raise UserError("--temperature must be >= 0 and --top-p in (0, 1]")
     run = RunConfig(
         model=args.model,
         policy=_policy(args),
@@ -145,15 +128,15 @@ def _vocab_size(args: argparse.Namespace) -> int:
     """Synthetic prompts draw ids from the model's vocabulary; read it without loading weights."""
     if not args.synthetic:
         return 0
-    from flexgen_dist.model_source import resolve_model
+    from flexgen_dist.model_source import model_config
 
-    return resolve_model(args.model, True, args.seed).config.vocab_size
+    return model_config(args.model).vocab_size
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def exit_code(command: Callable[[], int]) -> int:
+    """Run a command the way every entry point does: bad input is one line and exit 2, I/O faults exit 1."""
     try:
-        return args.func(args)
+        return command()
     except UserError as e:
         print(f"flexgen-dist: error: {e}", file=sys.stderr)
         return 2
@@ -163,3 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("flexgen-dist: interrupted", file=sys.stderr)
         return 130
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return exit_code(lambda: args.func(args))

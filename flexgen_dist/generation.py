@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from flexgen_dist.errors import UserError
+
 
 @dataclass(frozen=True)
 class Sampling:
@@ -18,6 +20,10 @@ class Sampling:
     top_p: float = 1.0
     seed: int = 0
     ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise UserError(f"temperature must be >= 0 and top-p in (0, 1]; got {self.temperature}, {self.top_p}")
 
     def generator(self, block_id: int) -> torch.Generator:
         """One generator per block, so sampled text does not depend on how blocks interleave in a pipeline."""

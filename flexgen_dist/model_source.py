@@ -32,6 +32,11 @@ def load_tokenizer(directory: Path) -> object | None:
         raise UserError(f"{directory}: unreadable tokenizer ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
 
 
+def model_config(model: str) -> OptConfig:
+    """The model's configuration without touching its weights (for synthetic prompts and planning)."""
+    return resolve_model(model, dummy_weights=True, seed=0).config
+
+
 def resolve_model(model: str, dummy_weights: bool, seed: int) -> ModelSource:
     path = Path(model).expanduser()
     if path.is_dir():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from flexgen_dist.errors import UserError
 
@@ -66,3 +67,20 @@ class Policy:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def load_policy_file(path: Path) -> Policy:
+    """A saved policy: YAML with Policy's fields, at the top level or under `policy:`."""
+    import yaml
+
+    from flexgen_dist.typed_fields import dataclass_from_mapping
+
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as e:
+        raise UserError(f"policy file {path}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise UserError(f"policy file {path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if isinstance(data, dict) and set(data) == {"policy"}:
+        data = data["policy"]
+    return dataclass_from_mapping(Policy, data, f"policy file {path}")

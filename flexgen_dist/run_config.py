@@ -12,6 +12,8 @@ from flexgen_dist.memory.budget import MemoryBudget
 from flexgen_dist.policy import Policy
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+DEVICES = ("cuda", "cpu")
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")  # Ray placement group strategies
 
 
 @dataclass(frozen=True)

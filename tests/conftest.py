@@ -171,7 +171,7 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory):
         proc = subprocess.Popen(
             [ray_bin, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
              "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--include-dashboard=true",
-             "--num-cpus=2", "--disable-usage-stats"],
+             f"--dashboard-agent-listen-port={_free_port()}", "--num-cpus=2", "--disable-usage-stats"],
             stdout=out, stderr=subprocess.STDOUT, env=dict(os.environ))
     url = f"http://127.0.0.1:{dashboard}"
     try:

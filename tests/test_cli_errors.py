@@ -141,3 +141,22 @@ def test_console_script_prints_one_line_without_traceback(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and "Traceback" not in proc.stderr
     assert proc.stdout == ""
+
+
+@pytest.mark.parametrize("text,needle", [("policy:\n  w_gpu_percent: lots\n", "expected a number"),
+                                         ("gpu_batch_size: 4\nturbo: true\n", "unknown key"),
+                                         ("[1, 2", "not valid YAML")])
+def test_bad_policy_file(capsys, tmp_path, ids_file, opt_preln_dir, text, needle):
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(text)
+    _fails(capsys, ["generate", "--model", str(opt_preln_dir), "--prompts", ids_file, "--policy", str(policy)], needle)
+
+
+def test_policy_file_with_flag_overrides(tmp_path, opt_preln_dir, ids_file, capsys):
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("policy:\n  gpu_batch_size: 3\n  w_gpu_percent: 0\n  w_cpu_percent: 100\n")
+    assert main(["generate", "--model", str(opt_preln_dir), "--prompts", ids_file, "--policy", str(policy),
+                 "--num-gpu-batches", "2", "--max-new-tokens", "2", "--executor", "local", "--quiet"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["policy"]["gpu_batch_size"] == 3 and summary["policy"]["num_gpu_batches"] == 2
+    assert summary["policy"]["w_cpu_percent"] == 100
