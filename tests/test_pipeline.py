@@ -43,3 +43,18 @@ def test_stage_failure_to_load_is_one_clear_line(tmp_path, ray_cluster, opt_prel
                "--offload-dir", str(blocker / "x")])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and "offload directory" in err, err
+
+
+def test_unplaceable_stages_fail_with_an_actionable_line(tmp_path, ray_cluster, opt_preln_dir, capsys, monkeypatch):
+    """STRICT_SPREAD wants one node per stage; the test cluster has one node."""
+    from flexgen_dist.cli import main
+    from flexgen_dist.runtime import ray_executor
+
+    monkeypatch.setattr(ray_executor, "PLACEMENT_TIMEOUT_S", 3.0)
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"id": 1, "input_ids": [5, 6]}) + "\n")
+    rc = main(["generate", "--model", str(opt_preln_dir), "--prompts", str(prompts), "--stages", "2",
+               "--placement-strategy", "STRICT_SPREAD", "--ray-address", ray_cluster["address"]])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1, err
+    assert "cannot place 2 stages" in err and "STRICT_SPREAD" in err and "ray status" in err

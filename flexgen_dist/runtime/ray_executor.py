@@ -13,6 +13,7 @@ from flexgen_dist.generation import Sampling
 from flexgen_dist.runtime.worker import StageSpec, StageWorker
 
 READY_TIMEOUT_S = float(os.environ.get("FLEXGEN_RAY_READY_TIMEOUT_S", "600"))  # loading a big slice takes minutes
+PLACEMENT_TIMEOUT_S = float(os.environ.get("FLEXGEN_RAY_PLACEMENT_TIMEOUT_S", "60"))
 
 
 def _connect(address: str | None) -> bool:
@@ -63,10 +64,11 @@ class RayExecutor:
             cpu_share = 1.0 if gpu else max(cpus / self.num_stages, 0.01)
             bundles = [{"GPU": 1, "CPU": 1} if gpu else {"CPU": cpu_share} for _ in specs]
             self._pg = placement_group(bundles, strategy=placement_strategy)
-            ready, _ = ray.wait([self._pg.ready()], timeout=60)
+            ready, _ = ray.wait([self._pg.ready()], timeout=PLACEMENT_TIMEOUT_S)
             if not ready:
                 raise UserError(f"the Ray cluster cannot place {self.num_stages} stages of {bundles[0]} with "
-                                f"{placement_strategy} within 60 s (cluster has {ray.cluster_resources()}); check `ray status`")
+                                f"{placement_strategy} within {PLACEMENT_TIMEOUT_S:.0f} s (cluster has "
+                                f"{_resources(ray.cluster_resources())}); check `ray status`")
             worker_cls = ray.remote(StageWorker)
             for i, spec in enumerate(specs):
                 if not gpu:
@@ -134,6 +136,10 @@ class RayExecutor:
             self._pg = None
         if self._owns_cluster:
             ray.shutdown()
+
+
+def _resources(resources: dict) -> str:
+    return ", ".join(f"{k} {v:g}" for k, v in sorted(resources.items()) if not k.startswith("node:"))
 
 
 def _cluster_has_gpus() -> bool:
