@@ -33,8 +33,9 @@ def load_tokenizer(directory: Path) -> object | None:
 
 
 def model_config(model: str) -> OptConfig:
-    """The model's configuration without touching its weights (for synthetic prompts and planning)."""
-    return resolve_model(model, dummy_weights=True, seed=0).config
+    """The model's configuration, without touching its weights or tokenizer (for synthetic prompts)."""
+    path = Path(model).expanduser()
+    return load_checkpoint_config(path) if path.is_dir() else config_by_name(model)
 
 
 def resolve_model(model: str, dummy_weights: bool, seed: int) -> ModelSource:

@@ -14,14 +14,7 @@ import json
 import subprocess
 import sys
 
-
-def _ours(args: argparse.Namespace) -> dict:
-    cmd = [sys.executable, "-m", "flexgen_dist", "generate", "--model", args.model, "--dummy-weights",
-           "--synthetic", str(args.num_seqs), "--prompt-len", str(args.prompt_len), "--max-new-tokens", str(args.gen_len),
-           "--ignore-eos", "--gpu-batch-size", str(args.gpu_batch_size), "--num-gpu-batches", str(args.num_gpu_batches),
-           "--dtype", args.dtype, "--device", "cpu", "--quiet", "--output", "/dev/null"]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
+from bench_common import add_workload_args, run_generate
 
 
 def _hf(args: argparse.Namespace) -> dict:
@@ -40,16 +33,10 @@ def _hf(args: argparse.Namespace) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="opt-1.3b")
-    p.add_argument("--num-seqs", type=int, default=128)
-    p.add_argument("--prompt-len", type=int, default=128)
-    p.add_argument("--gen-len", type=int, default=32)
-    p.add_argument("--gpu-batch-size", type=int, default=32)
-    p.add_argument("--num-gpu-batches", type=int, default=4)
+    add_workload_args(p, num_seqs=128, gpu_batch_size=32, num_gpu_batches=4)
     p.add_argument("--hf-batch-size", type=int, default=32)
-    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     args = p.parse_args()
-    ours = _ours(args)
+    ours = run_generate(args)
     hf = _hf(args)
     print(f"ours: {ours['generation_throughput_tok_s']:.1f} tok/s   hf: {hf['generation_throughput_tok_s']:.1f} tok/s",
           file=sys.stderr)
