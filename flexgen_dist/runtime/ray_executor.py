@@ -59,9 +59,10 @@ class RayExecutor:
         self._pg = None
         try:
             gpu = specs[0].device != "cpu" and _cluster_has_gpus()
-            cpus = ray.cluster_resources().get("CPU", 1)
-            # A CPU-only stage gets an equal share of the node's cores (fractional shares are fine for Ray).
-            cpu_share = 1.0 if gpu else max(cpus / self.num_stages, 0.01)
+            # A CPU-only stage gets an equal share of one node's cores (fractional shares are fine for Ray); a share
+            # of the whole cluster could exceed every node. Spread over several nodes this under-asks, never over-asks.
+            node_cpus = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]), default=1)
+            cpu_share = 1.0 if gpu else max(node_cpus / self.num_stages, 0.01)
             bundles = [{"GPU": 1, "CPU": 1} if gpu else {"CPU": cpu_share} for _ in specs]
             self._pg = placement_group(bundles, strategy=placement_strategy)
             ready, _ = ray.wait([self._pg.ready()], timeout=PLACEMENT_TIMEOUT_S)
