@@ -31,6 +31,10 @@ def _add_policy_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--gpu-batch-size", type=int, help="sequences per GPU batch (default 1)")
     g.add_argument("--num-gpu-batches", type=int, help="GPU batches per block: weights are reused across them (default 1)")
     g.add_argument("--no-overlap", action="store_true", help="run transfers inline instead of overlapping compute")
+    g.add_argument("--cpu-cache-compute", action="store_true",
+                   help="decode attention runs on the CPU where a CPU-tier KV cache lives (only its output moves)")
+    g.add_argument("--attn-sparsity", type=float, metavar="F",
+                   help="decode attends to the top ceil(F x length) positions per query, 0 < F <= 1 (default 1)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -87,6 +91,10 @@ def _policy(args: argparse.Namespace) -> Policy:
         fields["num_gpu_batches"] = args.num_gpu_batches
     if args.no_overlap:
         fields["overlap"] = False
+    if args.cpu_cache_compute:
+        fields["cpu_cache_compute"] = True
+    if args.attn_sparsity is not None:
+        fields["attn_sparsity"] = args.attn_sparsity
     return replace(base, **fields)
 
 

@@ -8,6 +8,7 @@ batch k-1's new token.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -161,7 +162,8 @@ class StageEngine:
         attention_order = [(j, k) for j, l in enumerate(self.layers) if l.kind == "attention" for k in range(len(inputs))]
         cache_loads = {}
         if past and attention_order:
-            cache_loads[attention_order[0]] = self._cache_lane.submit(caches[attention_order[0]].load, past)
+            cache_loads[attention_order[0]] = self._cache_lane.submit(caches[attention_order[0]].load, past,
+                                                                      self.policy.cpu_cache_compute)
         next_weights = self._weight_lane.submit(self._load_weights, 0)
         outputs: list[torch.Tensor] = []
         for j, layer in enumerate(self.layers):
@@ -184,7 +186,7 @@ class StageEngine:
                     pos = attention_order.index((j, k))
                     if pos + 1 < len(attention_order):
                         nxt = attention_order[pos + 1]
-                        cache_loads[nxt] = self._cache_lane.submit(caches[nxt].load, past)
+                        cache_loads[nxt] = self._cache_lane.submit(caches[nxt].load, past, self.policy.cpu_cache_compute)
                     with self.tiers.stats.waiting("cache"):
                         loaded = cache_loads.pop((j, k)).result()
                     _used_by_compute(loaded)
@@ -205,15 +207,17 @@ class StageEngine:
     def _decode_attention(self, w, hidden: torch.Tensor, loaded: list[LoadedPiece], mask: torch.Tensor,
                           past: int) -> torch.Tensor:
         q, key, value = opt.attention_input(self.cfg, w, hidden)  # [B, N, 1, D] each
+        keep = math.ceil(self.policy.attn_sparsity * (past + 1)) if self.policy.attn_sparsity < 1 else None
         contexts = []
         for lp in loaded:  # one piece per tier holding a range of heads; attention is independent per head
             h0, h1 = lp.piece.head_start, lp.piece.head_stop
-            lp.k[:, :, past] = key[:, h0:h1, 0]
-            lp.v[:, :, past] = value[:, h0:h1, 0]
+            where = lp.k.device  # the compute device, or the CPU for --cpu-cache-compute: only q and the output move
+            lp.k[:, :, past] = key[:, h0:h1, 0].to(where)
+            lp.v[:, :, past] = value[:, h0:h1, 0].to(where)
             # Attend over the whole contiguous buffer (a strided prefix view makes bf16 bmm copy it); the
             # positions past this token are masked out.
-            span_mask = F.pad(mask, (0, lp.k.shape[2] - mask.shape[-1]), value=False)
-            contexts.append(opt.attend(q[:, h0:h1], lp.k, lp.v, span_mask))
+            span_mask = F.pad(mask, (0, lp.k.shape[2] - mask.shape[-1]), value=False).to(where)
+            contexts.append(opt.attend(q[:, h0:h1].to(where), lp.k, lp.v, span_mask, keep).to(self.device))
         context = contexts[0] if len(contexts) == 1 else torch.cat(contexts, dim=1)
         return opt.attention_output(self.cfg, w, hidden, context)
 

@@ -19,11 +19,10 @@ class Policy:
     act_gpu_percent: float = 100.0
     act_cpu_percent: float = 0.0
     overlap: bool = True
-    # Room for the compression / approximation issue; validated so nobody silently gets a no-op.
-    compress_weight: bool = False
+    compress_weight: bool = False  # not wired into the tiers yet: refused below rather than silently ignored
     compress_cache: bool = False
-    cpu_cache_compute: bool = False
-    attn_sparsity: float = 1.0
+    cpu_cache_compute: bool = False  # decode attention runs where a CPU-tier cache lives; only its output moves
+    attn_sparsity: float = 1.0  # decode attends to the top ceil(F * length) positions per query
 
     def __post_init__(self) -> None:
         for name in ("gpu_batch_size", "num_gpu_batches"):
@@ -38,6 +37,9 @@ class Policy:
             raise UserError("--percent: activations live on one tier: give ACT_GPU ACT_CPU as 100 0, 0 100 or 0 0 (disk)")
         if not 0 < self.attn_sparsity <= 1:
             raise UserError(f"--attn-sparsity must be in (0, 1], got {self.attn_sparsity}")
+        if self.compress_weight or self.compress_cache:
+            raise UserError("weight/cache compression is not available in this version (the quantizer exists, "
+                            "its placement in the tiers does not yet)")
 
     @property
     def block_size(self) -> int:

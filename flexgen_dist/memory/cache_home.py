@@ -63,11 +63,12 @@ class CacheHome:
                 else:
                     home[:, :, :s].copy_(part, non_blocking=True)
 
-    def load(self, length: int) -> list[LoadedPiece]:
-        """Each piece with its first `length` positions valid, ready for the compute device."""
+    def load(self, length: int, cpu_attention: bool = False) -> list[LoadedPiece]:
+        """Each piece with its first `length` positions valid, where attention will read it: on the compute device,
+        or (`cpu_attention`) a CPU-tier piece in place, for attention to run on the CPU."""
         loaded = []
         for p in self.pieces:
-            if self.tiers.addressable(p.tier):
+            if self.tiers.addressable(p.tier) or (cpu_attention and p.tier is Tier.CPU):
                 loaded.append(LoadedPiece(p, p.k, p.v, False))
                 continue
             prefix = p.k.row_nbytes * length if isinstance(p.k, DiskTensor) else p.k[:, :, :length].nbytes

@@ -64,7 +64,7 @@ def plan_bytes(cfg: OptConfig, layers: list[LayerSpec], policy: Policy, dtype: t
     head_bytes = 2 * batch * capacity * cfg.head_dim * item  # K and V of one head for one GPU batch
     for tier, (h0, h1) in split_heads(cfg.num_heads, policy.cache_percents()).items():
         cache[tier] += blocks_in_flight * num_attention * blocks * (h1 - h0) * head_bytes
-        if tier not in addressable:
+        if tier not in addressable and not (tier is Tier.CPU and policy.cpu_cache_compute):
             buffers[Tier.GPU] += _CACHE_LOADS_IN_FLIGHT * (h1 - h0) * head_bytes
             if tier is Tier.DISK:
                 buffers[Tier.CPU] += _CACHE_LOADS_IN_FLIGHT * (h1 - h0) * head_bytes
