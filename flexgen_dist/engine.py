@@ -106,7 +106,7 @@ class StageEngine:
             size = max((h.numel for h in staged), default=0)
             # Two slots: layer j computes from one while layer j+1 loads into the other.
             self._staging = [self.tiers.empty(Tier.GPU, (size,), dtype, "w-staging") for _ in range(2)] if staged else []
-            disk = max((h.nbytes(Tier.DISK) for h in staged), default=0) // torch.empty((), dtype=dtype).element_size()
+            disk = max((h.nbytes(Tier.DISK) for h in staged), default=0) // dtype.itemsize
             self._bounce = ([self.tiers.empty(Tier.CPU, (disk,), dtype, "w-bounce") for _ in range(2)]
                             if disk and device.type == "cuda" else [])
         except BaseException:

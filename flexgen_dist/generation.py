@@ -82,16 +82,14 @@ class BlockRun:
     def done(self) -> bool:
         return all(s.finish_reason is not None for s in self.sequences)
 
-    def advance(self, next_ids: list[torch.Tensor]) -> int:
-        """Record one sampled token per sequence ([B] per batch); returns how many were new output tokens."""
-        produced = 0
+    def advance(self, next_ids: list[torch.Tensor]) -> None:
+        """Record one sampled token per sequence ([B] per batch)."""
         for k, batch in enumerate(self.batches):
             for row, s in enumerate(batch):
                 if s.finish_reason is not None:
                     continue
                 token = int(next_ids[k][row])
                 s.output_ids.append(token)
-                produced += 1
                 if token == self.eos_id and not self.ignore_eos:
                     s.finish_reason = "stop"
                 elif len(s.output_ids) >= s.max_new_tokens:
@@ -101,4 +99,3 @@ class BlockRun:
             self.tokens[k] = next_ids[k].cpu().where(running, self.pad_id)[:, None]
             self.valid[k] = torch.cat([self.valid[k], torch.ones((len(batch), 1), dtype=torch.bool)], dim=1)
         self.steps_done += 1
-        return produced

@@ -40,7 +40,7 @@ class TierPlan:
 def plan_bytes(cfg: OptConfig, layers: list[LayerSpec], policy: Policy, dtype: torch.dtype, device: torch.device,
                prompt_len: int, gen_len: int, blocks_in_flight: int = 1) -> TierPlan:
     """`blocks_in_flight`: blocks whose KV cache a stage holds at once (one per pipeline stage)."""
-    item = torch.empty((), dtype=dtype).element_size()
+    item = dtype.itemsize
     page = ALIGN // item
     addressable = {Tier.GPU} | ({Tier.CPU} if device.type == "cpu" else set())
     weights, cache, acts, buffers = ({t: 0 for t in TIERS} for _ in range(4))

@@ -28,7 +28,7 @@ class FlatLayout:
 
     @staticmethod
     def of(layer: LayerSpec, dtype: torch.dtype) -> "FlatLayout":
-        page = ALIGN // torch.empty((), dtype=dtype).element_size()
+        page = ALIGN // dtype.itemsize
         offsets, pos = {}, 0
         for w in layer.weights:
             offsets[w.name] = pos
@@ -56,7 +56,7 @@ class WeightHome:
                  source: WeightSource) -> None:
         self.layer, self.tiers, self.dtype = layer, tiers, dtype
         self.layout = FlatLayout.of(layer, dtype)
-        page = ALIGN // torch.empty((), dtype=dtype).element_size()
+        page = ALIGN // dtype.itemsize
         self.pieces: list[tuple[Tier, int, int, torch.Tensor | DiskTensor]] = []
         for tier, (start, stop) in split_elements(self.layout.numel, percents, page).items():
             stored = tiers.empty(tier, (stop - start,), dtype, name=layer.label)
@@ -89,7 +89,7 @@ class WeightHome:
         return len(self.pieces) == 1 and self.tiers.addressable(self.pieces[0][0])
 
     def nbytes(self, tier: Tier) -> int:
-        return sum((stop - start) for t, start, stop, _ in self.pieces if t is tier) * torch.empty((), dtype=self.dtype).element_size()
+        return sum((stop - start) for t, start, stop, _ in self.pieces if t is tier) * self.dtype.itemsize
 
     def load(self, staging: torch.Tensor | None, bounce: torch.Tensor | None) -> dict[str, torch.Tensor]:
         """The layer's weights on the compute device. `staging`: flat buffer there (unless in_place);

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from flexgen_dist.generation import BlockRun, Sampling
 from flexgen_dist.runtime.executor import Executor
@@ -20,12 +20,10 @@ class PipelineTiming:
     total_s: float = 0.0  # wall time from the first submitted step to the last result
     prefill_s: float = 0.0  # summed latency of prefill steps (overlaps decode when blocks are in flight together)
     decode_s: float = 0.0
-    decode_step_latencies: list[float] = field(default_factory=list)
 
 
 def run_blocks(executor: Executor, blocks: Iterator[BlockRun], sampling: Sampling, max_in_flight: int,
-               on_block_done: Callable[[BlockRun], None],
-               on_tokens: Callable[[int], None] | None = None) -> PipelineTiming:
+               on_block_done: Callable[[BlockRun], None]) -> PipelineTiming:
     timing = PipelineTiming()
     in_flight: list[tuple[BlockRun, object, float]] = []  # (block, handle of its current step, submit time)
     start = time.perf_counter()
@@ -53,10 +51,7 @@ def run_blocks(executor: Executor, blocks: Iterator[BlockRun], sampling: Samplin
                 timing.prefill_s += latency
             else:
                 timing.decode_s += latency
-                timing.decode_step_latencies.append(latency)
-            produced = block.advance(tokens)
-            if on_tokens is not None:
-                on_tokens(produced)
+            block.advance(tokens)
             if block.done:
                 executor.end_block(block.block_id)
                 on_block_done(block)

@@ -39,11 +39,7 @@ def _connect(address: str | None) -> bool:
 def _unwrap(e: Exception) -> Exception:
     """A UserError raised inside an actor arrives wrapped; give the user its one line."""
     cause = getattr(e, "cause", None)
-    if isinstance(cause, UserError):
-        return cause
-    if isinstance(cause, OSError):
-        return cause
-    return e
+    return cause if isinstance(cause, (UserError, OSError)) else e
 
 
 class RayExecutor:
