@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from flexgen_dist.compression import QuantConfig
 from flexgen_dist.errors import UserError
 
 
@@ -19,8 +20,11 @@ class Policy:
     act_gpu_percent: float = 100.0
     act_cpu_percent: float = 0.0
     overlap: bool = True
-    compress_weight: bool = False  # not wired into the tiers yet: refused below rather than silently ignored
-    compress_cache: bool = False
+    compress_weight: bool = False  # group-wise quantized weights in every tier, dequantized just before use
+    compress_cache: bool = False  # group-wise quantized KV cache in every tier
+    compress_bits: int = 4
+    compress_group_size: int = 64
+    compress_symmetric: bool = False
     cpu_cache_compute: bool = False  # decode attention runs where a CPU-tier cache lives; only its output moves
     attn_sparsity: float = 1.0  # decode attends to the top ceil(F * length) positions per query
 
@@ -37,9 +41,7 @@ class Policy:
             raise UserError("--percent: activations live on one tier: give ACT_GPU ACT_CPU as 100 0, 0 100 or 0 0 (disk)")
         if not 0 < self.attn_sparsity <= 1:
             raise UserError(f"--attn-sparsity must be in (0, 1], got {self.attn_sparsity}")
-        if self.compress_weight or self.compress_cache:
-            raise UserError("weight/cache compression is not available in this version (the quantizer exists, "
-                            "its placement in the tiers does not yet)")
+        QuantConfig(self.compress_bits, self.compress_group_size)  # validates bits and group size
 
     @property
     def block_size(self) -> int:
@@ -57,6 +59,20 @@ class Policy:
     @property
     def act_disk_percent(self) -> float:
         return 100.0 - self.act_gpu_percent - self.act_cpu_percent
+
+    @property
+    def weight_quant(self) -> QuantConfig | None:
+        """Weights are grouped along their output channels (dim 0 of [out, in]), as in FlexGen."""
+        if not self.compress_weight:
+            return None
+        return QuantConfig(self.compress_bits, self.compress_group_size, 0, self.compress_symmetric)
+
+    def cache_quant(self, head_dim: int) -> QuantConfig | None:
+        """The KV cache is grouped along the head dimension; a group never spans two heads."""
+        if not self.compress_cache:
+            return None
+        group = min(self.compress_group_size, head_dim - head_dim % 2)
+        return QuantConfig(self.compress_bits, group, -1, self.compress_symmetric)
 
     def weight_percents(self) -> tuple[float, float, float]:
         return self.w_gpu_percent, self.w_cpu_percent, self.w_disk_percent

@@ -65,8 +65,7 @@ def test_sparse_decode_keeps_the_dense_prefill_token_and_runs_everywhere(tmp_pat
     assert dense_equivalent == expected
 
 
-def test_compression_flags_are_refused_not_ignored():
-    with pytest.raises(UserError, match="compression"):
-        Policy(compress_weight=True)
-    with pytest.raises(UserError, match="compression"):
-        Policy(compress_cache=True)
+@pytest.mark.parametrize("fields", [{"compress_bits": 3}, {"compress_group_size": 63}, {"compress_group_size": 0}])
+def test_bad_compression_settings_are_refused(fields):
+    with pytest.raises(UserError, match="quantization"):
+        Policy(compress_weight=True, **fields)

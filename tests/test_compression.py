@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flexgen_dist.compression import QuantConfig, dequantize, quantize, quantized_nbytes
+from flexgen_dist.compression import (QuantConfig, dequantize, dequantize_into, from_records, quantize, quantized_nbytes,
+                                      record_nbytes, to_records)
 from flexgen_dist.errors import UserError
 
 CONFIGS = [QuantConfig(bits=b, symmetric=s, group_size=g) for b in (4, 8) for s in (False, True) for g in (64, 32)]
@@ -43,11 +44,12 @@ def test_four_bit_codes_are_packed_two_per_byte():
     # One group holding 0..15 four times: min 0, max 15, so scale 1 and each code equals its value.
     x = torch.arange(16.0).repeat(4)[None]
     q = quantize(x, QuantConfig(bits=4))
-    assert q.codes.dtype == torch.uint8 and q.codes.shape == (1, 1, 32)
-    expected = [lo | (hi << 4) for lo, hi in zip(range(0, 16, 2), range(1, 16, 2))] * 4  # low nibble first
+    assert q.codes.dtype == torch.uint8 and q.codes.shape == (1, 32)
+    # Element i in the low nibble of byte i, element i + 32 in its high nibble.
+    expected = [v | (v << 4) for v in range(16)] * 2
     assert q.codes.flatten().tolist() == expected
     assert torch.equal(dequantize(q, torch.float32), x)
-    assert quantize(x, QuantConfig(bits=8)).codes.shape == (1, 1, 64)
+    assert quantize(x, QuantConfig(bits=8)).codes.shape == (1, 64)
 
 
 @pytest.mark.parametrize("shape,dim", [((3, 100), -1), ((100, 3), 0), ((2, 5, 7, 65), -1), ((1, 1), -1), ((5, 63), 1)])
@@ -63,7 +65,7 @@ def test_odd_sizes_are_padded_and_restored(shape, dim):
 def test_padding_does_not_widen_the_last_group():
     x = torch.cat([torch.full((1, 64), 5.0), torch.linspace(10.0, 10.5, 6)[None]], dim=1)  # last group: 6 of 64 real
     q = quantize(x, QuantConfig(bits=4))
-    assert float(q.minimum[0, 1, 0]) == pytest.approx(10.0, abs=1e-2)  # zero padding would have dragged it to 0
+    assert float(q.minimum[0, 1]) == pytest.approx(10.0, abs=1e-2)  # zero padding would have dragged it to 0
     assert (dequantize(q, torch.float32) - x).abs().max() < 0.5 / 15 + 1e-2
 
 
@@ -89,3 +91,35 @@ def test_bf16_weights_compress_to_under_30_percent():
 def test_bad_configs_are_user_errors(kwargs):
     with pytest.raises(UserError):
         QuantConfig(**kwargs)
+
+
+def test_rows_of_a_matrix_grouped_along_rows_quantize_independently():
+    """Chunks of whole groups of rows give the same codes and metadata as the whole matrix (so weights can be
+    quantized a chunk at a time straight into their packed layout)."""
+    x = torch.randn(200, 48, generator=torch.Generator().manual_seed(3))
+    cfg = QuantConfig(bits=4, group_size=64, dim=0)
+    whole = quantize(x, cfg)
+    top, rest = quantize(x[:128], cfg), quantize(x[128:], cfg)
+    assert torch.equal(torch.cat([top.codes, rest.codes]), whole.codes)
+    assert torch.equal(torch.cat([top.scale, rest.scale]), whole.scale)
+    assert torch.equal(torch.cat([top.minimum, rest.minimum]), whole.minimum)
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"{c.bits}b-{'sym' if c.symmetric else 'asym'}-g{c.group_size}")
+def test_records_round_trip_into_strided_outputs(cfg):
+    """A KV cache stores one byte record per (position, batch, head) and dequantizes into a permuted staging view."""
+    x = torch.randn(5, 2, 3, 96, generator=torch.Generator().manual_seed(4))  # [S, B, h, D]
+    q = quantize(x, QuantConfig(cfg.bits, cfg.group_size, -1, cfg.symmetric))
+    records = to_records(q)
+    assert records.dtype == torch.uint8 and records.shape == (5, 2, 3, record_nbytes(96, cfg))
+    staged = torch.zeros(2, 3, 6, 96)  # [B, h, S + 1, D], as the engine stages it
+    dequantize_into(from_records(records, 96, cfg), staged[:, :, :5].permute(2, 0, 1, 3))
+    torch.testing.assert_close(staged[:, :, :5].permute(2, 0, 1, 3), dequantize(q, torch.float32))
+    assert (staged[:, :, 5] == 0).all()
+
+
+def test_dequantize_into_bf16_stays_within_bf16_rounding_of_float32():
+    x = torch.randn(128, 256, generator=torch.Generator().manual_seed(5))
+    q = quantize(x, QuantConfig(bits=8, dim=0))
+    exact = dequantize(q, torch.float32)
+    torch.testing.assert_close(dequantize(q, torch.bfloat16).float(), exact, rtol=2 ** -7, atol=2 ** -7 * exact.abs().max().item())

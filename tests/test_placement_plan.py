@@ -10,7 +10,7 @@ from flexgen_dist.engine import BatchInput
 from flexgen_dist.generation import BlockRun, Sequence
 from flexgen_dist.memory.placement import split_elements, split_heads
 from flexgen_dist.memory.plan import plan_bytes
-from flexgen_dist.memory.tiers import Tier
+from flexgen_dist.memory.tiers import Tier, nbytes_of
 from flexgen_dist.models.layout import model_layers
 from flexgen_dist.models.opt import OPT_SIZES, config_by_name
 from flexgen_dist.policy import Policy
@@ -41,21 +41,32 @@ def test_size_table_parameter_counts():
     assert OPT_SIZES["opt-350m"].projects_embeddings and not OPT_SIZES["opt-350m"].do_layer_norm_before
 
 
+COMPRESSION = {"plain": {}, "compressed": {"compress_weight": True, "compress_cache": True},
+               "8bit-cache-cpu-attention": {"compress_cache": True, "compress_bits": 8, "cpu_cache_compute": True}}
+
+
+@pytest.mark.parametrize("extra", COMPRESSION.values(), ids=COMPRESSION.keys())
 @pytest.mark.parametrize("percent", [(100, 0, 100, 0), (30, 30, 30, 30), (0, 0, 0, 0), (0, 100, 0, 100)])
-def test_plan_matches_measured_weights_and_cache(tmp_path, percent):
-    """Weights and KV cache bytes per tier are predicted exactly; measured peaks stay within the plan."""
+def test_plan_matches_measured_weights_and_cache(tmp_path, percent, extra):
+    """Weights and KV cache bytes per tier (compressed sizes when compressed) are predicted exactly; measured peaks
+    stay within the plan."""
     cfg = OPT_SIZES["opt-125m"]
     cfg = type(cfg)(**{**cfg.__dict__, "num_layers": 2, "name": "opt-125m-2l"})
     policy = Policy(gpu_batch_size=2, num_gpu_batches=2, w_gpu_percent=percent[0], w_cpu_percent=percent[1],
-                    cache_gpu_percent=percent[2], cache_cpu_percent=percent[3])
+                    cache_gpu_percent=percent[2], cache_cpu_percent=percent[3], **extra)
     layers = model_layers(cfg)
     plan = plan_bytes(cfg, layers, policy, torch.bfloat16, torch.device("cpu"), prompt_len=16, gen_len=4)
     engine = StageEngine(cfg, layers, policy, DummyWeights(), torch.device("cpu"), torch.bfloat16, str(tmp_path))
     try:
-        for tier in (Tier.GPU, Tier.CPU, Tier.DISK):
-            assert sum(h.nbytes(tier) for h in engine.homes) == plan.weights[tier]
         block = BlockRun(0, [Sequence(list(range(4, 20)), 4) for _ in range(4)], 2, 1, 2, ignore_eos=True)
         engine.start_block(0, block.batch_sizes, block.capacity)
+        assert {t: sum(h.nbytes(t) for h in engine.homes) for t in Tier} == plan.weights
+        cached = {t: 0 for t in Tier}
+        for home in engine.blocks[0].caches.values():
+            for piece in home.pieces:
+                for stored in (piece.k, piece.v):
+                    cached[piece.tier] += nbytes_of(stored)
+        assert cached == plan.cache
         while not block.done:
             logits = engine.step(0, [BatchInput(t, v) for t, v in zip(block.tokens, block.valid)])
             block.advance([x.argmax(-1) for x in logits])

@@ -4,6 +4,10 @@ Attention is independent per head, so each tier's piece (a range of heads) is at
 concatenated except the small per-head outputs. Memory pieces are [B, h, capacity, D] (a prefix of positions is a
 strided view compute reads in place); disk pieces are position-major [capacity, B, h, D] so the cached prefix is one
 contiguous read and a new token is one contiguous row write.
+
+Compressed (`quant`), every piece in every tier is position-major byte records [capacity, B, h, record] (codes and
+group metadata of one head's vector, compression.py), moved compressed and dequantized into a staged copy where
+attention runs; each new token is quantized once, when it is written back.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from flexgen_dist.compression import QuantConfig, dequantize_into, from_records, quantize, record_nbytes, to_records
 from flexgen_dist.memory.disk import DiskTensor
 from flexgen_dist.memory.placement import split_heads
 from flexgen_dist.memory.tiers import Tier, TierSet
@@ -33,19 +38,28 @@ class LoadedPiece:
     piece: CachePiece
     k: torch.Tensor  # [B, h, span, D]: the home itself (span = capacity) or a staged copy (span = cached + 1)
     v: torch.Tensor
-    staged: bool  # a copy of the home (write-back needed), not the home itself
+    staged_in: Tier | None  # the tier holding the staged copy (write-back needed); None: the home itself
+
+    @property
+    def staged(self) -> bool:
+        return self.staged_in is not None
 
 
 class CacheHome:
     def __init__(self, tiers: TierSet, batch: int, num_heads: int, head_dim: int, capacity: int, dtype: torch.dtype,
-                 percents: tuple[float, float, float], label: str) -> None:
-        self.tiers, self.capacity = tiers, capacity
+                 percents: tuple[float, float, float], label: str, quant: QuantConfig | None = None) -> None:
+        self.tiers, self.capacity, self.dtype, self.head_dim, self.quant = tiers, capacity, dtype, head_dim, quant
         self.pieces: list[CachePiece] = []
         for tier, (h0, h1) in split_heads(num_heads, percents).items():
-            shape = (capacity, batch, h1 - h0, head_dim) if tier is Tier.DISK else (batch, h1 - h0, capacity, head_dim)
-            k = tiers.empty(tier, shape, dtype, name=f"{label}-k")
-            v = tiers.empty(tier, shape, dtype, name=f"{label}-v")
-            if not isinstance(k, DiskTensor):
+            if quant is not None:
+                shape, stored_dtype = (capacity, batch, h1 - h0, record_nbytes(head_dim, quant)), torch.uint8
+            elif tier is Tier.DISK:
+                shape, stored_dtype = (capacity, batch, h1 - h0, head_dim), dtype
+            else:
+                shape, stored_dtype = (batch, h1 - h0, capacity, head_dim), dtype
+            k = tiers.empty(tier, shape, stored_dtype, name=f"{label}-k")
+            v = tiers.empty(tier, shape, stored_dtype, name=f"{label}-v")
+            if quant is None and not isinstance(k, DiskTensor):
                 # Decode attends over a home's whole capacity (contiguous, so bf16 bmm does not copy it): the
                 # not-yet-written positions are masked, and must be finite so masked probabilities (0) times them stay 0.
                 k.zero_()
@@ -58,7 +72,9 @@ class CacheHome:
         for p in self.pieces:
             for home, new in ((p.k, k), (p.v, v)):
                 part = new[:, p.head_start : p.head_stop]
-                if isinstance(home, DiskTensor):
+                if self.quant is not None:
+                    self._write_records(home, part.permute(2, 0, 1, 3), 0)
+                elif isinstance(home, DiskTensor):
                     home.write_rows(part.permute(2, 0, 1, 3).contiguous().cpu(), 0)
                 else:
                     home[:, :, :s].copy_(part, non_blocking=True)
@@ -68,36 +84,63 @@ class CacheHome:
         or (`cpu_attention`) a CPU-tier piece in place, for attention to run on the CPU."""
         loaded = []
         for p in self.pieces:
-            if self.tiers.addressable(p.tier) or (cpu_attention and p.tier is Tier.CPU):
-                loaded.append(LoadedPiece(p, p.k, p.v, False))
+            on_cpu = cpu_attention and p.tier is Tier.CPU
+            if self.quant is None and (self.tiers.addressable(p.tier) or on_cpu):
+                loaded.append(LoadedPiece(p, p.k, p.v, None))
                 continue
-            prefix = p.k.row_nbytes * length if isinstance(p.k, DiskTensor) else p.k[:, :, :length].nbytes
-            with self.tiers.stats.timed("cache", p.tier.value, Tier.GPU.value, 2 * prefix):
-                if isinstance(p.k, DiskTensor):
-                    loaded.append(LoadedPiece(p, self._from_disk(p.k, length), self._from_disk(p.v, length), True))
+            # Compressed pieces are dequantized where attention runs: the CPU for --cpu-cache-compute, else compute.
+            where = Tier.CPU if on_cpu else Tier.GPU
+            with self.tiers.stats.timed("cache", p.tier.value, where.value, 2 * length * self._position_nbytes(p.k)):
+                if self.quant is not None or isinstance(p.k, DiskTensor):
+                    k, v = self._stage_position_major(p.k, length, where), self._stage_position_major(p.v, length, where)
                 else:
                     b, h, _, d = p.k.shape
-                    k, v = self._staging((b, h, length + 1, d), p.k.dtype), self._staging((b, h, length + 1, d), p.v.dtype)
+                    k, v = self._staging((b, h, length + 1, d), Tier.GPU), self._staging((b, h, length + 1, d), Tier.GPU)
                     k[:, :, :length].copy_(p.k[:, :, :length], non_blocking=True)
                     v[:, :, :length].copy_(p.v[:, :, :length], non_blocking=True)
-                    loaded.append(LoadedPiece(p, k, v, True))
+                loaded.append(LoadedPiece(p, k, v, where))
         return loaded
 
-    def _staging(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        staged = self.tiers.empty(Tier.GPU, tuple(shape), dtype, name="kv-staging")
+    def _position_nbytes(self, home: torch.Tensor | DiskTensor) -> int:
+        """Stored bytes of one position of a home (what moving one cached token costs)."""
+        if isinstance(home, DiskTensor):
+            return home.row_nbytes
+        return home[0].nbytes if self.quant is not None else home[:, :, 0].nbytes
+
+    def _staging(self, shape: tuple[int, ...], tier: Tier) -> torch.Tensor:
+        staged = self.tiers.empty(tier, tuple(shape), self.dtype, name="kv-staging")
         assert isinstance(staged, torch.Tensor)
         return staged
 
-    def _from_disk(self, home: DiskTensor, length: int) -> torch.Tensor:
-        _, b, h, d = home.shape
-        host = self.tiers.empty(Tier.CPU, (length, b, h, d), home.dtype, name="kv-bounce")
-        assert isinstance(host, torch.Tensor)
-        home.read_rows_into(host, 0, length)
-        out = self._staging((b, h, length + 1, d), home.dtype)
-        out[:, :, :length].copy_(host.permute(1, 2, 0, 3), non_blocking=True)
-        if out.device.type == "cuda":
-            torch.cuda.current_stream().synchronize()  # the bounce buffer is freed next
-        self.tiers.release(Tier.CPU, host)
+    def _write_records(self, home: torch.Tensor | DiskTensor, values: torch.Tensor, pos: int) -> None:
+        """Quantize position-major values [S, B, h, D] and write them at positions [pos, pos + S) of the home."""
+        assert self.quant is not None
+        records = to_records(quantize(values, self.quant))
+        if isinstance(home, DiskTensor):
+            home.write_rows(records.cpu(), pos)
+        else:
+            home[pos : pos + len(records)].copy_(records, non_blocking=True)
+
+    def _stage_position_major(self, home: torch.Tensor | DiskTensor, length: int, where: Tier) -> torch.Tensor:
+        """A staged [B, h, length + 1, D] copy of the first `length` positions of a position-major home (a disk
+        piece, or any compressed piece), dequantized when compressed."""
+        _, b, h, _ = home.shape
+        if isinstance(home, DiskTensor):
+            rows = self.tiers.empty(Tier.CPU, (length, *home.shape[1:]), home.dtype, name="kv-bounce")
+            assert isinstance(rows, torch.Tensor)
+            home.read_rows_into(rows, 0, length)
+        else:
+            rows = home[:length]
+        out = self._staging((b, h, length + 1, self.head_dim), where)
+        target = out[:, :, :length].permute(2, 0, 1, 3)
+        if self.quant is not None:
+            dequantize_into(from_records(rows, self.head_dim, self.quant), target)
+        else:
+            target.copy_(rows, non_blocking=True)
+        if isinstance(home, DiskTensor):
+            if out.device.type == "cuda":
+                torch.cuda.current_stream().synchronize()  # the bounce buffer is freed next
+            self.tiers.release(Tier.CPU, rows)
         return out
 
     def store_token(self, loaded: list[LoadedPiece], pos: int) -> None:
@@ -105,17 +148,19 @@ class CacheHome:
         for lp in loaded:
             if not lp.staged:
                 continue
-            with self.tiers.stats.timed("cache", Tier.GPU.value, lp.piece.tier.value, 2 * lp.k[:, :, pos].nbytes):
+            with self.tiers.stats.timed("cache", lp.staged_in.value, lp.piece.tier.value, 2 * self._position_nbytes(lp.piece.k)):
                 for home, new in ((lp.piece.k, lp.k), (lp.piece.v, lp.v)):
                     row = new[:, :, pos]  # [B, h, D]
-                    if isinstance(home, DiskTensor):
+                    if self.quant is not None:
+                        self._write_records(home, row.unsqueeze(0), pos)
+                    elif isinstance(home, DiskTensor):
                         home.write_rows(row.unsqueeze(0).contiguous().cpu(), pos)
                     else:
                         home[:, :, pos].copy_(row, non_blocking=True)
             if lp.k.device.type == "cuda":
                 torch.cuda.current_stream().synchronize()
-            self.tiers.release(Tier.GPU, lp.k)
-            self.tiers.release(Tier.GPU, lp.v)
+            self.tiers.release(lp.staged_in, lp.k)
+            self.tiers.release(lp.staged_in, lp.v)
 
     def release(self) -> None:
         for p in self.pieces:

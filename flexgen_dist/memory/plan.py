@@ -10,12 +10,13 @@ from dataclasses import dataclass
 
 import torch
 
+from flexgen_dist.compression import record_nbytes
 from flexgen_dist.errors import UserError
 from flexgen_dist.memory.budget import MemoryBudget, format_bytes
 from flexgen_dist.memory.disk import ALIGN
 from flexgen_dist.memory.placement import split_elements, split_heads
 from flexgen_dist.memory.tiers import TIERS, Tier
-from flexgen_dist.memory.weight_home import FlatLayout
+from flexgen_dist.memory.weight_home import FlatLayout, PackedLayout
 from flexgen_dist.models.layout import LayerSpec
 from flexgen_dist.models.opt import OptConfig
 from flexgen_dist.policy import Policy
@@ -41,33 +42,44 @@ def plan_bytes(cfg: OptConfig, layers: list[LayerSpec], policy: Policy, dtype: t
                prompt_len: int, gen_len: int, blocks_in_flight: int = 1) -> TierPlan:
     """`blocks_in_flight`: blocks whose KV cache a stage holds at once (one per pipeline stage)."""
     item = dtype.itemsize
-    page = ALIGN // item
     addressable = {Tier.GPU} | ({Tier.CPU} if device.type == "cpu" else set())
     weights, cache, acts, buffers = ({t: 0 for t in TIERS} for _ in range(4))
 
-    staged_numel, disk_numel = 0, 0
+    # Mirrors StageEngine.__init__: two slots each of the compute-dtype staging, the packed-bytes gathering buffer
+    # (compressed layers not usable in place) and, on CUDA, the pinned bounce buffer for disk pieces.
+    quant = policy.weight_quant
+    stored_item = 1 if quant else item
+    staged_numel = packed_bytes = disk_bytes = 0
     for layer in layers:
         numel = FlatLayout.of(layer, dtype).numel
-        pieces = split_elements(numel, policy.weight_percents(), page)
+        stored_numel = PackedLayout.of(layer, dtype, quant).nbytes if quant else numel
+        pieces = split_elements(stored_numel, policy.weight_percents(), ALIGN // stored_item)
         for tier, (start, stop) in pieces.items():
-            weights[tier] += (stop - start) * item
-        if not (len(pieces) == 1 and next(iter(pieces)) in addressable):
+            weights[tier] += (stop - start) * stored_item
+        in_place = len(pieces) == 1 and next(iter(pieces)) in addressable
+        if quant or not in_place:
             staged_numel = max(staged_numel, numel)
-            disk_numel = max(disk_numel, sum(stop - start for t, (start, stop) in pieces.items() if t is Tier.DISK))
-    buffers[Tier.GPU] += 2 * staged_numel * item
+        if not in_place:
+            packed_bytes = max(packed_bytes, stored_numel if quant else 0)
+            disk_bytes = max(disk_bytes, sum(stop - start for t, (start, stop) in pieces.items() if t is Tier.DISK)
+                             * stored_item)
+    buffers[Tier.GPU] += 2 * (staged_numel * item + packed_bytes)
     if device.type == "cuda":
-        buffers[Tier.CPU] += 2 * disk_numel * item
+        buffers[Tier.CPU] += 2 * disk_bytes
 
     batch, blocks = policy.gpu_batch_size, policy.num_gpu_batches
     capacity = prompt_len + gen_len
     num_attention = sum(layer.kind == "attention" for layer in layers)
-    head_bytes = 2 * batch * capacity * cfg.head_dim * item  # K and V of one head for one GPU batch
+    head_bytes = 2 * batch * capacity * cfg.head_dim * item  # K and V of one head for one GPU batch, uncompressed
+    quant = policy.cache_quant(cfg.head_dim)
+    stored_head_bytes = 2 * batch * capacity * record_nbytes(cfg.head_dim, quant) if quant else head_bytes
     for tier, (h0, h1) in split_heads(cfg.num_heads, policy.cache_percents()).items():
-        cache[tier] += blocks_in_flight * num_attention * blocks * (h1 - h0) * head_bytes
-        if tier not in addressable and not (tier is Tier.CPU and policy.cpu_cache_compute):
-            buffers[Tier.GPU] += _CACHE_LOADS_IN_FLIGHT * (h1 - h0) * head_bytes
+        cache[tier] += blocks_in_flight * num_attention * blocks * (h1 - h0) * stored_head_bytes
+        on_cpu = tier is Tier.CPU and policy.cpu_cache_compute
+        if quant or not (tier in addressable or on_cpu):  # staged (dequantized) where attention runs
+            buffers[Tier.CPU if on_cpu else Tier.GPU] += _CACHE_LOADS_IN_FLIGHT * (h1 - h0) * head_bytes
             if tier is Tier.DISK:
-                buffers[Tier.CPU] += _CACHE_LOADS_IN_FLIGHT * (h1 - h0) * head_bytes
+                buffers[Tier.CPU] += _CACHE_LOADS_IN_FLIGHT * (h1 - h0) * stored_head_bytes
 
     act_tier = next(t for t, p in zip(TIERS, policy.act_percents()) if p > 0)
     acts[act_tier] += blocks_in_flight * blocks * batch * prompt_len * cfg.hidden_size * item
