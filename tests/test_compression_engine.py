@@ -103,3 +103,26 @@ def test_compressed_tiers_hold_under_30_percent_of_the_bf16_bytes(capsys):
     assert packed["peak_bytes"]["cpu"] <= 0.30 * plain["peak_bytes"]["cpu"]
     assert packed["planned_bytes"]["cpu"] == packed["peak_bytes"]["cpu"]  # weights and cache only, as planned
     assert packed["policy"]["compress_weight"] and packed["policy"]["compress_cache"]
+
+
+def _cache_bytes_from_cpu(summary: dict) -> int:
+    return summary["stage_stats"][0]["transfers"]["cache:cpu->gpu"]["bytes"]
+
+
+def test_sparse_attention_fetches_only_the_kept_value_rows(tmp_path, opt_preln_dir, capsys):
+    """A compressed CPU-tier cache under --attn-sparsity stages keys only and dequantizes just the value rows top-k
+    keeps; a disk-tier cache stages all values. Both must attend to the same rows, so give the same tokens."""
+    sparse = ["--compress-cache", "--attn-sparsity", "0.5", "--gpu-batch-size", "2", "--num-gpu-batches", "2"]
+    on_cpu, _ = run_cli(tmp_path / "cpu", opt_preln_dir, "--percent", "100", "0", "0", "100", "100", "0", *sparse)
+    cpu_summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    on_disk, _ = run_cli(tmp_path / "disk", opt_preln_dir, "--percent", "100", "0", "0", "0", "100", "0", *sparse)
+    assert on_cpu == on_disk
+    mixed, _ = run_cli(tmp_path / "mixed", opt_preln_dir, "--percent", "100", "0", "30", "30", "100", "0", *sparse,
+                       "--cpu-cache-compute")
+    assert mixed == on_disk
+    capsys.readouterr()
+    run_cli(tmp_path / "dense", opt_preln_dir, "--percent", "100", "0", "0", "100", "100", "0", "--compress-cache",
+            "--gpu-batch-size", "2", "--num-gpu-batches", "2")
+    dense_summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    # Keys in full, values at about half: well under the dense run's keys and values.
+    assert _cache_bytes_from_cpu(cpu_summary) < 0.8 * _cache_bytes_from_cpu(dense_summary)

@@ -37,8 +37,9 @@ class LoadedPiece:
 
     piece: CachePiece
     k: torch.Tensor  # [B, h, span, D]: the home itself (span = capacity) or a staged copy (span = cached + 1)
-    v: torch.Tensor
+    v: torch.Tensor | None  # like k; None when only the rows sparse attention keeps are fetched (value_rows)
     staged_in: Tier | None  # the tier holding the staged copy (write-back needed); None: the home itself
+    new_v: torch.Tensor | None = None  # [B, h, D]: the decoded position's value when v is None
 
     @property
     def staged(self) -> bool:
@@ -79,9 +80,11 @@ class CacheHome:
                 else:
                     home[:, :, :s].copy_(part, non_blocking=True)
 
-    def load(self, length: int, cpu_attention: bool = False) -> list[LoadedPiece]:
+    def load(self, length: int, cpu_attention: bool = False, stage_values: bool = True) -> list[LoadedPiece]:
         """Each piece with its first `length` positions valid, where attention will read it: on the compute device,
-        or (`cpu_attention`) a CPU-tier piece in place, for attention to run on the CPU."""
+        or (`cpu_attention`) a CPU-tier piece in place, for attention to run on the CPU. Without `stage_values`
+        (sparse attention), a memory-tier piece that would be staged stages its keys only; disk pieces stage both,
+        since top-k rows scattered over a file would cost nearly every 4 KiB block anyway."""
         loaded = []
         for p in self.pieces:
             on_cpu = cpu_attention and p.tier is Tier.CPU
@@ -90,16 +93,41 @@ class CacheHome:
                 continue
             # Compressed pieces are dequantized where attention runs: the CPU for --cpu-cache-compute, else compute.
             where = Tier.CPU if on_cpu else Tier.GPU
-            with self.tiers.stats.timed("cache", p.tier.value, where.value, 2 * length * self._position_nbytes(p.k)):
-                if self.quant is not None or isinstance(p.k, DiskTensor):
-                    k, v = self._stage_position_major(p.k, length, where), self._stage_position_major(p.v, length, where)
-                else:
-                    b, h, _, d = p.k.shape
-                    k, v = self._staging((b, h, length + 1, d), Tier.GPU), self._staging((b, h, length + 1, d), Tier.GPU)
-                    k[:, :, :length].copy_(p.k[:, :, :length], non_blocking=True)
-                    v[:, :, :length].copy_(p.v[:, :, :length], non_blocking=True)
-                loaded.append(LoadedPiece(p, k, v, where))
+            homes = [p.k, p.v] if stage_values or isinstance(p.k, DiskTensor) else [p.k]
+            with self.tiers.stats.timed("cache", p.tier.value, where.value,
+                                        len(homes) * length * self._position_nbytes(p.k)):
+                staged = [self._stage(home, length, where) for home in homes]
+            loaded.append(LoadedPiece(p, staged[0], staged[1] if len(staged) > 1 else None, where))
         return loaded
+
+    def _stage(self, home: torch.Tensor | DiskTensor, length: int, where: Tier) -> torch.Tensor:
+        """A staged [B, h, length + 1, D] copy of the home's first `length` positions, in `where`."""
+        if self.quant is not None or isinstance(home, DiskTensor):
+            return self._stage_position_major(home, length, where)
+        b, h, _, d = home.shape
+        staged = self._staging((b, h, length + 1, d), where)
+        staged[:, :, :length].copy_(home[:, :, :length], non_blocking=True)
+        return staged
+
+    def value_rows(self, lp: LoadedPiece, index: torch.Tensor, length: int) -> torch.Tensor:
+        """The value rows at `index` ([B, h, keep] positions, `length` meaning the token being decoded, lp.new_v) of a
+        piece loaded without values, fetched (and dequantized) from its memory-tier home alone: [B, h, keep, D] where
+        attention runs."""
+        home, where = lp.piece.v, lp.k.device
+        assert isinstance(home, torch.Tensor) and lp.new_v is not None
+        cached = index.clamp(max=length - 1).to(home.device)  # the new token is not in the home yet
+        with self.tiers.stats.timed("cache", lp.piece.tier.value, lp.staged_in.value,
+                                    index.shape[-1] * self._position_nbytes(home)):
+            if self.quant is not None:  # records [cap, B, h, rec] -> [B, h, keep, rec], then dequantize only those
+                records = home[:length].permute(1, 2, 0, 3)
+                picked = torch.gather(records, 2, cached.unsqueeze(-1).expand(-1, -1, -1, records.shape[-1]))
+                rows = torch.empty((*index.shape, self.head_dim), dtype=self.dtype, device=where)
+                dequantize_into(from_records(picked.to(where), self.head_dim, self.quant), rows)
+            else:
+                rows = torch.gather(home[:, :, :length], 2, cached.unsqueeze(-1).expand(-1, -1, -1, self.head_dim))
+                rows = rows.to(where, non_blocking=True)
+        is_new = (index == length).unsqueeze(-1).to(where)
+        return torch.where(is_new, lp.new_v.unsqueeze(2).to(rows.dtype), rows)
 
     def _position_nbytes(self, home: torch.Tensor | DiskTensor) -> int:
         """Stored bytes of one position of a home (what moving one cached token costs)."""
@@ -149,8 +177,8 @@ class CacheHome:
             if not lp.staged:
                 continue
             with self.tiers.stats.timed("cache", lp.staged_in.value, lp.piece.tier.value, 2 * self._position_nbytes(lp.piece.k)):
-                for home, new in ((lp.piece.k, lp.k), (lp.piece.v, lp.v)):
-                    row = new[:, :, pos]  # [B, h, D]
+                new_v = lp.v[:, :, pos] if lp.v is not None else lp.new_v
+                for home, row in ((lp.piece.k, lp.k[:, :, pos]), (lp.piece.v, new_v)):  # rows [B, h, D]
                     if self.quant is not None:
                         self._write_records(home, row.unsqueeze(0), pos)
                     elif isinstance(home, DiskTensor):
@@ -159,8 +187,9 @@ class CacheHome:
                         home[:, :, pos].copy_(row, non_blocking=True)
             if lp.k.device.type == "cuda":
                 torch.cuda.current_stream().synchronize()
-            self.tiers.release(lp.staged_in, lp.k)
-            self.tiers.release(lp.staged_in, lp.v)
+            for staged in (lp.k, lp.v):
+                if staged is not None:
+                    self.tiers.release(lp.staged_in, staged)
 
     def release(self) -> None:
         for p in self.pieces:
