@@ -24,7 +24,7 @@ class RunConfig:
     max_new_tokens: int = 32
     sampling: Sampling = Sampling()
     device: str | None = None  # None: cuda when available
-    dtype: str | None = None  # None: float16 on cuda, bfloat16 on cpu
+    dtype: str | None = None  # None: float16 on cuda; on cpu bfloat16 where it has bf16 instructions, else float32
     budget: MemoryBudget = MemoryBudget()
     offload_dir: str | None = None
     output: str | None = None
@@ -33,6 +33,9 @@ class RunConfig:
     executor: str = "ray"  # "ray" (actors, the product path) or "local" (same workers in-process)
     ray_address: str | None = None  # None: RAY_ADDRESS if set (ray job submit), else an embedded local cluster
     placement_strategy: str = "PACK"
+    metrics_port: int = 0  # 0: no metrics server
+    metrics_host: str = "127.0.0.1"
+    metrics_linger_s: float = 0.0  # after the run, serve until a scrape has read the final figures, at most this long
 
 
 def resolve_device(name: str | None) -> torch.device:
@@ -43,7 +46,20 @@ def resolve_device(name: str | None) -> torch.device:
     return torch.device(name)
 
 
+def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether this CPU computes bf16 in hardware (AVX512-BF16 or AMX). Without it bf16 matmuls fall back to a
+    scalar path: measured 0.24 GFLOP/s against 100 for float32 on an AVX2-only EPYC, ~5x faster than float32 with it."""
+    try:
+        with open(cpuinfo) as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
-    if name is None:
-        return torch.float16 if device.type == "cuda" else torch.bfloat16  # bf16 matmuls are fast on AVX-512/AMX CPUs
-    return DTYPES[name]
+    if name is not None:
+        return DTYPES[name]
+    if device.type == "cuda":
+        return torch.float16
+    return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
