@@ -85,18 +85,19 @@ def quantize(x: torch.Tensor, cfg: QuantConfig = QuantConfig()) -> Quantized:
     if pad:  # repeat the last element: padding never widens a group's range
         xf = torch.cat([xf, xf.narrow(d, n - 1, 1).expand(*xf.shape[:d], pad, *xf.shape[d + 1 :])], dim=d)
     groups = xf.unflatten(d, (-1, g))  # [..., groups, g, ...]
+    # One temporary, then in-place passes: fresh large temporaries cost more in page faults than in arithmetic.
     if cfg.symmetric:
         levels = cfg.max_code // 2
         scale = groups.abs().amax(dim=d + 1, keepdim=True) / levels
         scale = torch.where(scale > 0, scale, torch.ones_like(scale)).to(META_DTYPE)  # all-zero group
-        codes = torch.round(groups / scale.float()).clamp_(-levels, levels) + levels
+        codes = groups.mul(scale.float().reciprocal()).round_().clamp_(-levels, levels).add_(levels)
         minimum = None
     else:
         lo, hi = groups.amin(dim=d + 1, keepdim=True), groups.amax(dim=d + 1, keepdim=True)
         minimum = lo.to(META_DTYPE)
         scale = (hi - lo) / cfg.max_code
         scale = torch.where(scale > 0, scale, torch.ones_like(scale)).to(META_DTYPE)  # constant group: codes all 0
-        codes = torch.round((groups - minimum.float()) / scale.float()).clamp_(0, cfg.max_code)
+        codes = groups.sub(minimum.float()).mul_(scale.float().reciprocal()).round_().clamp_(0, cfg.max_code)
     codes = codes.flatten(d, d + 1).narrow(d, 0, n).to(torch.uint8)
     if cfg.bits == 4:
         if codes.shape[-1] % 2:

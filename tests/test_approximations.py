@@ -26,13 +26,14 @@ def test_cpu_cache_compute_matches_hf_for_every_cache_placement(tmp_path, reques
 
 
 def _reference_topk(q, k, v, mask, keep):
-    scores = (q @ k.transpose(-1, -2)).masked_fill(~mask, float("-inf"))  # [B, n, 1, T]
+    """The kept positions weighted by their dense softmax probabilities (not renormalized), as FlexGen does."""
+    probs = torch.softmax((q @ k.transpose(-1, -2)).masked_fill(~mask, float("-inf")), dim=-1)  # [B, n, 1, T]
     out = torch.empty_like(q)
     for b in range(q.shape[0]):
         for h in range(q.shape[1]):
-            s = scores[b, h, 0]
-            idx = s.topk(keep).indices
-            out[b, h, 0] = torch.softmax(s[idx], dim=-1) @ v[b, h, idx]
+            p = probs[b, h, 0]
+            idx = p.topk(keep).indices
+            out[b, h, 0] = p[idx] @ v[b, h, idx]
     return out
 
 

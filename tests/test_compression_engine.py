@@ -91,16 +91,18 @@ def test_compressed_cache_gives_the_same_tokens_in_every_placement(tmp_path, opt
 
 def _summary(capsys, *flags: str) -> dict:
     argv = ["generate", "--model", "opt-125m", "--dummy-weights", "--synthetic", "2", "--prompt-len", "8",
-            "--max-new-tokens", "2", "--dtype", "bfloat16", "--device", "cpu", "--executor", "local", "--quiet",
+            "--max-new-tokens", "2", "--dtype", "float32", "--device", "cpu", "--executor", "local", "--quiet",
             "--percent", "0", "100", "0", "100", "100", "0", *flags]
     assert main(argv) == 0
     return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
 
 
 def test_compressed_tiers_hold_under_30_percent_of_the_bf16_bytes(capsys):
+    """float32 compute (fast on any CPU); the compressed bytes do not depend on the compute dtype."""
     plain = _summary(capsys)
     packed = _summary(capsys, "--compress-weight", "--compress-cache")
-    assert packed["peak_bytes"]["cpu"] <= 0.30 * plain["peak_bytes"]["cpu"]
+    bf16_bytes = plain["peak_bytes"]["cpu"] / 2
+    assert packed["peak_bytes"]["cpu"] <= 0.30 * bf16_bytes
     assert packed["planned_bytes"]["cpu"] == packed["peak_bytes"]["cpu"]  # weights and cache only, as planned
     assert packed["policy"]["compress_weight"] and packed["policy"]["compress_cache"]
 

@@ -24,6 +24,7 @@ from flexgen_dist.weights import WeightSource
 
 _WEIGHT_ALIGN = 32  # elements: keeps every weight view SIMD-aligned inside the flat buffer
 _FILL_CHUNK_BYTES = 64 << 20  # disk pieces are generated/copied through a bounded staging buffer
+_QUANTIZE_CHUNK_BYTES = 4 << 20  # float32 rows quantized at a time: its temporaries stay off the page-fault path
 _PART_ALIGN = 64  # bytes: every part of a packed layer starts cache-line aligned (and so float16-aligned)
 
 
@@ -96,17 +97,22 @@ class PackedLayout:
             target = self._quantized(w, packed)
             rows, cols = w.shape
             group = self.quant.group_size
-            chunk_rows = max(group, _FILL_CHUNK_BYTES // (4 * cols) // group * group)
-            host = torch.empty(min(chunk_rows, rows) * cols, dtype=torch.float32)  # quantize from full precision
-            for r0 in range(0, rows, chunk_rows):
-                r1 = min(rows, r0 + chunk_rows)
+            # Rows are read in large chunks (a source produces big ranges cheaply: dummy weights are seeded per
+            # 4M elements) and quantized in small ones (whose temporaries stay off the page-fault path).
+            read_rows = max(group, _FILL_CHUNK_BYTES // (4 * cols) // group * group)
+            quantize_rows = min(read_rows, max(group, _QUANTIZE_CHUNK_BYTES // (4 * cols) // group * group))
+            host = torch.empty(min(read_rows, rows) * cols, dtype=torch.float32)  # quantize from full precision
+            for r0 in range(0, rows, read_rows):
+                r1 = min(rows, r0 + read_rows)
                 source.read(w, r0 * cols, r1 * cols, host[: (r1 - r0) * cols])
-                q = quantize(host[: (r1 - r0) * cols].view(r1 - r0, cols), self.quant)
-                g0, g1 = r0 // group, -(-r1 // group)
-                target.codes[r0:r1].copy_(q.codes)
-                target.scale[g0:g1].copy_(q.scale)
-                if q.minimum is not None:
-                    target.minimum[g0:g1].copy_(q.minimum)
+                for q0 in range(r0, r1, quantize_rows):
+                    q1 = min(r1, q0 + quantize_rows)
+                    q = quantize(host[(q0 - r0) * cols : (q1 - r0) * cols].view(q1 - q0, cols), self.quant)
+                    g0, g1 = q0 // group, -(-q1 // group)
+                    target.codes[q0:q1].copy_(q.codes)
+                    target.scale[g0:g1].copy_(q.scale)
+                    if q.minimum is not None:
+                        target.minimum[g0:g1].copy_(q.minimum)
         return packed
 
     def decode(self, layer: LayerSpec, packed: torch.Tensor, layout: FlatLayout, out: torch.Tensor) -> None:

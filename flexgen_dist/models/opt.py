@@ -164,15 +164,15 @@ def attention_input(cfg: OptConfig, w: dict[str, torch.Tensor], hidden: torch.Te
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, keep: int | None = None) -> torch.Tensor:
     """Masked attention, q pre-scaled. q [B, n, S, D], k/v [B, n, T, D], mask [B, 1, S, T] bool -> [B, n, S, D].
 
-    `keep` (decode only): top-k sparse attention — each query attends to its `keep` highest-scoring positions and
-    reads only those value rows.
+    `keep` (decode only): top-k sparse attention — each query attends to its `keep` most probable positions and reads
+    only those value rows (see top_probabilities).
     """
     if q.shape[2] > 1:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)
     if keep is None or keep >= k.shape[2]:
         # Decode: two small batched matmuls beat SDPA's CPU kernel ~4x in bf16 (measured on AVX-512).
         return torch.matmul(torch.softmax(decode_scores(q, k, mask), dim=-1, dtype=torch.float32).to(q.dtype), v)
-    top, index = decode_scores(q, k, mask).topk(keep, dim=-1)  # [B, n, 1, keep]
+    top, index = top_probabilities(q, k, mask, keep)
     rows = torch.gather(v, 2, index.squeeze(2).unsqueeze(-1).expand(-1, -1, -1, v.shape[-1]))  # [B, n, keep, D]
     return attend_rows(top, rows)
 
@@ -182,9 +182,19 @@ def decode_scores(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor) -> torch
     return torch.matmul(q, k.transpose(-1, -2)).masked_fill_(~mask, torch.finfo(q.dtype).min)
 
 
-def attend_rows(top_scores: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """Sparse decode attention over the selected positions only. top_scores [B, n, 1, keep], rows [B, n, keep, D]."""
-    return torch.matmul(torch.softmax(top_scores, dim=-1, dtype=torch.float32).to(rows.dtype), rows)
+def top_probabilities(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor, keep: int):
+    """The `keep` largest attention probabilities per query and their positions: ([B, n, 1, keep] float32, index).
+
+    The kept positions keep their dense softmax probabilities, not renormalized over the kept set (as FlexGen does):
+    on the trained tiny OPT of docs/quality.md, greedy agreement with dense attention was 0.897 vs 0.886 at F = 0.5
+    and 0.891 vs 0.666 at F = 0.25 with renormalization.
+    """
+    return torch.softmax(decode_scores(q, k, mask), dim=-1, dtype=torch.float32).topk(keep, dim=-1)
+
+
+def attend_rows(top_probs: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Sparse decode attention over the selected positions only. top_probs [B, n, 1, keep], rows [B, n, keep, D]."""
+    return torch.matmul(top_probs.to(rows.dtype), rows)
 
 
 def attention_output(cfg: OptConfig, w: dict[str, torch.Tensor], hidden: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
