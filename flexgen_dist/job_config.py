@@ -28,7 +28,7 @@ from flexgen_dist.typed_fields import dataclass_from_mapping, known_keys, mappin
 POLICY_DIR = Path("configs/policies")  # where `policy: NAME.yaml` is looked up, relative to the working directory
 INPUT_KINDS = ("prompts", "synthetic", "prompt")
 KEYS = ("model", "dummy_weights", "policy", "max_memory", "stages", "placement_strategy", "device", "dtype", "input",
-        "max_new_tokens", "sampling", "output", "offload_dir")
+        "max_new_tokens", "sampling", "output", "offload_dir", "metrics_port", "metrics_host", "metrics_linger_s")
 
 
 @dataclass(frozen=True)
@@ -109,6 +109,9 @@ def parse_job_config(data: dict, where: str) -> JobConfig:
         output=_absolute(opt.get("output", str, None)),
         stages=opt.get("stages", int, RunConfig.stages),
         placement_strategy=opt.choice("placement_strategy", PLACEMENT_STRATEGIES) or RunConfig.placement_strategy,
+        metrics_port=_metrics_port(opt.get("metrics_port", int, RunConfig.metrics_port), where),
+        metrics_host=opt.get("metrics_host", str, RunConfig.metrics_host),
+        metrics_linger_s=_metrics_linger(opt.get("metrics_linger_s", float, RunConfig.metrics_linger_s), where),
     )
     return _with_input(run, data.get("input"), f"{where}: input")
 
@@ -134,6 +137,18 @@ class _Optional:
 def _absolute(path: str | None) -> str | None:
     """Driver and stage actors must agree on paths, whatever directory each runs in."""
     return None if path is None else str(Path.cwd() / Path(path).expanduser())
+
+
+def _metrics_port(port: int, where: str) -> int:
+    if not 0 <= port <= 65535:
+        raise UserError(f"{where}: metrics_port {port}: expected a TCP port 0-65535 (0: off)")
+    return port
+
+
+def _metrics_linger(seconds: float, where: str) -> float:
+    if not seconds >= 0:
+        raise UserError(f"{where}: metrics_linger_s {seconds}: expected seconds >= 0")
+    return seconds
 
 
 def _policy(value: Any, where: str) -> Policy:

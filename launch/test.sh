@@ -3,4 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash launch/setup_env.sh
-exec .venv/bin/python -m pytest -q "$@"
+bash launch/setup_prometheus.sh  # the monitoring tests run a real Prometheus; as root it installs it from Debian
+exec .venv/bin/python -m pytest -q -rs "$@"  # -rs: every skip prints its reason

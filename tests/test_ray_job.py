@@ -91,13 +91,19 @@ def test_defaults_named_policy_and_overrides(tmp_path, monkeypatch):
     assert (job.run.stages, job.run.placement_strategy, job.run.output, job.run.device) == (1, "PACK", None, None)
     assert job.prompts == ("hi",)
 
-    job = load_job_config(path, ["stages=3", "sampling.seed=5", "policy={gpu_batch_size: 2}", "output=/tmp/x.jsonl"])
+    assert (job.run.metrics_port, job.run.metrics_host, job.run.metrics_linger_s) == (0, "127.0.0.1", 0.0)
+
+    job = load_job_config(path, ["stages=3", "sampling.seed=5", "policy={gpu_batch_size: 2}", "output=/tmp/x.jsonl",
+                                 "metrics_port=9400", "metrics_linger_s=30"])
     assert (job.run.stages, job.run.sampling, job.run.output) == (3, Sampling(seed=5), "/tmp/x.jsonl")
+    assert (job.run.metrics_port, job.run.metrics_linger_s) == (9400, 30.0)
     assert job.run.policy == Policy(gpu_batch_size=2)
 
 
 @pytest.mark.parametrize("change,overrides,message", [
-    ({"metrics_port": 9000}, [], "unknown key metrics_port"),
+    ({"metrics_prot": 9000}, [], "unknown key metrics_prot"),
+    ({"metrics_port": 70000}, [], "metrics_port 70000: expected a TCP port 0-65535"),
+    ({"metrics_linger_s": -1}, [], "metrics_linger_s -1.0: expected seconds >= 0"),
     ({"model": None}, [], "missing 'model'"),
     ({"input": {"synthetic": {"n": 2, "prompt_len": 3}, "prompt": ["hi"]}}, [], "exactly one of prompts, synthetic"),
     ({"input": None}, [], "input: missing"),
@@ -134,9 +140,9 @@ def test_unreadable_and_non_mapping_files(tmp_path):
 
 def test_entrypoint_exits_2_with_one_line(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(REPO)
-    rc = _load_entrypoint().main(["--config", str(_write(tmp_path, {**VALID, "metrics_port": 9000}))])
+    rc = _load_entrypoint().main(["--config", str(_write(tmp_path, {**VALID, "metrics_prot": 9000}))])
     err = capsys.readouterr().err.strip()
-    assert rc == 2 and len(err.splitlines()) == 1 and "unknown key metrics_port" in err, err
+    assert rc == 2 and len(err.splitlines()) == 1 and "unknown key metrics_prot" in err, err
 
 
 def test_ray_job_submit_end_to_end(tmp_path, ray_cluster, opt_preln_dir):

@@ -41,6 +41,11 @@ class TransferStats:
             flow.nbytes += nbytes
             flow.seconds += elapsed
 
+    def copy(self) -> tuple[dict[tuple[str, str, str], Flow], dict[str, float]]:
+        """Consistent copies of the flows and waits, for a reader on another thread (the metrics snapshot)."""
+        with self._lock:
+            return {key: Flow(f.nbytes, f.seconds) for key, f in self.flows.items()}, dict(self.waits)
+
     def summary(self) -> dict[str, dict]:
         with self._lock:
             flows = {f"{kind}:{src}->{dst}": {"bytes": f.nbytes, "seconds": round(f.seconds, 4), "gbps": round(f.gbps, 3)}

@@ -23,13 +23,17 @@ class PipelineTiming:
 
 
 def run_blocks(executor: Executor, blocks: Iterator[BlockRun], sampling: Sampling, max_in_flight: int,
-               on_block_done: Callable[[BlockRun], None]) -> PipelineTiming:
+               on_block_done: Callable[[BlockRun], None],
+               on_step: Callable[[BlockRun, int, float], None] | None = None) -> PipelineTiming:
+    """`on_step(block, new_tokens, latency_s)` runs after each step's tokens are recorded (`block.steps_done == 1`
+    after its prefill), before `on_block_done`."""
     timing = PipelineTiming()
     in_flight: list[tuple[BlockRun, object, float]] = []  # (block, handle of its current step, submit time)
     start = time.perf_counter()
 
     def submit(block: BlockRun) -> None:
-        in_flight.append((block, executor.submit_step(block.block_id, block.tokens, block.valid), time.perf_counter()))
+        submitted = time.perf_counter()  # before the call: the in-process executor runs the whole step inside it
+        in_flight.append((block, executor.submit_step(block.block_id, block.tokens, block.valid), submitted))
 
     pending = iter(blocks)
     exhausted = False
@@ -51,7 +55,10 @@ def run_blocks(executor: Executor, blocks: Iterator[BlockRun], sampling: Samplin
                 timing.prefill_s += latency
             else:
                 timing.decode_s += latency
+            new_tokens = sum(s.finish_reason is None for s in block.sequences)  # each gets one token from this step
             block.advance(tokens)
+            if on_step is not None:
+                on_step(block, new_tokens, latency)
             if block.done:
                 executor.end_block(block.block_id)
                 on_block_done(block)
