@@ -15,6 +15,7 @@ from flexgen_dist.memory.budget import MemoryBudget, parse_max_memory
 from flexgen_dist.policy import Policy, load_policy_file
 from flexgen_dist.prompts import load_prompts_file, requests_from_cli, synthetic_requests
 from flexgen_dist.run import generate
+from flexgen_dist.score_run import score
 from flexgen_dist.run_config import DEVICES, DTYPES, PLACEMENT_STRATEGIES, RunConfig
 
 
@@ -35,43 +36,100 @@ def _add_policy_flags(p: argparse.ArgumentParser) -> None:
                    help="decode attention runs on the CPU where a CPU-tier KV cache lives (only its output moves)")
     g.add_argument("--attn-sparsity", type=float, metavar="F",
                    help="decode attends to the top ceil(F x length) positions per query, 0 < F <= 1 (default 1)")
+    g.add_argument("--compress-weight", action="store_true",
+                   help="group-wise quantized weights in every tier, dequantized on the compute device before use")
+    g.add_argument("--compress-cache", action="store_true", help="group-wise quantized KV cache in every tier")
+    g.add_argument("--compress-bits", type=int, choices=(4, 8), help="bits per compressed value (default 4)")
+    g.add_argument("--compress-group-size", type=int, metavar="N", help="values per quantization group (default 64)")
+    g.add_argument("--compress-symmetric", action="store_true",
+                   help="symmetric quantization (a scale per group, no minimum)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = Parser(prog="flexgen-dist", description="High-throughput offloaded OPT inference (FlexGen design).")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
-    gen = sub.add_parser("generate", help="generate for prompts; results as JSONL, summary as the last stdout line")
-    gen.add_argument("--model", required=True, help="opt-125m … opt-175b (with --dummy-weights) or an HF checkpoint dir")
-    gen.add_argument("--dummy-weights", action="store_true", help="seeded random weights of the model's size")
-    src = gen.add_mutually_exclusive_group(required=True)
+def _add_model_and_input_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="opt-125m … opt-175b (with --dummy-weights) or an HF checkpoint dir")
+    p.add_argument("--dummy-weights", action="store_true", help="seeded random weights of the model's size")
+    p.add_argument("--seed", type=int, default=0, help="dummy weights, synthetic prompts and sampling (default 0)")
+    src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompts", metavar="FILE.jsonl", help='lines {"id", "prompt"|"input_ids", ["max_new_tokens"]}')
     src.add_argument("--prompt", action="append", metavar="TEXT", help="a prompt (repeatable)")
     src.add_argument("--synthetic", type=int, metavar="N", help="N random prompts of --prompt-len tokens")
-    gen.add_argument("--prompt-len", type=int, default=128, help="with --synthetic (default 128)")
-    d = gen.add_argument_group("decoding")
-    d.add_argument("--max-new-tokens", type=int, default=32)
-    d.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    d.add_argument("--top-p", type=float, default=1.0)
-    d.add_argument("--seed", type=int, default=0, help="sampling, synthetic prompts and dummy weights")
-    d.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens tokens")
-    _add_policy_flags(gen)
-    r = gen.add_argument_group("resources")
+    p.add_argument("--prompt-len", type=int, default=128, help="with --synthetic (default 128)")
+
+
+def _add_resource_flags(p: argparse.ArgumentParser) -> None:
+    r = p.add_argument_group("resources")
     r.add_argument("--device", choices=DEVICES, help="default: cuda if available")
     r.add_argument("--dtype", choices=tuple(DTYPES), help="default: float16 on cuda, bfloat16 on cpu")
     r.add_argument("--max-memory", metavar="gpu=…,cpu=…,disk=…", help="per-tier budgets, e.g. gpu=16GiB,cpu=64GiB")
     r.add_argument("--offload-dir", help="where the disk tier's files go (default: the system temp dir)")
-    dist = gen.add_argument_group("distribution")
+
+
+def _add_distribution_flags(p: argparse.ArgumentParser) -> None:
+    dist = p.add_argument_group("distribution")
     dist.add_argument("--stages", type=int, default=1, help="pipeline stages, one device each (default 1)")
     dist.add_argument("--ray-address", help="join this Ray cluster (default: RAY_ADDRESS, else an embedded local one)")
     dist.add_argument("--placement-strategy", default="PACK", choices=PLACEMENT_STRATEGIES,
                       help="how stages' bundles land on nodes (default PACK)")
     dist.add_argument("--executor", default="ray", choices=("ray", "local"),
                       help="ray: one actor per stage (default); local: the same stage workers in this process")
-    o = gen.add_argument_group("output")
+
+
+def _add_output_flags(p: argparse.ArgumentParser) -> None:
+    o = p.add_argument_group("output")
     o.add_argument("--output", metavar="FILE.jsonl", help="results, one line per prompt; re-running resumes (default: stdout)")
     o.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(prog="flexgen-dist", description="High-throughput offloaded OPT inference (FlexGen design).")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    gen = sub.add_parser("generate", help="generate for prompts; results as JSONL, summary as the last stdout line")
+    _add_model_and_input_flags(gen)
+    d = gen.add_argument_group("decoding")
+    d.add_argument("--max-new-tokens", type=int, default=32)
+    d.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    d.add_argument("--top-p", type=float, default=1.0)
+    d.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens tokens")
+    _add_policy_flags(gen)
+    _add_resource_flags(gen)
+    _add_distribution_flags(gen)
+    _add_output_flags(gen)
+    m = gen.add_argument_group("observability")
+    m.add_argument("--metrics-port", type=_port, default=0, metavar="PORT",
+                   help="serve Prometheus metrics on http://HOST:PORT/metrics during the run (default 0: off)")
+    m.add_argument("--metrics-host", default="127.0.0.1", metavar="HOST",
+                   help="address the metrics server binds (default 127.0.0.1; 0.0.0.0 lets other machines scrape)")
+    m.add_argument("--metrics-linger", type=_seconds, default=0.0, metavar="SECONDS",
+                   help="after the run, keep serving until a scrape has read the final values, at most this long")
     gen.set_defaults(func=_generate)
+    sc = sub.add_parser("score", help="log-likelihood and perplexity of each prompt (tokens 2..n given their prefix); "
+                                      "results as JSONL, summary with the corpus perplexity as the last stdout line")
+    _add_model_and_input_flags(sc)
+    sc.add_argument("--decode-tokens", type=int, default=0, metavar="N",
+                    help="score each sequence's last N tokens one decode step at a time (teacher forcing): they "
+                         "attend over the stored KV cache, so --compress-cache and --attn-sparsity count (default 0)")
+    _add_policy_flags(sc)
+    _add_resource_flags(sc)
+    _add_distribution_flags(sc)
+    _add_output_flags(sc)
+    sc.set_defaults(func=_score)
     return parser
+
+
+def _port(text: str) -> int:
+    if not text.isdigit() or int(text) > 65535:
+        raise argparse.ArgumentTypeError(f"expected a TCP port 0-65535 (0: off), got {text!r}")
+    return int(text)
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"expected seconds >= 0, got {text!r}")
+    return value
 
 
 def _policy(args: argparse.Namespace) -> Policy:
@@ -85,16 +143,14 @@ def _policy(args: argparse.Namespace) -> Policy:
     if args.percent:
         names = ("w_gpu_percent", "w_cpu_percent", "cache_gpu_percent", "cache_cpu_percent", "act_gpu_percent", "act_cpu_percent")
         fields.update(zip(names, args.percent))
-    if args.gpu_batch_size is not None:
-        fields["gpu_batch_size"] = args.gpu_batch_size
-    if args.num_gpu_batches is not None:
-        fields["num_gpu_batches"] = args.num_gpu_batches
     if args.no_overlap:
         fields["overlap"] = False
-    if args.cpu_cache_compute:
-        fields["cpu_cache_compute"] = True
-    if args.attn_sparsity is not None:
-        fields["attn_sparsity"] = args.attn_sparsity
+    for flag in ("cpu_cache_compute", "compress_weight", "compress_cache", "compress_symmetric"):  # store_true flags
+        if getattr(args, flag):
+            fields[flag] = True
+    for name in ("gpu_batch_size", "num_gpu_batches", "attn_sparsity", "compress_bits", "compress_group_size"):
+        if getattr(args, name) is not None:
+            fields[name] = getattr(args, name)
     return replace(base, **fields)
 
 
@@ -108,13 +164,13 @@ def _requests(args: argparse.Namespace, vocab_size: int):
     return synthetic_requests(args.synthetic, args.prompt_len, vocab_size, args.seed)
 
 
-def _generate(args: argparse.Namespace) -> int:
-    run = RunConfig(
+def _run_config(args: argparse.Namespace, sampling: Sampling, **fields) -> RunConfig:
+    """The flags every command shares (model, policy, resources, distribution, output), plus the command's own."""
+    return RunConfig(
         model=args.model,
         policy=_policy(args),
         dummy_weights=args.dummy_weights,
-        max_new_tokens=args.max_new_tokens,
-        sampling=Sampling(args.temperature, args.top_p, args.seed, args.ignore_eos),
+        sampling=sampling,
         device=args.device,
         dtype=args.dtype,
         budget=parse_max_memory(args.max_memory) if args.max_memory else MemoryBudget(),
@@ -125,9 +181,23 @@ def _generate(args: argparse.Namespace) -> int:
         executor=args.executor,
         ray_address=args.ray_address,
         placement_strategy=args.placement_strategy,
+        **fields,
     )
+
+
+def _generate(args: argparse.Namespace) -> int:
+    run = _run_config(args, Sampling(args.temperature, args.top_p, args.seed, args.ignore_eos),
+                      max_new_tokens=args.max_new_tokens, metrics_port=args.metrics_port,
+                      metrics_host=args.metrics_host, metrics_linger_s=args.metrics_linger)
     requests = _requests(args, _vocab_size(args))
     summary = generate(run, requests)
+    print(json.dumps(summary), flush=True)
+    return 0
+
+
+def _score(args: argparse.Namespace) -> int:
+    run = _run_config(args, Sampling(seed=args.seed))  # the seed of dummy weights; nothing is sampled
+    summary = score(run, _requests(args, _vocab_size(args)), args.decode_tokens)
     print(json.dumps(summary), flush=True)
     return 0
 

@@ -20,6 +20,7 @@ from flexgen_dist.memory.tiers import TIERS, Tier, TierSet
 from flexgen_dist.memory.weight_home import WeightHome
 from flexgen_dist.models import opt
 from flexgen_dist.models.layout import LayerSpec
+from flexgen_dist.models.likelihood import summed_nll
 from flexgen_dist.policy import Policy
 from flexgen_dist.transfer import Lane
 from flexgen_dist.weights import WeightSource
@@ -101,17 +102,24 @@ class StageEngine:
         self._cache_lane = Lane(device, policy.overlap, "flexgen-cache")
         try:
             for layer in layers:
-                self.homes.append(WeightHome(layer, self.tiers, policy.weight_percents(), dtype, source))
-            staged = [h for h in self.homes if not h.in_place]
-            size = max((h.numel for h in staged), default=0)
-            # Two slots: layer j computes from one while layer j+1 loads into the other.
-            self._staging = [self.tiers.empty(Tier.GPU, (size,), dtype, "w-staging") for _ in range(2)] if staged else []
-            disk = max((h.nbytes(Tier.DISK) for h in staged), default=0) // dtype.itemsize
-            self._bounce = ([self.tiers.empty(Tier.CPU, (disk,), dtype, "w-bounce") for _ in range(2)]
-                            if disk and device.type == "cuda" else [])
+                self.homes.append(WeightHome(layer, self.tiers, policy.weight_percents(), dtype, source,
+                                             policy.weight_quant))
+            staged = [h for h in self.homes if h.needs_staging]
+            gathered = [h for h in self.homes if h.packed is not None and not h.stored_in_place]
+            stored_dtype = torch.uint8 if policy.weight_quant else dtype
+            # Two slots of each: layer j computes from one while layer j+1 loads into the other.
+            self._staging = self._slots(Tier.GPU, max((h.numel for h in staged), default=0), dtype, "w-staging")
+            self._packed_staging = self._slots(Tier.GPU, max((h.stored_numel for h in gathered), default=0),
+                                               torch.uint8, "w-packed")
+            disk = max((h.nbytes(Tier.DISK) for h in self.homes if not h.stored_in_place), default=0)
+            self._bounce = self._slots(Tier.CPU, disk // stored_dtype.itemsize if device.type == "cuda" else 0,
+                                       stored_dtype, "w-bounce")
         except BaseException:
             self.close()
             raise
+
+    def _slots(self, tier: Tier, numel: int, dtype: torch.dtype, name: str) -> list:
+        return [self.tiers.empty(tier, (numel,), dtype, name) for _ in range(2)] if numel else []
 
     @property
     def has_embedding(self) -> bool:
@@ -131,7 +139,8 @@ class StageEngine:
             if layer.kind == "attention":
                 for k, b in enumerate(batch_sizes):
                     caches[j, k] = CacheHome(self.tiers, b, self.cfg.num_heads, self.cfg.head_dim, capacity,
-                                             self.dtype, self.policy.cache_percents(), f"{layer.label}-blk{block_id}-b{k}")
+                                             self.dtype, self.policy.cache_percents(), f"{layer.label}-blk{block_id}-b{k}",
+                                             self.policy.cache_quant(self.cfg.head_dim))
         self.blocks[block_id] = _Block(caches, ActivationStore(self.tiers, self.act_tier))
 
     def end_block(self, block_id: int) -> None:
@@ -144,13 +153,14 @@ class StageEngine:
     # ---- one step (prefill when nothing is cached yet, else one decode token) ----
 
     def _load_weights(self, j: int) -> dict[str, torch.Tensor]:
-        slot = j % 2
-        return self.homes[j].load(self._staging[slot] if self._staging else None,
-                                  self._bounce[slot] if self._bounce else None)
+        buffers = (self._staging, self._packed_staging, self._bounce)
+        return self.homes[j].load(*(slots[j % 2] if slots else None for slots in buffers))
 
-    def step(self, block_id: int, inputs: list[BatchInput]) -> list[torch.Tensor]:
+    def step(self, block_id: int, inputs: list[BatchInput],
+             score_targets: tuple[torch.Tensor, ...] | None = None) -> list[torch.Tensor]:
         """Run all GPU batches of a block through the slice. Returns per batch the last position's float32 logits
-        [B, V] when the slice ends with the head, else the hidden states [B, S, H]."""
+        [B, V] when the slice ends with the head, else the hidden states [B, S, H]. Scoring (`score_targets`: per batch
+        the token each position predicts, [B, S]): the head returns each row's summed NLL of them, [B] float64."""
         caches, acts = self.blocks[block_id].caches, self.blocks[block_id].acts
         query_len = inputs[0].data.shape[1]
         past = inputs[0].valid.shape[1] - query_len
@@ -161,9 +171,14 @@ class StageEngine:
                 acts.put(k, x.data.to(self.device, self.dtype))
         attention_order = [(j, k) for j, l in enumerate(self.layers) if l.kind == "attention" for k in range(len(inputs))]
         cache_loads = {}
+        keep = math.ceil(self.policy.attn_sparsity * (past + 1)) if past and self.policy.attn_sparsity < 1 else None
+
+        def load_cache(at: tuple[int, int]):
+            # Sparse decode stages keys only; the value rows top-k keeps are fetched from the home after scoring.
+            return self._cache_lane.submit(caches[at].load, past, self.policy.cpu_cache_compute, keep is None)
+
         if past and attention_order:
-            cache_loads[attention_order[0]] = self._cache_lane.submit(caches[attention_order[0]].load, past,
-                                                                      self.policy.cpu_cache_compute)
+            cache_loads[attention_order[0]] = load_cache(attention_order[0])
         next_weights = self._weight_lane.submit(self._load_weights, 0)
         outputs: list[torch.Tensor] = []
         for j, layer in enumerate(self.layers):
@@ -176,7 +191,10 @@ class StageEngine:
                     acts.put(k, opt.embed(w, x.data.to(self.device), opt.position_ids(valid[k], query_len)))
                     continue
                 hidden = acts.get(k)
-                if layer.kind == "head":
+                if layer.kind == "head" and score_targets is not None:
+                    # Per GPU batch, so the [B, S, V] float32 logits never exist for the whole block at once.
+                    outputs.append(summed_nll(opt.lm_head(self.cfg, w, hidden), score_targets[k].to(self.device)))
+                elif layer.kind == "head":
                     outputs.append(opt.lm_head(self.cfg, w, hidden[:, -1]))
                 elif layer.kind == "mlp":
                     acts.put(k, opt.mlp(self.cfg, w, hidden))
@@ -186,11 +204,11 @@ class StageEngine:
                     pos = attention_order.index((j, k))
                     if pos + 1 < len(attention_order):
                         nxt = attention_order[pos + 1]
-                        cache_loads[nxt] = self._cache_lane.submit(caches[nxt].load, past, self.policy.cpu_cache_compute)
+                        cache_loads[nxt] = load_cache(nxt)
                     with self.tiers.stats.waiting("cache"):
                         loaded = cache_loads.pop((j, k)).result()
                     _used_by_compute(loaded)
-                    acts.put(k, self._decode_attention(w, hidden, loaded, masks[k], past))
+                    acts.put(k, self._decode_attention(caches[j, k], w, hidden, loaded, masks[k], past, keep))
                     self._cache_lane.submit(caches[j, k].store_token, loaded, past)
         with self.tiers.stats.waiting("drain"):
             self._cache_lane.drain()
@@ -204,20 +222,26 @@ class StageEngine:
         self._cache_lane.submit(cache.store_prefill, key, value)
         return opt.attention_output(self.cfg, w, hidden, opt.attend(q, key, value, mask))
 
-    def _decode_attention(self, w, hidden: torch.Tensor, loaded: list[LoadedPiece], mask: torch.Tensor,
-                          past: int) -> torch.Tensor:
+    def _decode_attention(self, cache: CacheHome, w, hidden: torch.Tensor, loaded: list[LoadedPiece],
+                          mask: torch.Tensor, past: int, keep: int | None) -> torch.Tensor:
         q, key, value = opt.attention_input(self.cfg, w, hidden)  # [B, N, 1, D] each
-        keep = math.ceil(self.policy.attn_sparsity * (past + 1)) if self.policy.attn_sparsity < 1 else None
         contexts = []
         for lp in loaded:  # one piece per tier holding a range of heads; attention is independent per head
             h0, h1 = lp.piece.head_start, lp.piece.head_stop
             where = lp.k.device  # the compute device, or the CPU for --cpu-cache-compute: only q and the output move
             lp.k[:, :, past] = key[:, h0:h1, 0].to(where)
-            lp.v[:, :, past] = value[:, h0:h1, 0].to(where)
             # Attend over the whole contiguous buffer (a strided prefix view makes bf16 bmm copy it); the
             # positions past this token are masked out.
             span_mask = F.pad(mask, (0, lp.k.shape[2] - mask.shape[-1]), value=False).to(where)
-            contexts.append(opt.attend(q[:, h0:h1].to(where), lp.k, lp.v, span_mask, keep).to(self.device))
+            q_piece = q[:, h0:h1].to(where)
+            if lp.v is None:  # values not staged: fetch only the rows top-k keeps
+                lp.new_v = value[:, h0:h1, 0].to(where)
+                top, index = opt.top_probabilities(q_piece, lp.k, span_mask, keep)
+                context = opt.attend_rows(top, cache.value_rows(lp, index.squeeze(2), past))
+            else:
+                lp.v[:, :, past] = value[:, h0:h1, 0].to(where)
+                context = opt.attend(q_piece, lp.k, lp.v, span_mask, keep)
+            contexts.append(context.to(self.device))
         context = contexts[0] if len(contexts) == 1 else torch.cat(contexts, dim=1)
         return opt.attention_output(self.cfg, w, hidden, context)
 

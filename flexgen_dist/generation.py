@@ -52,6 +52,17 @@ def sample(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def left_pad(rows: list[list[int]], width: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows right-aligned in `width` columns, so every row's last token is in the last column (where the next one
+    is predicted). -> ids [B, width] int64, valid [B, width] bool (False = padding)."""
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    valid = torch.zeros((len(rows), width), dtype=torch.bool)
+    for r, row in enumerate(rows):
+        ids[r, width - len(row) :] = torch.tensor(row)
+        valid[r, width - len(row) :] = True
+    return ids, valid
+
+
 class BlockRun:
     """One block of up to gpu_batch_size x num_gpu_batches sequences, from prefill to its last token."""
 
@@ -66,11 +77,7 @@ class BlockRun:
         self.tokens: list[torch.Tensor] = []  # next step's input ids per batch: [B, S]
         self.valid: list[torch.Tensor] = []  # [B, T] bool: real tokens (False = left padding)
         for batch in self.batches:
-            ids = torch.full((len(batch), prompt_len), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(batch), prompt_len), dtype=torch.bool)
-            for row, s in enumerate(batch):
-                ids[row, prompt_len - len(s.prompt_ids) :] = torch.tensor(s.prompt_ids)
-                mask[row, prompt_len - len(s.prompt_ids) :] = True
+            ids, mask = left_pad([s.prompt_ids for s in batch], prompt_len, pad_id)
             self.tokens.append(ids)
             self.valid.append(mask)
 

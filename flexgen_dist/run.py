@@ -12,14 +12,20 @@ import resource
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass, replace
+
+import torch
 
 from flexgen_dist.errors import UserError
 from flexgen_dist.generation import BlockRun, Sequence
-from flexgen_dist.memory.plan import check_budget, plan_bytes
+from flexgen_dist.memory.plan import TierPlan, check_budget, plan_bytes
 from flexgen_dist.memory.tiers import TIERS, Tier, ensure_offload_root
+from flexgen_dist.metrics import RunMetrics, serve
 from flexgen_dist.model_source import ModelSource, resolve_model
 from flexgen_dist.models.layout import model_layers
+from flexgen_dist.models.opt import OptConfig
 from flexgen_dist.outputs import ResultWriter, read_done_ids
+from flexgen_dist.progress import progress
 from flexgen_dist.prompts import Request
 from flexgen_dist.run_config import RunConfig, resolve_device, resolve_dtype
 from flexgen_dist.runtime.coordinator import run_blocks
@@ -28,18 +34,25 @@ from flexgen_dist.runtime.partition import partition
 from flexgen_dist.runtime.worker import StageSpec
 
 
+def prompt_ids(request: Request, source: ModelSource) -> list[int]:
+    """A request's token ids (its text through the checkpoint's tokenizer), checked against the vocabulary."""
+    cfg = source.config
+    if request.input_ids is not None:
+        ids = list(request.input_ids)
+    elif source.tokenizer is None:
+        raise UserError(f"prompt {request.id}: text prompts need a tokenizer, and {cfg.name} has none; give input_ids")
+    else:
+        ids = list(source.tokenizer(request.prompt).input_ids)
+    bad = [i for i in ids if i >= cfg.vocab_size]
+    if bad:
+        raise UserError(f"prompt {request.id}: token id {bad[0]} is outside the vocabulary (size {cfg.vocab_size})")
+    return ids
+
+
 def _tokenize(requests: list[Request], source: ModelSource, default_new: int) -> list[tuple[Request, Sequence]]:
     cfg, out = source.config, []
     for r in requests:
-        if r.input_ids is not None:
-            ids = list(r.input_ids)
-        elif source.tokenizer is None:
-            raise UserError(f"prompt {r.id}: text prompts need a tokenizer, and {cfg.name} has none; give input_ids")
-        else:
-            ids = list(source.tokenizer(r.prompt).input_ids)
-        bad = [i for i in ids if i >= cfg.vocab_size]
-        if bad:
-            raise UserError(f"prompt {r.id}: token id {bad[0]} is outside the vocabulary (size {cfg.vocab_size})")
+        ids = prompt_ids(r, source)
         new = r.max_new_tokens or default_new
         if len(ids) + new > cfg.max_positions:
             raise UserError(f"prompt {r.id}: {len(ids)} prompt tokens + {new} new tokens exceed the model's "
@@ -56,12 +69,41 @@ def _record(request: Request, seq: Sequence, tokenizer) -> dict:
     return record
 
 
-def _progress_bar(total: int, enabled: bool):
-    if not (enabled and sys.stderr.isatty()):
-        return contextlib.nullcontext(None)
-    from tqdm import tqdm
+@dataclass(frozen=True)
+class StagePlan:
+    """A run's stages: their layer ranges, memory plans (checked against the budgets) and specs."""
 
-    return tqdm(total=total, unit="seq", desc="generate", file=sys.stderr, dynamic_ncols=True)
+    ranges: list[tuple[int, int]]
+    plans: list[TierPlan]
+    specs: list[StageSpec]
+
+
+def plan_stages(run: RunConfig, cfg: OptConfig, dtype: torch.dtype, device: torch.device, prompt_len: int,
+                gen_len: int, head_workspace: int = 0) -> StagePlan:
+    """Cut the model into stages and refuse, before any loading, a policy that does not fit the budgets.
+    `head_workspace`: compute-device bytes the last stage needs beyond a generation step's (scoring's logits)."""
+    layers = model_layers(cfg)
+    ranges = partition(layers, run.stages)
+    # Each stage holds the KV cache of every block in flight (one per stage) on its own device, CPU and disk.
+    plans = [plan_bytes(cfg, layers[a:b], run.policy, dtype, device, prompt_len, gen_len, blocks_in_flight=run.stages)
+             for a, b in ranges]
+    last = plans[-1]
+    plans[-1] = replace(last, buffers={**last.buffers, Tier.GPU: last.buffers[Tier.GPU] + head_workspace})
+    for plan in plans:
+        check_budget(plan, run.budget)
+    if any(plan.total(Tier.DISK) for plan in plans):
+        ensure_offload_root(run.offload_dir)
+    specs = [StageSpec(run.model, run.dummy_weights, run.sampling.seed, a, b, run.policy, run.device, run.dtype,
+                       run.offload_dir) for a, b in ranges]
+    return StagePlan(ranges, plans, specs)
+
+
+def resource_summary(stages: StagePlan, stage_stats: list[dict]) -> dict:
+    """Summary fields on memory: peak bytes per tier (and process RSS), planned bytes, per-stage statistics."""
+    peak = {t.value: sum(s["peak_bytes"][t.value] for s in stage_stats) for t in TIERS}
+    peak["rss"] = max([s["rss"] for s in stage_stats] + [resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024])
+    return {"peak_bytes": peak, "planned_bytes": {t.value: sum(p.total(t) for p in stages.plans) for t in TIERS},
+            "stage_stats": [{"stage": i, "layers": list(stages.ranges[i]), **s} for i, s in enumerate(stage_stats)]}
 
 
 def make_executor(run: RunConfig, specs: list[StageSpec]) -> Executor:
@@ -84,17 +126,9 @@ def generate(run: RunConfig, requests: list[Request]) -> dict:
     if run.output:
         done = read_done_ids(run.output)
         work = [(r, s) for r, s in work if r.id not in done]
-    layers = model_layers(cfg)
-    ranges = partition(layers, run.stages)
     prompt_len = max((len(s.prompt_ids) for _, s in work), default=1)
     gen_len = max((s.max_new_tokens for _, s in work), default=1)
-    # Each stage holds the KV cache of every block in flight (one per stage) on its own device, CPU and disk.
-    plans = [plan_bytes(cfg, layers[a:b], policy, dtype, device, prompt_len, gen_len, blocks_in_flight=run.stages)
-             for a, b in ranges]
-    for plan in plans:
-        check_budget(plan, run.budget)
-    if any(plan.total(Tier.DISK) for plan in plans):
-        ensure_offload_root(run.offload_dir)
+    stages = plan_stages(run, cfg, dtype, device, prompt_len, gen_len)
 
     # Similar lengths share a block: less padding computed and cached.
     work.sort(key=lambda rs: len(rs[1].prompt_ids), reverse=True)
@@ -102,19 +136,25 @@ def generate(run: RunConfig, requests: list[Request]) -> dict:
     summary = {"model": cfg.name, "device": device.type, "dtype": str(dtype).removeprefix("torch."),
                "stages": run.stages, "executor": run.executor, "sequences": len(work), "generated_tokens": 0,
                "prompt_tokens": sum(len(s.prompt_ids) for _, s in work)}
-    specs = [StageSpec(run.model, run.dummy_weights, run.sampling.seed, a, b, policy, run.device, run.dtype,
-                       run.offload_dir) for a, b in ranges]
     stage_stats: list[dict] = []
+    metrics = RunMetrics()
+    metrics.set_budget(run.budget)
     with contextlib.ExitStack() as stack:
+        # Before the output and the stages: a port in use fails at once, and scrapes see the job while it loads.
+        if run.metrics_port:
+            url = stack.enter_context(serve(metrics, run.metrics_host, run.metrics_port, run.metrics_linger_s))
+            if run.progress:
+                print(f"flexgen-dist: metrics on {url}", file=sys.stderr, flush=True)
         # Open the output first: an unwritable path fails before minutes of weight loading.
         writer = stack.enter_context(ResultWriter(run.output)) if run.output else None
         timing = None
         if blocks:
             load_start = time.perf_counter()
-            executor = make_executor(run, specs)
+            executor = make_executor(run, stages.specs)
             stack.callback(executor.shutdown)  # frees tiers, deletes offload files, stops what the run started
             summary["load_s"] = time.perf_counter() - load_start
-            bar = stack.enter_context(_progress_bar(len(work), run.progress))
+            stack.enter_context(metrics.stages.reading(executor.stage_snapshots))
+            bar = stack.enter_context(progress(len(work), len(blocks), run.progress))
 
             def block_runs() -> Iterator[BlockRun]:
                 for i, block in enumerate(blocks):
@@ -129,19 +169,27 @@ def generate(run: RunConfig, requests: list[Request]) -> dict:
                 else:
                     for rec in records:
                         print(json.dumps(rec, ensure_ascii=False), flush=True)
+                metrics.sequences_finished(s.finish_reason for s in block.sequences)
                 if bar is not None:
-                    bar.update(len(block.sequences))
+                    bar.block_done(len(block.sequences))
 
-            timing = run_blocks(executor, block_runs(), run.sampling, max_in_flight=run.stages, on_block_done=finished)
+            def stepped(block: BlockRun, new_tokens: int, latency_s: float) -> None:
+                if block.steps_done == 1:  # prefill: no earlier token to time the new one against
+                    metrics.prefill_done(sum(len(s.prompt_ids) for s in block.sequences), new_tokens)
+                else:
+                    metrics.decode_done(new_tokens, latency_s)
+                if bar is not None:
+                    bar.step_done(new_tokens)
+
+            metrics.run_started(len(work))
+            timing = run_blocks(executor, block_runs(), run.sampling, max_in_flight=run.stages, on_block_done=finished,
+                                on_step=stepped)
+            metrics.finish()
             stage_stats = executor.stats()
     total = timing.total_s if timing else 0.0
     summary.update(total_s=total, prefill_s=timing.prefill_s if timing else 0.0,
                    decode_s=timing.decode_s if timing else 0.0,
                    generation_throughput_tok_s=summary["generated_tokens"] / total if total else 0.0)
-    peak = {t.value: sum(s["peak_bytes"][t.value] for s in stage_stats) for t in TIERS}
-    peak["rss"] = max([s["rss"] for s in stage_stats] + [resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024])
-    summary["peak_bytes"] = peak
-    summary["planned_bytes"] = {t.value: sum(p.total(t) for p in plans) for t in TIERS}
-    summary["stage_stats"] = [{"stage": i, "layers": list(ranges[i]), **s} for i, s in enumerate(stage_stats)]
+    summary.update(resource_summary(stages, stage_stats))
     summary["policy"] = policy.to_dict()
     return summary

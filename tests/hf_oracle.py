@@ -40,3 +40,14 @@ def hf_greedy(model_dir: str | os.PathLike[str], input_ids_list: list[list[int]]
         # Rows that finish early are filled with PAD_ID after their EOS; the cut drops that fill.
         results.append(row[: row.index(EOS_ID) + 1] if EOS_ID in row else row)
     return results
+
+
+def hf_nll(model_dir: str | os.PathLike[str], input_ids_list: list[list[int]]) -> list[float]:
+    """Summed NLL (nats) of tokens 2..n of each sequence, alone and unpadded: HF's mean loss times the count."""
+    model = _load(str(model_dir))
+    out = []
+    with torch.no_grad():
+        for ids in input_ids_list:
+            x = torch.tensor([ids])
+            out.append(model(input_ids=x, labels=x).loss.item() * (len(ids) - 1))
+    return out

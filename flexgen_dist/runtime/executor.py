@@ -11,18 +11,22 @@ from typing import Any, Protocol
 import torch
 
 from flexgen_dist.generation import Sampling
+from flexgen_dist.runtime.stage_snapshot import StageSnapshot
 from flexgen_dist.runtime.worker import StageSpec, StageWorker
+from flexgen_dist.scoring import Scoring
 
 
 class Executor(Protocol):
     num_stages: int
 
-    def start_block(self, block_id: int, batch_sizes: list[int], capacity: int, sampling: Sampling) -> None: ...
+    def start_block(self, block_id: int, batch_sizes: list[int], capacity: int, head: Sampling | Scoring) -> None: ...
     def submit_step(self, block_id: int, tokens: list[torch.Tensor], valid: list[torch.Tensor]) -> Any: ...
     def wait_any(self, handles: list[Any]) -> int: ...
     def result(self, handle: Any) -> list[torch.Tensor]: ...
     def end_block(self, block_id: int) -> None: ...
     def stats(self) -> list[dict]: ...
+    # Called from the metrics server's thread while steps run; None for a stage that did not answer in time.
+    def stage_snapshots(self) -> list[StageSnapshot | None]: ...
     def shutdown(self) -> None: ...
 
 
@@ -39,9 +43,9 @@ class LocalExecutor:
             raise
         self.num_stages = len(specs)
 
-    def start_block(self, block_id: int, batch_sizes: list[int], capacity: int, sampling: Sampling) -> None:
+    def start_block(self, block_id: int, batch_sizes: list[int], capacity: int, head: Sampling | Scoring) -> None:
         for w in self.workers:
-            w.start_block(block_id, batch_sizes, capacity, sampling)
+            w.start_block(block_id, batch_sizes, capacity, head)
 
     def submit_step(self, block_id: int, tokens: list[torch.Tensor], valid: list[torch.Tensor]) -> list[torch.Tensor]:
         data = tokens
@@ -61,6 +65,9 @@ class LocalExecutor:
 
     def stats(self) -> list[dict]:
         return [w.stats() for w in self.workers]
+
+    def stage_snapshots(self) -> list[StageSnapshot | None]:
+        return [w.snapshot() for w in self.workers]
 
     def shutdown(self) -> None:
         for w in self.workers:

@@ -10,10 +10,17 @@ import torch
 
 from flexgen_dist.errors import UserError
 from flexgen_dist.generation import Sampling
+from flexgen_dist.runtime.stage_snapshot import StageSnapshot
 from flexgen_dist.runtime.worker import StageSpec, StageWorker
+from flexgen_dist.scoring import Scoring
 
 READY_TIMEOUT_S = float(os.environ.get("FLEXGEN_RAY_READY_TIMEOUT_S", "600"))  # loading a big slice takes minutes
 PLACEMENT_TIMEOUT_S = float(os.environ.get("FLEXGEN_RAY_PLACEMENT_TIMEOUT_S", "60"))
+SNAPSHOT_TIMEOUT_S = 2.0  # a scrape waits this long for the stages, then shows their last figures
+# An actor thread of its own for snapshots: with max_concurrency=1 the steps still run one at a time and in order, and
+# a snapshot does not wait for them. It does wait while an earlier call still waits for its argument (a stage's
+# next step for the previous stage's output): Ray starts an actor's calls in order.
+MONITOR_GROUP = "monitor"
 
 
 def _connect(address: str | None) -> bool:
@@ -52,6 +59,7 @@ class RayExecutor:
         self._owns_cluster = _connect(address)
         self._remove_pg = remove_placement_group
         self.actors: list[Any] = []
+        self._snapshot_refs: list[Any] = []  # per stage, a snapshot call not yet answered (reused, not repeated)
         self._pg = None
         try:
             gpu = specs[0].device != "cpu" and _cluster_has_gpus()
@@ -66,7 +74,7 @@ class RayExecutor:
                 raise UserError(f"the Ray cluster cannot place {self.num_stages} stages of {bundles[0]} with "
                                 f"{placement_strategy} within {PLACEMENT_TIMEOUT_S:.0f} s (cluster has "
                                 f"{_resources(ray.cluster_resources())}); check `ray status`")
-            worker_cls = ray.remote(StageWorker)
+            worker_cls = ray.remote(concurrency_groups={MONITOR_GROUP: 1})(StageWorker)
             for i, spec in enumerate(specs):
                 if not gpu:
                     spec = _with_threads(spec, max(1, int(cpu_share)))
@@ -76,6 +84,7 @@ class RayExecutor:
                 ).remote(spec))
             self._get([a.ready.remote() for a in self.actors], timeout=READY_TIMEOUT_S,
                       what=f"stage actors to load their layers within {READY_TIMEOUT_S:.0f} s")
+            self._snapshot_refs = [None] * len(self.actors)
         except BaseException:
             self.shutdown()
             raise
@@ -90,9 +99,9 @@ class RayExecutor:
         except ray.exceptions.RayTaskError as e:
             raise _unwrap(e) from None
 
-    def start_block(self, block_id: int, batch_sizes: list[int], capacity: int, sampling: Sampling) -> None:
+    def start_block(self, block_id: int, batch_sizes: list[int], capacity: int, head: Sampling | Scoring) -> None:
         for a in self.actors:  # no wait: each actor runs its calls in order, so this precedes the block's first step
-            a.start_block.remote(block_id, batch_sizes, capacity, sampling)
+            a.start_block.remote(block_id, batch_sizes, capacity, head)
 
     def submit_step(self, block_id: int, tokens: list[torch.Tensor], valid: list[torch.Tensor]):
         ref = self.actors[0].step.remote(block_id, tokens, valid)
@@ -116,6 +125,27 @@ class RayExecutor:
     def stats(self) -> list[dict]:
         return self._get([a.stats.remote() for a in self.actors], timeout=60, what="stage statistics")
 
+    def stage_snapshots(self) -> list[StageSnapshot | None]:
+        import ray
+
+        if not self._snapshot_refs:  # not started, or shut down
+            return []
+        refs = self._snapshot_refs = [
+            ref if ref is not None else actor.snapshot.options(concurrency_group=MONITOR_GROUP).remote()
+            for ref, actor in zip(self._snapshot_refs, self.actors)]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=SNAPSHOT_TIMEOUT_S)
+        snapshots: list[StageSnapshot | None] = []
+        for i, ref in enumerate(refs):
+            if ref not in ready:
+                snapshots.append(None)
+                continue
+            self._snapshot_refs[i] = None
+            try:
+                snapshots.append(ray.get(ref))
+            except ray.exceptions.RayError:  # a failed stage: the run itself reports it
+                snapshots.append(None)
+        return snapshots
+
     def shutdown(self) -> None:
         import ray
 
@@ -128,6 +158,7 @@ class RayExecutor:
                 pass  # a dead actor has nothing left to close
             ray.kill(a)
         self.actors = []
+        self._snapshot_refs = []
         if self._pg is not None:
             self._remove_pg(self._pg)
             self._pg = None

@@ -7,6 +7,7 @@ after Ray has set the visible GPUs.
 from __future__ import annotations
 
 import resource
+import threading
 import time
 from dataclasses import dataclass
 
@@ -18,6 +19,8 @@ from flexgen_dist.model_source import resolve_model
 from flexgen_dist.models.layout import model_layers
 from flexgen_dist.policy import Policy
 from flexgen_dist.run_config import resolve_device, resolve_dtype
+from flexgen_dist.runtime.stage_snapshot import StageSnapshot, take_snapshot
+from flexgen_dist.scoring import Scoring
 
 
 @dataclass(frozen=True)
@@ -44,34 +47,52 @@ class StageWorker:
         self.engine = StageEngine(source.config, layers, spec.policy, source.weights, self.device,
                                   resolve_dtype(spec.dtype, self.device), spec.offload_dir)
         self._sampling: dict[int, tuple[Sampling, torch.Generator]] = {}
+        self._scoring: dict[int, Scoring] = {}  # blocks whose head sums log-likelihoods instead of sampling
         self.busy_s = 0.0
         self._first_step: float | None = None
+        self._step_start: float | None = None  # while a step runs
+        self._clock = threading.Lock()  # snapshot() reads the step clock from another thread
 
     def ready(self) -> bool:
         return True
 
-    def start_block(self, block_id: int, batch_sizes: list[int], capacity: int, sampling: Sampling) -> None:
+    def start_block(self, block_id: int, batch_sizes: list[int], capacity: int, head: Sampling | Scoring) -> None:
+        """`head`: what the last stage does with the logits — sample the next tokens, or score the block's tokens."""
         self.engine.start_block(block_id, batch_sizes, capacity)
-        if self.engine.has_head:
-            self._sampling[block_id] = (sampling, sampling.generator(block_id))
+        if self.engine.has_head and isinstance(head, Scoring):
+            self._scoring[block_id] = head
+        elif self.engine.has_head:
+            self._sampling[block_id] = (head, head.generator(block_id))
 
     def step(self, block_id: int, data: list[torch.Tensor], valid: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Token ids (first stage) or hidden states in; hidden states, or sampled next tokens [B] (last stage), out."""
+        """Token ids (first stage) or hidden states in; hidden states, or per sequence [B] the sampled next token or
+        (scoring) the summed NLL (last stage), out."""
         start = time.perf_counter()
-        if self._first_step is None:
-            self._first_step = start
-        out = self.engine.step(block_id, [BatchInput(d, v) for d, v in zip(data, valid)])
-        if self.engine.has_head:
-            sampling, generator = self._sampling[block_id]
-            out = [sample(logits, sampling, generator).cpu() for logits in out]
-        elif self.device.type != "cpu":
-            out = [h.cpu() for h in out]  # hidden states travel between stages through host memory
-        self.busy_s += time.perf_counter() - start
+        with self._clock:
+            if self._first_step is None:
+                self._first_step = start
+            self._step_start = start
+        try:
+            scoring = self._scoring.get(block_id)
+            out = self.engine.step(block_id, [BatchInput(d, v) for d, v in zip(data, valid)],
+                                   scoring.step_targets(valid, data[0].shape[1]) if scoring else None)
+            if scoring is not None:
+                out = [nll.cpu() for nll in out]  # summed NLL per sequence [B]
+            elif self.engine.has_head:
+                sampling, generator = self._sampling[block_id]
+                out = [sample(logits, sampling, generator).cpu() for logits in out]
+            elif self.device.type != "cpu":
+                out = [h.cpu() for h in out]  # hidden states travel between stages through host memory
+        finally:
+            with self._clock:
+                self.busy_s += time.perf_counter() - start
+                self._step_start = None
         return out
 
     def end_block(self, block_id: int) -> None:
         self.engine.end_block(block_id)
         self._sampling.pop(block_id, None)
+        self._scoring.pop(block_id, None)
 
     def stats(self) -> dict:
         """Busy (inside step) and idle (since the first step, outside step) seconds, peak bytes, transfers."""
@@ -79,6 +100,14 @@ class StageWorker:
         return {"busy_s": self.busy_s, "idle_s": max(0.0, span - self.busy_s),
                 "peak_bytes": self.engine.tiers.peak_bytes(), **self.engine.tiers.stats.summary(),
                 "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+
+    def snapshot(self) -> StageSnapshot:
+        """Figures so far, a running step's time included; safe to call while a step runs on another thread."""
+        with self._clock:
+            now = time.perf_counter()
+            busy = self.busy_s + (now - self._step_start if self._step_start is not None else 0.0)
+            span = now - self._first_step if self._first_step is not None else 0.0
+        return take_snapshot(self.engine.tiers, busy, span, self.engine.policy.overlap)
 
     def close(self) -> None:
         self.engine.close()

@@ -1,0 +1,133 @@
+"""One scoring run: the log-likelihood of given token sequences (batch scoring, held-out perplexity) through the same
+stages, placement policy and budgets as a generation run: one prefill step per block, then `decode_tokens`
+teacher-forced decode steps (scoring.py).
+
+Records are `{"id", "tokens", "nll", "perplexity"}`: `tokens` counts the scored tokens (2..n: the first one has no
+prefix), `nll` is their summed negative log-likelihood in nats. The summary's `perplexity` is the corpus figure,
+exp(sum nll / sum tokens), over the sequences this run scored.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from collections.abc import Callable
+
+from flexgen_dist.errors import UserError
+from flexgen_dist.model_source import ModelSource, resolve_model
+from flexgen_dist.outputs import ResultWriter, read_done_ids
+from flexgen_dist.progress import progress
+from flexgen_dist.prompts import Request
+from flexgen_dist.run import make_executor, plan_stages, prompt_ids, resource_summary
+from flexgen_dist.run_config import RunConfig, resolve_device, resolve_dtype
+from flexgen_dist.runtime.executor import Executor
+from flexgen_dist.scoring import ScoreBlock, ScoredSequence
+
+_LOGITS_COPIES = 2  # the last stage holds a GPU batch's float32 logits and their log-softmax at once
+
+
+def _sequences(requests: list[Request], source: ModelSource, decode_tokens: int) -> list[tuple[Request, ScoredSequence]]:
+    """Token ids to score; a prompt's `max_new_tokens` means nothing here and is ignored."""
+    cfg, out = source.config, []
+    for r in requests:
+        ids = prompt_ids(r, source)
+        if len(ids) < 2:
+            raise UserError(f"prompt {r.id}: scoring needs at least 2 tokens (the first is only context), got {len(ids)}")
+        if len(ids) <= decode_tokens:
+            raise UserError(f"prompt {r.id}: --decode-tokens {decode_tokens} needs sequences longer than that, "
+                            f"got {len(ids)} tokens")
+        if len(ids) > cfg.max_positions:
+            raise UserError(f"prompt {r.id}: {len(ids)} tokens exceed the model's {cfg.max_positions} positions")
+        out.append((r, ScoredSequence(ids)))
+    return out
+
+
+def _record(request: Request, seq: ScoredSequence) -> dict:
+    return {"id": request.id, "tokens": seq.scored_tokens, "nll": seq.nll, "perplexity": seq.perplexity}
+
+
+def score_blocks(executor: Executor, blocks: list[ScoreBlock], max_in_flight: int,
+                 on_block_done: Callable[[ScoreBlock], None]) -> float:
+    """Up to `max_in_flight` blocks in the pipeline at once (one per stage), each resubmitted until its last step.
+    Generation's coordinator does the same around sampling, stopping and its metrics. Returns the wall time."""
+    start = time.perf_counter()
+    pending = iter(blocks)
+    in_flight: list[tuple[ScoreBlock, object]] = []  # (block, handle of its current step)
+    while True:
+        while len(in_flight) < max_in_flight and (block := next(pending, None)) is not None:
+            executor.start_block(block.block_id, block.batch_sizes, block.capacity, block.head_task)
+            in_flight.append((block, executor.submit_step(block.block_id, block.tokens, block.valid)))
+        if not in_flight:
+            return time.perf_counter() - start
+        block, handle = in_flight.pop(executor.wait_any([h for _, h in in_flight]))
+        block.advance(executor.result(handle))
+        if block.done:
+            executor.end_block(block.block_id)
+            on_block_done(block)
+        else:
+            in_flight.append((block, executor.submit_step(block.block_id, block.tokens, block.valid)))
+
+
+def score(run: RunConfig, requests: list[Request], decode_tokens: int = 0) -> dict:
+    """Score every request; return the summary. Raises UserError for bad input before any heavy work.
+    `decode_tokens`: score each sequence's last N tokens through decode steps, which read the (compressed) KV cache."""
+    if decode_tokens < 0:
+        raise UserError(f"--decode-tokens must be >= 0, got {decode_tokens}")
+    device = resolve_device(run.device)
+    dtype = resolve_dtype(run.dtype, device)
+    source = resolve_model(run.model, run.dummy_weights, run.sampling.seed)
+    cfg, policy = source.config, run.policy
+    work = _sequences(requests, source, decode_tokens)
+    skipped = 0
+    if run.output:
+        done = read_done_ids(run.output)
+        skipped = sum(r.id in done for r, _ in work)
+        work = [(r, s) for r, s in work if r.id not in done]
+    prompt_len = max((len(s.input_ids) for _, s in work), default=1)
+    logits_bytes = _LOGITS_COPIES * policy.gpu_batch_size * prompt_len * cfg.vocab_size * 4
+    stages = plan_stages(run, cfg, dtype, device, prompt_len, gen_len=0, head_workspace=logits_bytes)
+
+    # Similar lengths share a block: less padding computed.
+    work.sort(key=lambda rs: len(rs[1].input_ids), reverse=True)
+    groups = [work[i : i + policy.block_size] for i in range(0, len(work), policy.block_size)]
+    summary: dict = {"model": cfg.name, "device": device.type, "dtype": str(dtype).removeprefix("torch."),
+                     "stages": run.stages, "executor": run.executor, "decode_tokens": decode_tokens,
+                     "sequences": len(work), "skipped": skipped,
+                     "prompt_tokens": sum(len(s.input_ids) for _, s in work),
+                     "scored_tokens": sum(s.scored_tokens for _, s in work)}
+    stage_stats: list[dict] = []
+    total_s = 0.0
+    with contextlib.ExitStack() as stack:
+        # Open the output first: an unwritable path fails before minutes of weight loading.
+        writer = stack.enter_context(ResultWriter(run.output)) if run.output else None
+        if groups:
+            load_start = time.perf_counter()
+            executor = make_executor(run, stages.specs)
+            stack.callback(executor.shutdown)  # frees tiers, deletes offload files, stops what the run started
+            summary["load_s"] = time.perf_counter() - load_start
+            bar = stack.enter_context(progress(len(work), len(groups), run.progress, "score"))
+            blocks = [ScoreBlock(i, [s for _, s in g], policy.gpu_batch_size, cfg.pad_token_id, decode_tokens)
+                      for i, g in enumerate(groups)]
+
+            def finished(block: ScoreBlock) -> None:
+                records = [_record(r, s) for r, s in groups[block.block_id]]
+                if writer is not None:
+                    writer.write_many(records)
+                else:
+                    for rec in records:
+                        print(json.dumps(rec), flush=True)
+                if bar is not None:
+                    bar.step_done(sum(len(s.input_ids) for s in block.sequences))
+                    bar.block_done(len(block.sequences))
+
+            total_s = score_blocks(executor, blocks, max_in_flight=run.stages, on_block_done=finished)
+            stage_stats = executor.stats()
+    nll = sum(s.nll for _, s in work)
+    tokens = summary["scored_tokens"]
+    summary.update(nll=nll, perplexity=math.exp(nll / tokens) if tokens else None, total_s=total_s,
+                   scoring_throughput_tok_s=summary["prompt_tokens"] / total_s if total_s else 0.0)
+    summary.update(resource_summary(stages, stage_stats))
+    summary["policy"] = policy.to_dict()
+    return summary
