@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -211,8 +213,20 @@ def _vocab_size(args: argparse.Namespace) -> int:
     return model_config(args.model).vocab_size
 
 
+class Terminated(BaseException):
+    """SIGTERM as an exception (like KeyboardInterrupt for SIGINT), so a run unwinds as on any error: the current write
+    finishes, the stages delete their offload files, the embedded Ray cluster and the metrics server stop."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
 def exit_code(command: Callable[[], int]) -> int:
-    """Run a command the way every entry point does: bad input is one line and exit 2, I/O faults exit 1."""
+    """Run a command the way every entry point does: bad input is one line and exit 2, I/O faults exit 1, SIGINT 130,
+    SIGTERM 143 (after cleaning up)."""
+    in_main_thread = threading.current_thread() is threading.main_thread()  # only there can a handler be set
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
     try:
         return command()
     except UserError as e:
@@ -224,6 +238,12 @@ def exit_code(command: Callable[[], int]) -> int:
     except KeyboardInterrupt:
         print("flexgen-dist: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print("flexgen-dist: terminated", file=sys.stderr)
+        return 143
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def main(argv: list[str] | None = None) -> int:

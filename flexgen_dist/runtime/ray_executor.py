@@ -3,7 +3,10 @@ stage, one StageWorker actor per bundle, and the executor calls as actor method 
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import threading
 from typing import Any
 
 import torch
@@ -31,6 +34,27 @@ def _connect(address: str | None) -> bool:
     if ray.is_initialized():
         return False
     target = address or os.environ.get("RAY_ADDRESS")
+    with _keeping_sigterm_handler():
+        return _init(target)
+
+
+@contextlib.contextmanager
+def _keeping_sigterm_handler():
+    """ray.init replaces SIGTERM's handler (with sys.exit, and its C++ side with one that aborts); keep the caller's,
+    which unwinds the run: stages delete their files, the embedded cluster stops (cli.exit_code)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _init(target: str | None) -> bool:
+    import ray
+
     try:
         if target:
             ray.init(address=target, log_to_driver=True, configure_logging=False)
