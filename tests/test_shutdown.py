@@ -1,8 +1,10 @@
-"""SIGTERM and SIGINT mid-run (issue 7's shutdown): the run unwinds like on any error — finished blocks stay written,
-the stages delete their offload files, the embedded Ray cluster stops — and exits 143 / 130 with one line."""
+"""Stopping a run (issue 7): SIGTERM and SIGINT unwind it like any error — finished blocks stay written, the stages
+delete their offload files, the embedded Ray cluster stops — and exit 143 / 130 with one line; after SIGKILL, which
+allows no cleanup at all, the same command resumes to every id exactly once and the undisturbed run's output."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -48,3 +50,53 @@ def test_signal_mid_run_cleans_up_and_keeps_finished_blocks(tmp_path, signum, co
     assert 4 <= len(written) < 64 and all(line.endswith("}") for line in written)  # whole lines, finished blocks
     psutil.wait_procs(started, timeout=30)
     assert not [p for p in started if p.is_running() and p.status() != psutil.STATUS_ZOMBIE], "processes of the run left"
+
+
+def _generate_cmd(model_dir: Path, prompts: Path, out: Path, offload: Path) -> list[str]:
+    return [sys.executable, "-m", "flexgen_dist", "generate", "--model", str(model_dir), "--prompts", str(prompts),
+            "--max-new-tokens", "12", "--dtype", "float32", "--device", "cpu", "--percent", "0", "50", "0", "100",
+            "100", "0", "--gpu-batch-size", "2", "--offload-dir", str(offload), "--output", str(out), "--quiet"]
+
+
+def test_sigkill_then_rerun_gives_every_id_once_and_the_clean_output(tmp_path, opt_preln_dir):
+    """Issue 7: a run killed outright (no cleanup at all) after about a third of its prompts are written, then run
+    again with the same command, ends with every id exactly once and the same records as an undisturbed run."""
+    import json
+    import random
+
+    rng = random.Random(7)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"id": f"p{i}", "input_ids": [rng.randrange(4, 512) for _ in range(3 + i % 9)]})
+                               + "\n" for i in range(24)))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    clean = tmp_path / "clean.jsonl"
+    subprocess.run(_generate_cmd(opt_preln_dir, prompts, clean, tmp_path / "off-clean"), env=env, check=True,
+                   capture_output=True)
+
+    out = tmp_path / "out.jsonl"
+    cmd = _generate_cmd(opt_preln_dir, prompts, out, tmp_path / "off")
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    started: list[psutil.Process] = []
+    try:
+        deadline = time.monotonic() + 240
+        while _lines(out) < 8:
+            assert proc.poll() is None and time.monotonic() < deadline, "the run ended or stalled before a third"
+            started = psutil.Process(proc.pid).children(recursive=True) or started
+            time.sleep(0.05)
+        started = psutil.Process(proc.pid).children(recursive=True) or started
+        proc.kill()
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for p in started:  # SIGKILL skips all cleanup: stop what that run started, by PID
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.kill()
+    assert 8 <= _lines(out) < 24
+    subprocess.run(cmd, env=env, check=True, capture_output=True)  # the same command resumes
+
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    ids = [r["id"] for r in records]
+    assert sorted(ids) == sorted(f"p{i}" for i in range(24)) and len(set(ids)) == len(ids)
+    expected = {r["id"]: r for r in map(json.loads, clean.read_text().splitlines())}
+    assert {r["id"]: r for r in records} == expected
