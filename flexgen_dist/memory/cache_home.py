@@ -69,16 +69,9 @@ class CacheHome:
 
     def store_prefill(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """Write the prompt's keys/values. k, v: [B, N, S, D] on the compute device."""
-        s = k.shape[2]
         for p in self.pieces:
             for home, new in ((p.k, k), (p.v, v)):
-                part = new[:, p.head_start : p.head_stop]
-                if self.quant is not None:
-                    self._write_records(home, part.permute(2, 0, 1, 3), 0)
-                elif isinstance(home, DiskTensor):
-                    home.write_rows(part.permute(2, 0, 1, 3).contiguous().cpu(), 0)
-                else:
-                    home[:, :, :s].copy_(part, non_blocking=True)
+                self._write_positions(home, new[:, p.head_start : p.head_stop].permute(2, 0, 1, 3), 0)
 
     def load(self, length: int, cpu_attention: bool = False, stage_values: bool = True) -> list[LoadedPiece]:
         """Each piece with its first `length` positions valid, where attention will read it: on the compute device,
@@ -140,14 +133,17 @@ class CacheHome:
         assert isinstance(staged, torch.Tensor)
         return staged
 
-    def _write_records(self, home: torch.Tensor | DiskTensor, values: torch.Tensor, pos: int) -> None:
-        """Quantize position-major values [S, B, h, D] and write them at positions [pos, pos + S) of the home."""
-        assert self.quant is not None
-        records = to_records(quantize(values, self.quant))
+    def _write_positions(self, home: torch.Tensor | DiskTensor, values: torch.Tensor, pos: int) -> None:
+        """Write position-major values [S, B, h, D] at positions [pos, pos + S) of a home, in its own layout:
+        quantized records, disk rows, or a [B, h, capacity, D] memory piece."""
+        if self.quant is not None:
+            values = to_records(quantize(values, self.quant))
         if isinstance(home, DiskTensor):
-            home.write_rows(records.cpu(), pos)
+            home.write_rows(values.contiguous().cpu(), pos)
+        elif self.quant is not None:
+            home[pos : pos + len(values)].copy_(values, non_blocking=True)
         else:
-            home[pos : pos + len(records)].copy_(records, non_blocking=True)
+            home[:, :, pos : pos + len(values)].copy_(values.permute(1, 2, 0, 3), non_blocking=True)
 
     def _stage_position_major(self, home: torch.Tensor | DiskTensor, length: int, where: Tier) -> torch.Tensor:
         """A staged [B, h, length + 1, D] copy of the first `length` positions of a position-major home (a disk
@@ -179,12 +175,7 @@ class CacheHome:
             with self.tiers.stats.timed("cache", lp.staged_in.value, lp.piece.tier.value, 2 * self._position_nbytes(lp.piece.k)):
                 new_v = lp.v[:, :, pos] if lp.v is not None else lp.new_v
                 for home, row in ((lp.piece.k, lp.k[:, :, pos]), (lp.piece.v, new_v)):  # rows [B, h, D]
-                    if self.quant is not None:
-                        self._write_records(home, row.unsqueeze(0), pos)
-                    elif isinstance(home, DiskTensor):
-                        home.write_rows(row.unsqueeze(0).contiguous().cpu(), pos)
-                    else:
-                        home[:, :, pos].copy_(row, non_blocking=True)
+                    self._write_positions(home, row.unsqueeze(0), pos)
             if lp.k.device.type == "cuda":
                 torch.cuda.current_stream().synchronize()
             for staged in (lp.k, lp.v):
