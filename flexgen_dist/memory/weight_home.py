@@ -84,6 +84,11 @@ class PackedLayout:
         meta = [packed[at : at + _nbytes(groups_shape, META_DTYPE)].view(META_DTYPE).view(groups_shape) for at in meta_at]
         return Quantized(codes, meta[0], meta[1] if len(meta) > 1 else None, w.shape, self.quant)
 
+    def _vector(self, w: WeightSpec, packed: torch.Tensor) -> torch.Tensor:
+        """A view of one uncompressed weight (a bias or LayerNorm vector) inside the packed bytes."""
+        (at,) = self.parts[w.name]
+        return packed[at : at + _nbytes(w.shape, self.dtype)].view(self.dtype).view(w.shape)
+
     def encode(self, layer: LayerSpec, source: WeightSource) -> torch.Tensor:
         """The layer's packed bytes in a page-aligned host buffer. Matrices are read and quantized a bounded chunk of
         whole groups of rows at a time (rows of a group-along-rows matrix map to contiguous codes and metadata)."""
@@ -91,8 +96,7 @@ class PackedLayout:
         packed.zero_()
         for w in layer.weights:
             if len(w.shape) != 2:
-                (at,) = self.parts[w.name]
-                source.read(w, 0, w.numel, packed[at : at + _nbytes(w.shape, self.dtype)].view(self.dtype))
+                source.read(w, 0, w.numel, self._vector(w, packed).view(-1))
                 continue
             target = self._quantized(w, packed)
             rows, cols = w.shape
@@ -122,8 +126,7 @@ class PackedLayout:
             if len(w.shape) == 2:
                 dequantize_into(self._quantized(w, packed), views[w.name])
             else:
-                (at,) = self.parts[w.name]
-                views[w.name].copy_(packed[at : at + _nbytes(w.shape, self.dtype)].view(self.dtype).view(w.shape))
+                views[w.name].copy_(self._vector(w, packed))
 
 
 def _fill(layer: LayerSpec, layout: FlatLayout, source: WeightSource, start: int, stop: int, out: torch.Tensor) -> None:
