@@ -173,7 +173,9 @@ def generate(run: RunConfig, requests: list[Request]) -> dict:
                 if bar is not None:
                     bar.block_done(len(block.sequences))
 
-            def stepped(block: BlockRun, new_tokens: int, latency_s: float) -> None:
+            def stepped(block: BlockRun, latency_s: float) -> None:
+                # Each sequence still running before this step got one token from it, as its steps_done-th.
+                new_tokens = sum(len(s.output_ids) == block.steps_done for s in block.sequences)
                 if block.steps_done == 1:  # prefill: no earlier token to time the new one against
                     metrics.prefill_done(sum(len(s.prompt_ids) for s in block.sequences), new_tokens)
                 else:
@@ -182,8 +184,8 @@ def generate(run: RunConfig, requests: list[Request]) -> dict:
                     bar.step_done(new_tokens)
 
             metrics.run_started(len(work))
-            timing = run_blocks(executor, block_runs(), run.sampling, max_in_flight=run.stages, on_block_done=finished,
-                                on_step=stepped)
+            timing = run_blocks(executor, block_runs(), lambda _: run.sampling, max_in_flight=run.stages,
+                                on_block_done=finished, on_step=stepped)
             metrics.finish()
             stage_stats = executor.stats()
     total = timing.total_s if timing else 0.0

@@ -13,7 +13,6 @@ import contextlib
 import json
 import math
 import time
-from collections.abc import Callable
 
 from flexgen_dist.errors import UserError
 from flexgen_dist.model_source import ModelSource, resolve_model
@@ -22,7 +21,7 @@ from flexgen_dist.progress import progress
 from flexgen_dist.prompts import Request
 from flexgen_dist.run import make_executor, plan_stages, prompt_ids, resource_summary
 from flexgen_dist.run_config import RunConfig, resolve_device, resolve_dtype
-from flexgen_dist.runtime.executor import Executor
+from flexgen_dist.runtime.coordinator import run_blocks
 from flexgen_dist.scoring import ScoreBlock, ScoredSequence
 
 _LOGITS_COPIES = 2  # the last stage holds a GPU batch's float32 logits and their log-softmax at once
@@ -46,28 +45,6 @@ def _sequences(requests: list[Request], source: ModelSource, decode_tokens: int)
 
 def _record(request: Request, seq: ScoredSequence) -> dict:
     return {"id": request.id, "tokens": seq.scored_tokens, "nll": seq.nll, "perplexity": seq.perplexity}
-
-
-def score_blocks(executor: Executor, blocks: list[ScoreBlock], max_in_flight: int,
-                 on_block_done: Callable[[ScoreBlock], None]) -> float:
-    """Up to `max_in_flight` blocks in the pipeline at once (one per stage), each resubmitted until its last step.
-    Generation's coordinator does the same around sampling, stopping and its metrics. Returns the wall time."""
-    start = time.perf_counter()
-    pending = iter(blocks)
-    in_flight: list[tuple[ScoreBlock, object]] = []  # (block, handle of its current step)
-    while True:
-        while len(in_flight) < max_in_flight and (block := next(pending, None)) is not None:
-            executor.start_block(block.block_id, block.batch_sizes, block.capacity, block.head_task)
-            in_flight.append((block, executor.submit_step(block.block_id, block.tokens, block.valid)))
-        if not in_flight:
-            return time.perf_counter() - start
-        block, handle = in_flight.pop(executor.wait_any([h for _, h in in_flight]))
-        block.advance(executor.result(handle))
-        if block.done:
-            executor.end_block(block.block_id)
-            on_block_done(block)
-        else:
-            in_flight.append((block, executor.submit_step(block.block_id, block.tokens, block.valid)))
 
 
 def score(run: RunConfig, requests: list[Request], decode_tokens: int = 0) -> dict:
@@ -122,7 +99,8 @@ def score(run: RunConfig, requests: list[Request], decode_tokens: int = 0) -> di
                     bar.step_done(sum(len(s.input_ids) for s in block.sequences))
                     bar.block_done(len(block.sequences))
 
-            total_s = score_blocks(executor, blocks, max_in_flight=run.stages, on_block_done=finished)
+            total_s = run_blocks(executor, iter(blocks), lambda block: block.head_task, max_in_flight=run.stages,
+                                 on_block_done=finished).total_s
             stage_stats = executor.stats()
     nll = sum(s.nll for _, s in work)
     tokens = summary["scored_tokens"]
