@@ -11,14 +11,16 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
+from flexgen_dist.auto_policy import PLACEMENT, SEARCHED, AutoPolicy
 from flexgen_dist.errors import UserError
 from flexgen_dist.generation import Sampling
-from flexgen_dist.memory.budget import MemoryBudget, parse_max_memory
+from flexgen_dist.memory.budget import MemoryBudget, parse_max_memory, parse_size
+from flexgen_dist.memory.disk import ALIGN
 from flexgen_dist.policy import Policy, load_policy_file
 from flexgen_dist.prompts import load_prompts_file, requests_from_cli, synthetic_requests
 from flexgen_dist.run import generate
 from flexgen_dist.score_run import score
-from flexgen_dist.run_config import DEVICES, DTYPES, PLACEMENT_STRATEGIES, RunConfig
+from flexgen_dist.run_config import DEVICES, DTYPES, PLACEMENT_STRATEGIES, RunConfig, resolve_device, resolve_dtype
 
 
 class Parser(argparse.ArgumentParser):
@@ -28,7 +30,12 @@ class Parser(argparse.ArgumentParser):
 
 def _add_policy_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("policy")
-    g.add_argument("--policy", metavar="FILE.yaml", help="a saved policy (fields of Policy); flags below override it")
+    g.add_argument("--policy", metavar="auto|FILE.yaml",
+                   help="auto: search the policy for this machine's measured speeds and --max-memory (flags below pin "
+                        "what they give); or a saved policy, e.g. from `flexgen-dist policy` (flags below override it)")
+    g.add_argument("--hardware", metavar="FILE.yaml",
+                   help="with --policy auto: the hardware profile to plan with (default: this machine's, measured once "
+                        "by `flexgen-dist profile` and cached)")
     g.add_argument("--percent", nargs=6, type=float, metavar=("W_GPU", "W_CPU", "CACHE_GPU", "CACHE_CPU", "ACT_GPU", "ACT_CPU"),
                    help="placement percentages; disk gets the rest of each pair (default 100 0 100 0 100 0)")
     g.add_argument("--gpu-batch-size", type=int, help="sequences per GPU batch (default 1)")
@@ -45,6 +52,8 @@ def _add_policy_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--compress-group-size", type=int, metavar="N", help="values per quantization group (default 64)")
     g.add_argument("--compress-symmetric", action="store_true",
                    help="symmetric quantization (a scale per group, no minimum)")
+    g.add_argument("--no-compression", action="store_true",
+                   help="with --policy auto: never choose compression, so outputs stay exact")
 
 
 def _add_model_and_input_flags(p: argparse.ArgumentParser) -> None:
@@ -115,6 +124,39 @@ def build_parser() -> argparse.ArgumentParser:
     _add_distribution_flags(sc)
     _add_output_flags(sc)
     sc.set_defaults(func=_score)
+
+    pr = sub.add_parser("profile", help="measure this machine's hardware constants for the cost model; YAML out")
+    pr.add_argument("--device", choices=DEVICES, help="default: cuda if available")
+    pr.add_argument("--dtype", action="append", choices=tuple(DTYPES),
+                    help="compute dtype to measure (repeatable; default: the run default for the device)")
+    pr.add_argument("--offload-dir", help="measure the disk under this directory (default: the system temp dir)")
+    pr.add_argument("--hidden-sizes", default="2048,4096", metavar="H,H,…",
+                    help="hidden sizes whose layer GEMM shapes are timed; the cost model uses the nearest "
+                         "(default 2048,4096: opt-1.3b and opt-6.7b)")
+    pr.add_argument("--disk-sample", default="2GiB", metavar="SIZE",
+                    help="bytes written and read per disk round; larger than any disk cache (default 2GiB)")
+    pr.add_argument("--output", metavar="FILE.yaml", help="write the profile here (default: stdout)")
+    pr.set_defaults(func=_profile)
+
+    po = sub.add_parser("policy", help="search the best policy for a model, workload, budgets and hardware; YAML out")
+    po.add_argument("--model", required=True, help="opt-125m … opt-175b or an HF checkpoint dir (only its config is read)")
+    po.add_argument("--prompt-len", type=int, default=512, help="prompt tokens (default 512)")
+    po.add_argument("--gen-len", type=int, default=32, help="new tokens per prompt (default 32)")
+    po.add_argument("--num-prompts", type=int, metavar="N", help="prompts to run: bounds the block size (default: many)")
+    po.add_argument("--hardware", metavar="FILE.yaml",
+                    help="hardware profile, e.g. configs/hardware/t4-paper.yaml (default: this machine's, cached)")
+    po.add_argument("--max-memory", metavar="gpu=…,cpu=…,disk=…",
+                    help="per-tier budgets (default: the profile's capacities less a safety margin)")
+    po.add_argument("--dtype", choices=tuple(DTYPES), help="default: float16 on cuda, the CPU default on cpu")
+    po.add_argument("--stages", type=int, default=1, help="pipeline stages the model is cut into (default 1)")
+    po.add_argument("--output", metavar="FILE.yaml", help="write the policy here, for --policy FILE.yaml (default: stdout)")
+    g = po.add_argument_group("pinned choices (the search chooses these unless given)")
+    g.add_argument("--gpu-batch-size", type=int)
+    g.add_argument("--num-gpu-batches", type=int)
+    g.add_argument("--compress-weight", action="store_true")
+    g.add_argument("--compress-cache", action="store_true")
+    g.add_argument("--cpu-cache-compute", action="store_true")
+    po.set_defaults(func=_policy_command)
     return parser
 
 
@@ -134,17 +176,11 @@ def _seconds(text: str) -> float:
     return value
 
 
-def _policy(args: argparse.Namespace) -> Policy:
-    base = Policy()
-    if args.policy:
-        if args.policy == "auto":
-            raise UserError("--policy auto (the LP policy search) is not available in this version; "
-                            "give --percent/--gpu-batch-size/--num-gpu-batches or a policy YAML file")
-        base = load_policy_file(Path(args.policy))
+def _policy_fields(args: argparse.Namespace) -> dict:
+    """The Policy fields the policy flags give (flags left out give nothing)."""
     fields: dict = {}
     if args.percent:
-        names = ("w_gpu_percent", "w_cpu_percent", "cache_gpu_percent", "cache_cpu_percent", "act_gpu_percent", "act_cpu_percent")
-        fields.update(zip(names, args.percent))
+        fields.update(zip(PLACEMENT, args.percent))
     if args.no_overlap:
         fields["overlap"] = False
     for flag in ("cpu_cache_compute", "compress_weight", "compress_cache", "compress_symmetric"):  # store_true flags
@@ -153,6 +189,25 @@ def _policy(args: argparse.Namespace) -> Policy:
     for name in ("gpu_batch_size", "num_gpu_batches", "attn_sparsity", "compress_bits", "compress_group_size"):
         if getattr(args, name) is not None:
             fields[name] = getattr(args, name)
+    return fields
+
+
+def _policy(args: argparse.Namespace) -> Policy | AutoPolicy:
+    fields = _policy_fields(args)
+    if args.policy == "auto":
+        if args.percent:
+            raise UserError("--percent cannot be given with --policy auto: the search chooses the placement")
+        pinned = frozenset(fields) & set(SEARCHED)
+        if args.no_compression:
+            if fields.get("compress_weight") or fields.get("compress_cache"):
+                raise UserError("--no-compression contradicts --compress-weight/--compress-cache")
+            pinned |= {"compress_weight", "compress_cache"}  # pinned to the defaults: off
+        return AutoPolicy(replace(Policy(), **fields), pinned, args.hardware)
+    if args.no_compression:
+        raise UserError("--no-compression restricts --policy auto: without it, compression is off unless asked for")
+    if args.hardware:
+        raise UserError("--hardware is the profile --policy auto plans with: give it with --policy auto")
+    base = load_policy_file(Path(args.policy)) if args.policy else Policy()
     return replace(base, **fields)
 
 
@@ -202,6 +257,76 @@ def _score(args: argparse.Namespace) -> int:
     summary = score(run, _requests(args, _vocab_size(args)), args.decode_tokens)
     print(json.dumps(summary), flush=True)
     return 0
+
+
+def _profile(args: argparse.Namespace) -> int:
+    from flexgen_dist.hardware import profile_yaml
+    from flexgen_dist.profiler import measure_profile
+
+    device = resolve_device(args.device)
+    dtypes = [DTYPES[d] for d in args.dtype] if args.dtype else [resolve_dtype(None, device)]
+    log = (lambda text: print(f"flexgen-dist profile: {text}", file=sys.stderr, flush=True))
+    try:
+        hidden = tuple(int(h) for h in args.hidden_sizes.split(","))
+    except ValueError:
+        hidden = ()
+    if not hidden or min(hidden) < 1:
+        raise UserError(f"--hidden-sizes: expected positive integers separated by commas, got {args.hidden_sizes!r}")
+    sample = parse_size(args.disk_sample)
+    if sample < 4 * ALIGN * 4:
+        raise UserError(f"--disk-sample must be at least 64KiB, got {args.disk_sample!r}")
+    profile = measure_profile(device, dtypes, args.offload_dir, hidden, sample // (4 * ALIGN) * 4 * ALIGN, log=log)
+    _write_text(args.output, profile_yaml(profile))
+    return 0
+
+
+def _policy_command(args: argparse.Namespace) -> int:
+    from flexgen_dist.auto_policy import choose_policy, machine_profile
+    from flexgen_dist.hardware import load_profile
+    from flexgen_dist.model_source import model_config
+
+    for name in ("prompt_len", "gen_len", "num_prompts", "stages"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    cfg = model_config(args.model)
+    if args.hardware:
+        hardware = load_profile(args.hardware)
+        dtype = DTYPES[args.dtype] if args.dtype else resolve_dtype(None, torch_device(hardware.device))
+        if str(dtype).removeprefix("torch.") not in hardware.dtypes and len(hardware.dtypes) == 1 and not args.dtype:
+            dtype = DTYPES[next(iter(hardware.dtypes))]  # the one dtype the profile has
+    else:
+        device = resolve_device(None)
+        dtype = resolve_dtype(args.dtype, device)
+        hardware = machine_profile(device, dtype, None)
+    pinned = {name: getattr(args, name) for name in SEARCHED if getattr(args, name) not in (None, False)}
+    auto = AutoPolicy(replace(Policy(), **pinned), frozenset(pinned), args.hardware)
+    budget = parse_max_memory(args.max_memory) if args.max_memory else MemoryBudget()
+    result = choose_policy(auto, cfg, hardware, dtype, args.prompt_len, args.gen_len, budget, args.stages,
+                           args.num_prompts)
+    workload = {"model": cfg.name, "prompt_len": args.prompt_len, "gen_len": args.gen_len,
+                "num_prompts": args.num_prompts, "stages": args.stages, "dtype": str(dtype).removeprefix("torch."),
+                "hardware": hardware.name}
+    from flexgen_dist.policy import policy_yaml
+
+    _write_text(args.output, policy_yaml(result.policy, {"workload": workload, **result.to_dict()}))
+    return 0
+
+
+def torch_device(name: str):
+    import torch
+
+    return torch.device(name)
+
+
+def _write_text(path: str | None, text: str) -> None:
+    if path is None:
+        sys.stdout.write(text)
+        return
+    try:
+        Path(path).write_text(text)
+    except OSError as e:
+        raise UserError(f"cannot write {path}: {e.strerror}") from None
 
 
 def _vocab_size(args: argparse.Namespace) -> int:

@@ -20,6 +20,7 @@ from flexgen_dist.errors import UserError
 from flexgen_dist.generation import Sampling
 from flexgen_dist.memory.budget import MemoryBudget, parse_max_memory
 from flexgen_dist.model_source import model_config
+from flexgen_dist.auto_policy import AutoPolicy
 from flexgen_dist.policy import Policy, load_policy_file
 from flexgen_dist.prompts import Request, load_prompts_file, requests_from_cli, synthetic_requests
 from flexgen_dist.run_config import DEVICES, DTYPES, PLACEMENT_STRATEGIES, RunConfig
@@ -151,13 +152,15 @@ def _metrics_linger(seconds: float, where: str) -> float:
     return seconds
 
 
-def _policy(value: Any, where: str) -> Policy:
+def _policy(value: Any, where: str) -> Policy | AutoPolicy:
+    if value == "auto":  # searched on the node the job's driver runs on, with that machine's cached profile
+        return AutoPolicy()
     if isinstance(value, str):
         path = POLICY_DIR / value
         if Path(value).name != value or not path.is_file():
             names = ", ".join(sorted(p.name for p in POLICY_DIR.glob("*.yaml"))) or "none"
             raise UserError(f"{where}: policy {value!r}: not a file in {Path.cwd() / POLICY_DIR} (there: {names}); "
-                            f"give a file name there or a mapping of policy fields")
+                            f"give a file name there, a mapping of policy fields, or auto")
         return load_policy_file(path)
     return dataclass_from_mapping(Policy, value, f"{where}: policy")
 

@@ -91,7 +91,7 @@ def load_policy_file(path: Path) -> Policy:
     """A saved policy: YAML with Policy's fields, at the top level or under `policy:`."""
     import yaml
 
-    from flexgen_dist.typed_fields import dataclass_from_mapping
+    from flexgen_dist.typed_fields import dataclass_from_mapping, known_keys
 
     try:
         data = yaml.safe_load(path.read_text())
@@ -99,6 +99,20 @@ def load_policy_file(path: Path) -> Policy:
         raise UserError(f"policy file {path}: {e.strerror}") from None
     except yaml.YAMLError as e:
         raise UserError(f"policy file {path}: not valid YAML ({str(e).splitlines()[0]})") from None
-    if isinstance(data, dict) and set(data) == {"policy"}:
+    if isinstance(data, dict) and "policy" in data:
+        known_keys(data, ("policy", *REPORT_KEYS), f"policy file {path}")
         data = data["policy"]
     return dataclass_from_mapping(Policy, data, f"policy file {path}")
+
+
+REPORT_KEYS = ("workload", "predicted", "budgets", "linear_programs", "candidates", "search_s")  # `policy` writes them
+
+
+def policy_yaml(policy: Policy, report: dict) -> str:
+    """A policy file as `flexgen-dist policy` writes it: the policy, then what it was chosen for and its predicted
+    figures (read back by --policy FILE.yaml, which uses only the policy)."""
+    import yaml
+
+    unknown = set(report) - set(REPORT_KEYS)
+    assert not unknown, unknown
+    return yaml.safe_dump({"policy": policy.to_dict(), **report}, sort_keys=False)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from flexgen_dist import auto_policy
 from flexgen_dist.errors import UserError
 from flexgen_dist.generation import BlockRun, Sequence
 from flexgen_dist.memory.plan import TierPlan, check_budget, plan_bytes
@@ -121,13 +122,15 @@ def generate(run: RunConfig, requests: list[Request]) -> dict:
     device = resolve_device(run.device)
     dtype = resolve_dtype(run.dtype, device)
     source = resolve_model(run.model, run.dummy_weights, run.sampling.seed)
-    cfg, policy = source.config, run.policy
+    cfg = source.config
     work = _tokenize(requests, source, run.max_new_tokens)
     if run.output:
         done = read_done_ids(run.output)
         work = [(r, s) for r, s in work if r.id not in done]
     prompt_len = max((len(s.prompt_ids) for _, s in work), default=1)
     gen_len = max((s.max_new_tokens for _, s in work), default=1)
+    run, search = auto_policy.resolve(run, cfg, dtype, device, prompt_len, gen_len, len(work))
+    policy = run.policy
     stages = plan_stages(run, cfg, dtype, device, prompt_len, gen_len)
 
     # Similar lengths share a block: less padding computed and cached.
@@ -194,4 +197,6 @@ def generate(run: RunConfig, requests: list[Request]) -> dict:
                    generation_throughput_tok_s=summary["generated_tokens"] / total if total else 0.0)
     summary.update(resource_summary(stages, stage_stats))
     summary["policy"] = policy.to_dict()
+    if search is not None:
+        summary["policy_search"] = search
     return summary

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -10,6 +11,9 @@ from flexgen_dist.errors import UserError
 from flexgen_dist.generation import Sampling
 from flexgen_dist.memory.budget import MemoryBudget
 from flexgen_dist.policy import Policy
+
+if TYPE_CHECKING:
+    from flexgen_dist.auto_policy import AutoPolicy
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 DEVICES = ("cuda", "cpu")
@@ -19,7 +23,7 @@ PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")  # Ray
 @dataclass(frozen=True)
 class RunConfig:
     model: str
-    policy: Policy
+    policy: Policy | AutoPolicy  # AutoPolicy: searched when the run knows its prompt and generation lengths
     dummy_weights: bool = False
     max_new_tokens: int = 32
     sampling: Sampling = Sampling()

@@ -17,6 +17,7 @@ import time
 from flexgen_dist.errors import UserError
 from flexgen_dist.model_source import ModelSource, resolve_model
 from flexgen_dist.outputs import ResultWriter, read_done_ids
+from flexgen_dist.policy import Policy
 from flexgen_dist.progress import progress
 from flexgen_dist.prompts import Request
 from flexgen_dist.run import make_executor, plan_stages, prompt_ids, resource_summary
@@ -52,6 +53,9 @@ def score(run: RunConfig, requests: list[Request], decode_tokens: int = 0) -> di
     `decode_tokens`: score each sequence's last N tokens through decode steps, which read the (compressed) KV cache."""
     if decode_tokens < 0:
         raise UserError(f"--decode-tokens must be >= 0, got {decode_tokens}")
+    if not isinstance(run.policy, Policy):
+        raise UserError("score: --policy auto is not available for scoring yet (its cost model covers generation); "
+                        "give --percent and batch flags or a policy YAML, e.g. one written by `flexgen-dist policy`")
     device = resolve_device(run.device)
     dtype = resolve_dtype(run.dtype, device)
     source = resolve_model(run.model, run.dummy_weights, run.sampling.seed)

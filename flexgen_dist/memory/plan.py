@@ -21,7 +21,7 @@ from flexgen_dist.models.layout import LayerSpec
 from flexgen_dist.models.opt import OptConfig
 from flexgen_dist.policy import Policy
 
-_CACHE_LOADS_IN_FLIGHT = 3  # decode: next batch loading, current computing, previous writing back
+CACHE_LOADS_IN_FLIGHT = 3  # decode: next batch loading, current computing, previous writing back
 
 
 @dataclass(frozen=True)
@@ -77,9 +77,9 @@ def plan_bytes(cfg: OptConfig, layers: list[LayerSpec], policy: Policy, dtype: t
         cache[tier] += blocks_in_flight * num_attention * blocks * (h1 - h0) * stored_head_bytes
         on_cpu = tier is Tier.CPU and policy.cpu_cache_compute
         if quant or not (tier in addressable or on_cpu):  # staged (dequantized) where attention runs
-            buffers[Tier.CPU if on_cpu else Tier.GPU] += _CACHE_LOADS_IN_FLIGHT * (h1 - h0) * head_bytes
+            buffers[Tier.CPU if on_cpu else Tier.GPU] += CACHE_LOADS_IN_FLIGHT * (h1 - h0) * head_bytes
             if tier is Tier.DISK:
-                buffers[Tier.CPU] += _CACHE_LOADS_IN_FLIGHT * (h1 - h0) * stored_head_bytes
+                buffers[Tier.CPU] += CACHE_LOADS_IN_FLIGHT * (h1 - h0) * stored_head_bytes
 
     act_tier = next(t for t, p in zip(TIERS, policy.act_percents()) if p > 0)
     acts[act_tier] += blocks_in_flight * blocks * batch * prompt_len * cfg.hidden_size * item

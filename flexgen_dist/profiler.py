@@ -1,0 +1,227 @@
+"""`flexgen-dist profile`: measure this machine's hardware constants with the engine's own kernels and I/O path.
+
+Every figure is timed with the code the engine runs (model math from models/opt.py, the quantizer's dequantization,
+DiskTensor's O_DIRECT reads and writes), so the cost model predicts the engine rather than an idealized machine.
+"""
+
+from __future__ import annotations
+
+import itertools
+import platform
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from flexgen_dist.compression import QuantConfig, dequantize_into, quantize
+from flexgen_dist.hardware import DtypeSpeeds, HardwareProfile, detect_capacities, gemm_shape_key
+from flexgen_dist.memory.disk import DiskTensor, aligned_empty
+from flexgen_dist.memory.tiers import ensure_offload_root
+from flexgen_dist.models import opt
+
+GEMM_ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 1024)
+HEAD_ROWS = GEMM_ROWS[:-1]  # the LM head multiplies one row per sequence
+DEFAULT_HIDDEN = (2048, 4096)  # opt-1.3b and opt-6.7b; the cost model uses the nearest measured shape
+VOCAB = 50272
+_COLD_BYTES = 512 << 20  # weights rotated through per GEMM measurement: well past any last-level cache
+_MIN_SECONDS = 0.3  # time each figure over at least this long (and at least 2 runs)
+
+
+def _timed(fn: Callable[[], object], sync: Callable[[], None]) -> float:
+    """Mean seconds per run over at least _MIN_SECONDS and 2 runs, after one warm-up run."""
+    fn()
+    sync()
+    runs, start = 0, time.perf_counter()
+    while True:
+        fn()
+        runs += 1
+        sync()
+        elapsed = time.perf_counter() - start
+        if elapsed >= _MIN_SECONDS and runs >= 2:
+            return elapsed / runs
+
+
+def _sync(device: torch.device) -> Callable[[], None]:
+    return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+
+def gemm_shapes(hidden_sizes: tuple[int, ...]) -> list[tuple[int, int, tuple[int, ...]]]:
+    """(out, in, rows) of the matrices of OPT layers with these hidden sizes: q/k/v/out, fc1, fc2, LM head."""
+    shapes = []
+    for h in hidden_sizes:
+        shapes += [(h, h, GEMM_ROWS), (4 * h, h, GEMM_ROWS), (h, 4 * h, GEMM_ROWS), (VOCAB, h, HEAD_ROWS)]
+    return shapes
+
+
+def measure_gemm(device: torch.device, dtype: torch.dtype, out_features: int, in_features: int,
+                 rows_list: tuple[int, ...], max_run_seconds: float = 2.0) -> dict[int, float]:
+    """FLOP/s of F.linear per row count. Stops early (flat beyond) where one run would take over
+    `max_run_seconds` (bf16 on a CPU without bf16 instructions)."""
+    # The engine reads each weight once per GPU batch from memory, never from a warm cache: rotate through copies
+    # that together exceed any last-level cache, or small-row GEMMs would look several times faster than they are.
+    weight_bytes = out_features * in_features * dtype.itemsize
+    first = torch.randn(out_features, in_features, device=device).to(dtype)
+    weights = [first] + [first.clone() for _ in range(max(1, -(-_COLD_BYTES // weight_bytes)) - 1)]
+    turn = itertools.count()
+    table: dict[int, float] = {}
+    for rows in rows_list:
+        if table and 2 * rows * out_features * in_features / max(table.values()) > max_run_seconds:
+            break
+        x = torch.randn(rows, in_features, device=device).to(dtype)
+        seconds = _timed(lambda: F.linear(x, weights[next(turn) % len(weights)]), _sync(device))
+        table[rows] = 2 * rows * out_features * in_features / seconds
+    return table
+
+
+def measure_prefill_attention(device: torch.device, dtype: torch.dtype) -> float:
+    batch, heads, seq, head_dim = 4, 16, 256, 64
+    q, k, v = (torch.randn(batch, heads, seq, head_dim, device=device).to(dtype) for _ in range(3))
+    mask = opt.attention_mask(torch.ones(batch, seq, dtype=torch.bool, device=device), seq)
+    seconds = _timed(lambda: opt.attend(q, k, v, mask), _sync(device))
+    return 4 * batch * heads * seq * seq * head_dim / seconds
+
+
+def measure_decode_attention(device: torch.device, dtype: torch.dtype) -> float:
+    """Cache bytes (K and V) read per second by one decode step's attention."""
+    batch, heads, length, head_dim = 8, 32, 512, 64
+    q = torch.randn(batch, heads, 1, head_dim, device=device).to(dtype)
+    k, v = (torch.randn(batch, heads, length, head_dim, device=device).to(dtype) for _ in range(2))
+    mask = torch.ones(batch, 1, 1, length, dtype=torch.bool, device=device)
+    seconds = _timed(lambda: opt.attend(q, k, v, mask), _sync(device))
+    return 2 * k.numel() * k.element_size() / seconds
+
+
+def measure_dequantize(device: torch.device, dtype: torch.dtype) -> float:
+    x = torch.randn(2048, 2048)
+    packed = quantize(x, QuantConfig(4, 64, 0))
+    packed = type(packed)(packed.codes.to(device), packed.scale.to(device), packed.minimum.to(device), packed.shape,
+                          packed.config)
+    out = torch.empty(x.shape, dtype=dtype, device=device)
+    seconds = _timed(lambda: dequantize_into(packed, out), _sync(device))
+    return x.numel() / seconds
+
+
+def measure_copy(src: torch.Tensor, dst: torch.Tensor) -> float:
+    """Bytes per second of dst.copy_(src) (pinned host <-> device, or a plain memory copy)."""
+    device = dst.device if dst.device.type == "cuda" else src.device
+    seconds = _timed(lambda: dst.copy_(src, non_blocking=True), _sync(device))
+    return src.numel() * src.element_size() / seconds
+
+
+def measure_disk(offload_dir: str | None, nbytes: int = 512 << 20, files: int = 4) -> tuple[float, float, float]:
+    """(read, write) bytes per second through DiskTensor, the engine's O_DIRECT path, and the CPU seconds spent per
+    byte read: `files` files of `nbytes` written, then read back in turn, total bytes over total time. A working set
+    of several GiB keeps a virtual disk's host-side cache from passing for the disk (reads of one small file ran 40%
+    faster than the engine's)."""
+    root = ensure_offload_root(offload_dir)
+    buf = aligned_empty((nbytes,), torch.uint8)
+    buf.random_(0, 255)
+    tensors = []
+    try:
+        start = time.perf_counter()
+        for i in range(files):
+            tensors.append(DiskTensor(root / f"flexgen-profile-{time.time_ns()}-{i}.bin", (nbytes,), torch.uint8))
+            tensors[-1].write_rows(buf)
+        write = files * nbytes / (time.perf_counter() - start)
+        start, cpu_start = time.perf_counter(), time.process_time()
+        for _ in range(2):
+            for t in tensors:
+                t.read_rows_into(buf)
+        read = 2 * files * nbytes / (time.perf_counter() - start)
+        cpu_per_byte = (time.process_time() - cpu_start) / (2 * files * nbytes)
+    finally:
+        for t in tensors:
+            t.delete()
+    return read, write, cpu_per_byte
+
+
+def measure_compute_io_overlap(offload_dir: str | None, nbytes: int = 1 << 30) -> float:
+    """The share of the shorter of (GEMMs, O_DIRECT disk reads) hidden under the longer when both run at once, as
+    the engine runs them (compute on the main thread, reads on the weight lane's thread). 1 where they share
+    nothing; lower where spinning compute threads starve the reading ones of the cores."""
+    import threading
+
+    root = ensure_offload_root(offload_dir)
+    buf = aligned_empty((nbytes,), torch.uint8)
+    buf.random_(0, 255)
+    disk = DiskTensor(root / f"flexgen-profile-{time.time_ns()}-overlap.bin", (nbytes,), torch.uint8)
+    # Prefill-shaped GEMMs over weights rotated out of the cache, as the engine computes while its lane reads.
+    x = torch.randn(256, 2048)
+    weights = [torch.randn(8192, 2048)]
+    weights += [weights[0].clone() for _ in range(_COLD_BYTES // weights[0].nbytes - 1)]
+    gemms = 0
+    try:
+        disk.write_rows(buf)
+        start = time.perf_counter()
+        disk.read_rows_into(buf)
+        read_s = time.perf_counter() - start
+        start = time.perf_counter()
+        while time.perf_counter() - start < read_s:  # as much compute as the read takes
+            F.linear(x, weights[gemms % len(weights)])
+            gemms += 1
+        compute_s = time.perf_counter() - start
+        reader = threading.Thread(target=disk.read_rows_into, args=(buf,))
+        start = time.perf_counter()
+        reader.start()
+        for i in range(gemms):
+            F.linear(x, weights[i % len(weights)])
+        reader.join()
+        both_s = time.perf_counter() - start
+    finally:
+        disk.delete()
+    hidden = read_s + compute_s - both_s
+    return min(1.0, max(0.0, hidden / min(read_s, compute_s)))
+
+
+def measure_profile(device: torch.device, dtypes: list[torch.dtype], offload_dir: str | None,
+                    hidden_sizes: tuple[int, ...] = DEFAULT_HIDDEN, disk_sample_bytes: int = 2 << 30,
+                    log: Callable[[str], None] = lambda _: None) -> HardwareProfile:
+    gpu_mem, cpu_mem, disk_free = detect_capacities(device.type, offload_dir)
+    speeds: dict[str, DtypeSpeeds] = {}
+    for dtype in dtypes:
+        name = str(dtype).removeprefix("torch.")
+        gemm = {}
+        for out_features, in_features, rows in gemm_shapes(hidden_sizes):
+            log(f"{name}: GEMM {out_features}x{in_features}")
+            gemm[gemm_shape_key(out_features, in_features)] = measure_gemm(device, dtype, out_features, in_features, rows)
+        log(f"{name}: attention and dequantization")
+        speeds[name] = DtypeSpeeds(
+            gemm_flops=gemm,
+            attention_flops=measure_prefill_attention(device, dtype),
+            decode_attention_bytes_per_s=measure_decode_attention(device, dtype),
+            cpu_decode_attention_bytes_per_s=measure_decode_attention(torch.device("cpu"), dtype),
+            dequantize_elements_per_s=measure_dequantize(device, dtype),
+        )
+    log("memory and transfer bandwidths")
+    size = min(1 << 30, disk_sample_bytes)
+    host = aligned_empty((size,), torch.uint8, pin_memory=device.type == "cuda")
+    on_device = torch.empty(size, dtype=torch.uint8, device=device)
+    memory = measure_copy(on_device, torch.empty_like(on_device))
+    h2d = measure_copy(host, on_device)
+    d2h = measure_copy(on_device, host)
+    log("disk")
+    rounds = [measure_disk(offload_dir, disk_sample_bytes // 4) for _ in range(3)]  # a virtual disk's speed wanders: the medians
+    disk_read, disk_write, disk_cpu = (sorted(column)[1] for column in zip(*rounds))
+    # Compute and disk reads share a CPU device's cores; a GPU computes apart from the host's I/O.
+    overlap = (sorted(measure_compute_io_overlap(offload_dir, disk_sample_bytes // 2) for _ in range(3))[1]
+               if device.type == "cpu" else 1.0)
+    name = torch.cuda.get_device_name(0) if device.type == "cuda" else platform.processor() or platform.machine()
+    return HardwareProfile(
+        name=f"{platform.node()} {device.type} ({name})",
+        device=device.type,
+        device_memory_bytes=gpu_mem,
+        cpu_memory_bytes=cpu_mem,
+        disk_bytes=disk_free,
+        host_to_device_bytes_per_s=h2d,
+        device_to_host_bytes_per_s=d2h,
+        disk_read_bytes_per_s=disk_read,
+        disk_write_bytes_per_s=disk_write,
+        memory_bytes_per_s=memory,
+        dtypes=speeds,
+        disk_read_cpu_seconds_per_byte=disk_cpu,
+        compute_io_overlap=overlap,
+        note=f"measured by flexgen-dist profile on {time.strftime('%Y-%m-%d')}, torch {torch.__version__}, "
+             f"{torch.get_num_threads()} threads; disk under {Path(offload_dir or '/tmp')}",
+    )
