@@ -391,7 +391,7 @@ class Prediction:
 
 
 def step_seconds(model: CostModel, past: int, x: Mapping[str, float]) -> float:
-    overlap = model.hardware.compute_io_overlap
+    overlap = model.hardware.overlap(decode=past > 0)
     return sum(count * window.seconds(x, model.policy.overlap, overlap) for count, window in model.step_windows(past))
 
 

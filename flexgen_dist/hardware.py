@@ -78,8 +78,13 @@ class HardwareProfile:
     # CPU seconds the kernel spends per byte read with O_DIRECT: on a CPU compute device they are taken from compute.
     disk_read_cpu_seconds_per_byte: float = 0.0
     # The share of the shorter of compute and disk reads hidden under the longer when both run (1: fully; a 2-core
-    # CPU device whose compute threads spin on both cores starves the reading threads).
+    # CPU device whose compute threads spin on both cores starves the reading threads), in a prefill window (long
+    # compute-bound GEMMs) and in a decode window (short GEMMs of a few rows, leaving the cores free between them).
     compute_io_overlap: float = 1.0
+    decode_compute_io_overlap: float = 1.0
+
+    def overlap(self, decode: bool) -> float:
+        return self.decode_compute_io_overlap if decode else self.compute_io_overlap
     note: str = ""
 
     @property
@@ -102,7 +107,7 @@ def profile_from_mapping(data: Any, where: str) -> HardwareProfile:
     data = mapping(data, where)
     names = [f.name for f in fields(HardwareProfile)]
     known_keys(data, names, where)
-    optional = ("dtypes", "note", "disk_read_cpu_seconds_per_byte", "compute_io_overlap")
+    optional = ("dtypes", "note", "disk_read_cpu_seconds_per_byte", "compute_io_overlap", "decode_compute_io_overlap")
     missing = [n for n in names if n not in data and n not in optional]
     if missing:
         raise UserError(f"{where}: missing {', '.join(missing)}")
@@ -116,8 +121,9 @@ def profile_from_mapping(data: Any, where: str) -> HardwareProfile:
         if name != "note" and name not in ("name", "device") and value < 0:
             raise UserError(f"{where}.{name}: must not be negative, got {value}")
         values[name] = value
-    if values.get("compute_io_overlap", 1.0) > 1:
-        raise UserError(f"{where}.compute_io_overlap: a share, 0 to 1, got {values['compute_io_overlap']}")
+    for name in ("compute_io_overlap", "decode_compute_io_overlap"):
+        if values.get(name, 1.0) > 1:
+            raise UserError(f"{where}.{name}: a share, 0 to 1, got {values[name]}")
     if values["device"] not in ("cuda", "cpu"):
         raise UserError(f"{where}.device: expected cuda or cpu, got {values['device']!r}")
     dtypes = {}

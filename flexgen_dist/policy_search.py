@@ -191,7 +191,7 @@ def _add_candidate(lp: pulp.LpProblem, tag: str, model: CostModel, budgets: Budg
             continue
         for i, (count, window) in enumerate(model.step_windows(past)):
             t = lp.add_variable(f"{tag}_t_{past}_{i}", 0)
-            for bound in window.bounds(model.policy.overlap, model.hardware.compute_io_overlap):
+            for bound in window.bounds(model.policy.overlap, model.hardware.overlap(decode=past > 0)):
                 lp += t >= expr(bound)
             objective.append(weight * count * t)
             objective += [_TIE_BREAK * weight * count * expr(r) for r in window.resources()[1:]]

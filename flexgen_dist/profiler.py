@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from flexgen_dist.compression import QuantConfig, dequantize_into, quantize
 from flexgen_dist.hardware import DtypeSpeeds, HardwareProfile, detect_capacities, gemm_shape_key
-from flexgen_dist.memory.disk import DiskTensor, aligned_empty
+from flexgen_dist.memory.disk import ALIGN, DiskTensor, aligned_empty
 from flexgen_dist.memory.tiers import ensure_offload_root
 from flexgen_dist.models import opt
 
@@ -137,40 +137,50 @@ def measure_disk(offload_dir: str | None, nbytes: int = 512 << 20, files: int = 
     return read, write, cpu_per_byte
 
 
-def measure_compute_io_overlap(offload_dir: str | None, nbytes: int = 1 << 30) -> float:
-    """The share of the shorter of (GEMMs, O_DIRECT disk reads) hidden under the longer when both run at once, as
-    the engine runs them (compute on the main thread, reads on the weight lane's thread). 1 where they share
-    nothing; lower where spinning compute threads starve the reading ones of the cores."""
-    import threading
+def measure_compute_io_overlap(offload_dir: str | None, nbytes: int = 1 << 30, rows: int = 256,
+                               compute_share: float = 1.0, layers: int = 8) -> float:
+    """The share of the shorter of (GEMMs, O_DIRECT disk reads) hidden under the longer, timed in the engine's own
+    rhythm: `layers` layers of nbytes / layers each; per layer the main thread waits for its weights, hands the next
+    layer's read to a lane thread, and computes `rows`-row GEMMs over weights rotated out of the cache for about
+    `compute_share` of a layer's read time (256 rows as long as the read: a prefill window; a few rows for a third
+    of it: a decode window). 1 where compute and reads share nothing; lower where compute threads spinning on every
+    core starve the reading ones."""
+    from concurrent.futures import ThreadPoolExecutor
 
     root = ensure_offload_root(offload_dir)
-    buf = aligned_empty((nbytes,), torch.uint8)
-    buf.random_(0, 255)
-    disk = DiskTensor(root / f"flexgen-profile-{time.time_ns()}-overlap.bin", (nbytes,), torch.uint8)
-    # Prefill-shaped GEMMs over weights rotated out of the cache, as the engine computes while its lane reads.
-    x = torch.randn(256, 2048)
+    layer_bytes = nbytes // layers // ALIGN * ALIGN
+    staging = [aligned_empty((layer_bytes,), torch.uint8) for _ in range(2)]
+    staging[0].random_(0, 255)
+    x = torch.randn(rows, 2048)
     weights = [torch.randn(8192, 2048)]
     weights += [weights[0].clone() for _ in range(_COLD_BYTES // weights[0].nbytes - 1)]
-    gemms = 0
+    files: list[DiskTensor] = []
+    lane = ThreadPoolExecutor(1, thread_name_prefix="flexgen-profile-lane")
+
+    def step(gemms: int, read: bool) -> float:
+        start = time.perf_counter()
+        pending = lane.submit(files[0].read_rows_into, staging[0]) if read else None
+        for j in range(layers):
+            if pending is not None:
+                pending.result()
+                pending = lane.submit(files[j + 1].read_rows_into, staging[(j + 1) % 2]) if j + 1 < layers else None
+            for g in range(gemms):
+                F.linear(x, weights[(j * gemms + g) % len(weights)])
+        return time.perf_counter() - start
+
     try:
-        disk.write_rows(buf)
-        start = time.perf_counter()
-        disk.read_rows_into(buf)
-        read_s = time.perf_counter() - start
-        start = time.perf_counter()
-        while time.perf_counter() - start < read_s:  # as much compute as the read takes
-            F.linear(x, weights[gemms % len(weights)])
-            gemms += 1
-        compute_s = time.perf_counter() - start
-        reader = threading.Thread(target=disk.read_rows_into, args=(buf,))
-        start = time.perf_counter()
-        reader.start()
-        for i in range(gemms):
-            F.linear(x, weights[i % len(weights)])
-        reader.join()
-        both_s = time.perf_counter() - start
+        for i in range(layers):
+            files.append(DiskTensor(root / f"flexgen-profile-{time.time_ns()}-{i}.bin", (layer_bytes,), torch.uint8))
+            files[-1].write_rows(staging[0])
+        read_s = step(0, True)
+        one_gemm_s = _timed(lambda: [F.linear(x, w) for w in weights[:4]], lambda: None) / 4
+        gemms = max(1, round(compute_share * read_s / layers / one_gemm_s))
+        compute_s = step(gemms, False)
+        both_s = step(gemms, True)
     finally:
-        disk.delete()
+        lane.shutdown()
+        for f in files:
+            f.delete()
     hidden = read_s + compute_s - both_s
     return min(1.0, max(0.0, hidden / min(read_s, compute_s)))
 
@@ -205,8 +215,13 @@ def measure_profile(device: torch.device, dtypes: list[torch.dtype], offload_dir
     rounds = [measure_disk(offload_dir, disk_sample_bytes // 4) for _ in range(3)]  # a virtual disk's speed wanders: the medians
     disk_read, disk_write, disk_cpu = (sorted(column)[1] for column in zip(*rounds))
     # Compute and disk reads share a CPU device's cores; a GPU computes apart from the host's I/O.
-    overlap = (sorted(measure_compute_io_overlap(offload_dir, disk_sample_bytes // 2) for _ in range(3))[1]
-               if device.type == "cpu" else 1.0)
+    overlap = decode_overlap = 1.0
+    if device.type == "cpu":
+        def median(**shape) -> float:
+            return sorted(measure_compute_io_overlap(offload_dir, disk_sample_bytes // 2, **shape) for _ in range(5))[2]
+
+        overlap = median(rows=256, compute_share=1.0)
+        decode_overlap = median(rows=16, compute_share=1 / 3)
     name = torch.cuda.get_device_name(0) if device.type == "cuda" else platform.processor() or platform.machine()
     return HardwareProfile(
         name=f"{platform.node()} {device.type} ({name})",
@@ -222,6 +237,7 @@ def measure_profile(device: torch.device, dtypes: list[torch.dtype], offload_dir
         dtypes=speeds,
         disk_read_cpu_seconds_per_byte=disk_cpu,
         compute_io_overlap=overlap,
+        decode_compute_io_overlap=decode_overlap,
         note=f"measured by flexgen-dist profile on {time.strftime('%Y-%m-%d')}, torch {torch.__version__}, "
              f"{torch.get_num_threads()} threads; disk under {Path(offload_dir or '/tmp')}",
     )

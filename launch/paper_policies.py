@@ -54,9 +54,11 @@ PAPER_256_MEASURED = [
 def _describe(p: Policy) -> str:
     flags = [name for name, on in (("compressed weights", p.compress_weight), ("compressed cache", p.compress_cache),
                                    ("CPU attention", p.cpu_cache_compute), ("no overlap", not p.overlap)) if on]
-    return (f"{p.gpu_batch_size} x {p.num_gpu_batches} | {p.w_gpu_percent:g}/{p.w_cpu_percent:g}/{p.w_disk_percent:g} | "
-            f"{p.cache_gpu_percent:g}/{p.cache_cpu_percent:g}/{p.cache_disk_percent:g} | "
-            f"{p.act_gpu_percent:g}/{p.act_cpu_percent:g}/{p.act_disk_percent:g} | {', '.join(flags) or '-'}")
+    def tiers(*percents: float) -> str:
+        return "/".join(f"{round(x, 1):g}" for x in percents)
+
+    return (f"{p.gpu_batch_size} x {p.num_gpu_batches} | {tiers(*p.weight_percents())} | {tiers(*p.cache_percents())} | "
+            f"{tiers(*p.act_percents())} | {', '.join(flags) or '-'}")
 
 
 def main() -> None:

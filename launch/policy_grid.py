@@ -67,11 +67,13 @@ def grid(args, budgets: Budgets) -> list[tuple[str, Policy]]:
                 for b, k in ((4, 1), (8, 2), (16, 1))]
     entries += [("b16x1-4bit-weights", Policy(gpu_batch_size=16, compress_weight=True), 1.0),
                 ("b8x2-4bit-cache", Policy(gpu_batch_size=8, num_gpu_batches=2, compress_cache=True), 1.0)]
+    if args.num_prompts < 16:  # the smaller work of the larger model: 4-bit weights on a block it allows
+        entries.append(("b8x1-4bit-weights", Policy(gpu_batch_size=8, compress_weight=True), 1.0))
     out = []
     for name, shape, share in entries:
         if shape.block_size <= args.num_prompts:
             policy = _filled(shape, args, budgets, share)
-            if policy is not None:
+            if policy is not None and policy not in [p for _, p in out]:  # a tight budget makes variants coincide
                 out.append((name, policy))
     return out
 

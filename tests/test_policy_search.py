@@ -39,7 +39,8 @@ def _profile(device: str = "cpu", memory: int = 64 * GiB, device_memory: int | N
                            cpu_memory_bytes=memory, disk_bytes=1 << 40, host_to_device_bytes_per_s=1e10,
                            device_to_host_bytes_per_s=1e10, disk_read_bytes_per_s=disk_read,
                            disk_write_bytes_per_s=disk_read / 2, memory_bytes_per_s=1e10,
-                           dtypes={"float32": _speeds()}, compute_io_overlap=overlap)
+                           dtypes={"float32": _speeds()}, compute_io_overlap=overlap,
+                           decode_compute_io_overlap=overlap)
 
 
 def _search(hw: HardwareProfile, budget: MemoryBudget, cfg: OptConfig = TINY, prompt_len: int = 32, gen_len: int = 8,
@@ -72,6 +73,7 @@ def test_profile_yaml_round_trip(tmp_path: Path) -> None:
     ({"device": "tpu"}, "expected cuda or cpu"),
     ({"disk_read_bytes_per_s": -1.0}, "must not be negative"),
     ({"compute_io_overlap": 2.0}, "a share, 0 to 1"),
+    ({"decode_compute_io_overlap": -0.5}, "must not be negative"),
     ({"dtypes": {"float32": {"gemm_flops": {"big": {1: 1.0}}}}}, "expected a weight shape"),
     ({"surprise": 1}, "unknown key"),
 ])
@@ -125,6 +127,15 @@ def test_linear_expressions() -> None:
     a = Linear(1.0, {"x": 2.0}) + Linear(0.5, {"x": 1.0, "y": 3.0})
     assert (a * 2).value({"x": 1.0, "y": 2.0}) == pytest.approx(2 * (1.5 + 3.0 + 6.0))
     assert (a + 1.0).const == 2.5
+
+
+def test_decode_steps_use_the_decode_overlap() -> None:
+    cfg = config_by_name("opt-125m")
+    policy = Policy(gpu_batch_size=4, w_gpu_percent=0)
+    hidden = predict(cfg, model_layers(cfg), policy, _profile(overlap=1.0), torch.float32, 16, 8)
+    prefill_only = dataclasses.replace(_profile(overlap=0.0), decode_compute_io_overlap=1.0)
+    serial = predict(cfg, model_layers(cfg), policy, prefill_only, torch.float32, 16, 8)
+    assert serial.decode_s == pytest.approx(hidden.decode_s) and serial.prefill_s > hidden.prefill_s
 
 
 def test_window_bounds_overlap_compute_and_disk_by_the_measured_share() -> None:
