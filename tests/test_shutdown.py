@@ -29,7 +29,10 @@ def test_signal_mid_run_cleans_up_and_keeps_finished_blocks(tmp_path, signum, co
            "0", "--gpu-batch-size", "4", "--dtype", "float32", "--offload-dir", str(offload), "--output", str(out),
            "--quiet"]  # the default executor: one Ray stage actor on an embedded cluster; weights and cache on disk
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    # A run started from a script's background job inherits SIGINT ignored (POSIX), and keeps it so, as a shell's
+    # background jobs should; start this one as from a terminal, whatever launched pytest.
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 240
         while _lines(out) < 4:  # a block written: mid-run, with the stage's disk tier in use
