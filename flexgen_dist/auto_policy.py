@@ -20,7 +20,7 @@ from flexgen_dist.models.layout import LayerSpec, model_layers
 from flexgen_dist.models.opt import OptConfig
 from flexgen_dist.policy import Policy
 from flexgen_dist.policy_search import SearchResult, SearchSpace, search_policy
-from flexgen_dist.run_config import RunConfig
+from flexgen_dist.run_config import RunConfig, dtype_name
 from flexgen_dist.runtime.partition import partition
 
 # The fields the search chooses; a user may pin any of them next to --policy auto (e.g. --gpu-batch-size 8).
@@ -59,7 +59,7 @@ def cache_path(device: str) -> Path:
 def machine_profile(device: torch.device, dtype: torch.dtype, offload_dir: str | None) -> HardwareProfile:
     """This machine's profile for `dtype`, measured once and cached."""
     path = cache_path(device.type)
-    name = str(dtype).removeprefix("torch.")
+    name = dtype_name(dtype)
     profile = load_profile(path) if path.exists() else None
     if profile is not None and name in profile.dtypes:
         return profile

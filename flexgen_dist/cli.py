@@ -11,16 +11,19 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
+import torch
+
 from flexgen_dist.auto_policy import PLACEMENT, SEARCHED, AutoPolicy
 from flexgen_dist.errors import UserError
 from flexgen_dist.generation import Sampling
 from flexgen_dist.memory.budget import MemoryBudget, parse_max_memory, parse_size
 from flexgen_dist.memory.disk import ALIGN
-from flexgen_dist.policy import Policy, load_policy_file
+from flexgen_dist.policy import Policy, load_policy_file, policy_yaml
 from flexgen_dist.prompts import load_prompts_file, requests_from_cli, synthetic_requests
 from flexgen_dist.run import generate
 from flexgen_dist.score_run import score
-from flexgen_dist.run_config import DEVICES, DTYPES, PLACEMENT_STRATEGIES, RunConfig, resolve_device, resolve_dtype
+from flexgen_dist.run_config import (DEVICES, DTYPES, PLACEMENT_STRATEGIES, RunConfig, dtype_name, resolve_device,
+                                     resolve_dtype)
 
 
 class Parser(argparse.ArgumentParser):
@@ -292,9 +295,12 @@ def _policy_command(args: argparse.Namespace) -> int:
     cfg = model_config(args.model)
     if args.hardware:
         hardware = load_profile(args.hardware)
-        dtype = DTYPES[args.dtype] if args.dtype else resolve_dtype(None, torch_device(hardware.device))
-        if str(dtype).removeprefix("torch.") not in hardware.dtypes and len(hardware.dtypes) == 1 and not args.dtype:
-            dtype = DTYPES[next(iter(hardware.dtypes))]  # the one dtype the profile has
+        if args.dtype:
+            dtype = DTYPES[args.dtype]
+        elif len(hardware.dtypes) == 1:  # the one dtype the profile has
+            dtype = DTYPES[next(iter(hardware.dtypes))]
+        else:
+            dtype = resolve_dtype(None, torch.device(hardware.device))
     else:
         device = resolve_device(None)
         dtype = resolve_dtype(args.dtype, device)
@@ -305,18 +311,10 @@ def _policy_command(args: argparse.Namespace) -> int:
     result = choose_policy(auto, cfg, hardware, dtype, args.prompt_len, args.gen_len, budget, args.stages,
                            args.num_prompts)
     workload = {"model": cfg.name, "prompt_len": args.prompt_len, "gen_len": args.gen_len,
-                "num_prompts": args.num_prompts, "stages": args.stages, "dtype": str(dtype).removeprefix("torch."),
+                "num_prompts": args.num_prompts, "stages": args.stages, "dtype": dtype_name(dtype),
                 "hardware": hardware.name}
-    from flexgen_dist.policy import policy_yaml
-
     _write_text(args.output, policy_yaml(result.policy, {"workload": workload, **result.to_dict()}))
     return 0
-
-
-def torch_device(name: str):
-    import torch
-
-    return torch.device(name)
 
 
 def _write_text(path: str | None, text: str) -> None:

@@ -22,12 +22,14 @@ import torch
 
 from flexgen_dist.compression import QuantConfig, record_nbytes
 from flexgen_dist.hardware import DtypeSpeeds, HardwareProfile
-from flexgen_dist.memory.plan import CACHE_LOADS_IN_FLIGHT, plan_bytes
+from flexgen_dist.memory.placement import single_tier
+from flexgen_dist.memory.plan import CACHE_LOADS_IN_FLIGHT, plan_bytes, workspace_bytes
 from flexgen_dist.memory.tiers import TIERS, Tier
 from flexgen_dist.memory.weight_home import FlatLayout, PackedLayout
 from flexgen_dist.models.layout import LayerSpec
 from flexgen_dist.models.opt import OptConfig
 from flexgen_dist.policy import Policy
+from flexgen_dist.run_config import dtype_name
 
 WEIGHT_VARS = {Tier.GPU: "w_gpu", Tier.CPU: "w_cpu", Tier.DISK: "w_disk"}
 CACHE_VARS = {Tier.GPU: "cache_gpu", Tier.CPU: "cache_cpu", Tier.DISK: "cache_disk"}
@@ -118,7 +120,7 @@ class CostModel:
 
     @property
     def speeds(self) -> DtypeSpeeds:
-        return self.hardware.speeds(str(self.dtype).removeprefix("torch."))
+        return self.hardware.speeds(dtype_name(self.dtype))
 
     @property
     def cpu_device(self) -> bool:
@@ -241,7 +243,7 @@ class CostModel:
 
     def _activation_io(self, query_len: int) -> Window:
         """Hidden states between layers, stored on the activation tier when compute cannot address it."""
-        tier = next(t for t, pct in zip(TIERS, self.policy.act_percents()) if pct > 0)
+        tier = single_tier(self.policy.act_percents())
         nbytes = self.policy.gpu_batch_size * query_len * self.cfg.hidden_size * self.dtype.itemsize
         hw = self.hardware
         if tier is Tier.DISK:
@@ -335,12 +337,9 @@ class CostModel:
                 mem[staged_in] += var(CACHE_VARS[t], CACHE_LOADS_IN_FLIGHT * cfg.num_heads * head_bytes)
                 if t is Tier.DISK:
                     mem[Tier.CPU] += var(CACHE_VARS[t], CACHE_LOADS_IN_FLIGHT * cfg.num_heads * stored_head)
-        act_tier = next(t for t, pct in zip(TIERS, p.act_percents()) if pct > 0)
+        act_tier = single_tier(p.act_percents())
         mem[act_tier] += Linear(blocks_in_flight * blocks * batch * self.prompt_len * cfg.hidden_size * item)
-        tokens = batch * self.prompt_len
-        workspace = tokens * (6 * cfg.hidden_size + cfg.ffn_dim) * item
-        workspace += batch * cfg.num_heads * self.prompt_len * capacity * 4 + 2 * batch * cfg.vocab_size * 4
-        mem[Tier.GPU] += Linear(workspace)
+        mem[Tier.GPU] += Linear(workspace_bytes(cfg, batch, self.prompt_len, capacity, item))
         return mem
 
 

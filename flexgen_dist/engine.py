@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from flexgen_dist.memory.cache_home import CacheHome, LoadedPiece
 from flexgen_dist.memory.disk import DiskTensor, aligned_empty
+from flexgen_dist.memory.placement import single_tier
 from flexgen_dist.memory.tiers import TIERS, Tier, TierSet
 from flexgen_dist.memory.weight_home import WeightHome
 from flexgen_dist.models import opt
@@ -86,17 +87,13 @@ def _used_by_compute(loaded: list[LoadedPiece]) -> None:
             lp.v.record_stream(torch.cuda.current_stream())
 
 
-def _single_tier(percents: tuple[float, float, float]) -> Tier:
-    return next(t for t, p in zip(TIERS, percents) if p > 0)
-
-
 class StageEngine:
     def __init__(self, cfg: opt.OptConfig, layers: list[LayerSpec], policy: Policy, source: WeightSource,
                  device: torch.device, dtype: torch.dtype, offload_dir: str | None = None) -> None:
         self.cfg, self.layers, self.policy, self.device, self.dtype = cfg, layers, policy, device, dtype
         self.tiers = TierSet(device, offload_dir)
         self.homes: list[WeightHome] = []
-        self.act_tier = _single_tier(policy.act_percents())
+        self.act_tier = single_tier(policy.act_percents())
         self.blocks: dict[int, _Block] = {}
         self._weight_lane = Lane(device, policy.overlap, "flexgen-weights")
         self._cache_lane = Lane(device, policy.overlap, "flexgen-cache")

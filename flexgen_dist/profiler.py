@@ -20,6 +20,7 @@ from flexgen_dist.hardware import DtypeSpeeds, HardwareProfile, detect_capacitie
 from flexgen_dist.memory.disk import ALIGN, DiskTensor, aligned_empty
 from flexgen_dist.memory.tiers import ensure_offload_root
 from flexgen_dist.models import opt
+from flexgen_dist.run_config import dtype_name
 
 GEMM_ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 1024)
 HEAD_ROWS = GEMM_ROWS[:-1]  # the LM head multiplies one row per sequence
@@ -47,6 +48,12 @@ def _sync(device: torch.device) -> Callable[[], None]:
     return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
 
+def _cold_copies(weight: torch.Tensor) -> list[torch.Tensor]:
+    """Copies of `weight` that together exceed any last-level cache: GEMMs rotating through them read their weight
+    from memory, as the engine does (it uses each weight once per GPU batch), never from a warm cache."""
+    return [weight] + [weight.clone() for _ in range(-(-_COLD_BYTES // weight.nbytes) - 1)]
+
+
 def gemm_shapes(hidden_sizes: tuple[int, ...]) -> list[tuple[int, int, tuple[int, ...]]]:
     """(out, in, rows) of the matrices of OPT layers with these hidden sizes: q/k/v/out, fc1, fc2, LM head."""
     shapes = []
@@ -59,11 +66,8 @@ def measure_gemm(device: torch.device, dtype: torch.dtype, out_features: int, in
                  rows_list: tuple[int, ...], max_run_seconds: float = 2.0) -> dict[int, float]:
     """FLOP/s of F.linear per row count. Stops early (flat beyond) where one run would take over
     `max_run_seconds` (bf16 on a CPU without bf16 instructions)."""
-    # The engine reads each weight once per GPU batch from memory, never from a warm cache: rotate through copies
-    # that together exceed any last-level cache, or small-row GEMMs would look several times faster than they are.
-    weight_bytes = out_features * in_features * dtype.itemsize
-    first = torch.randn(out_features, in_features, device=device).to(dtype)
-    weights = [first] + [first.clone() for _ in range(max(1, -(-_COLD_BYTES // weight_bytes)) - 1)]
+    # Warm in the cache, small-row GEMMs would look several times faster than the engine ever sees them.
+    weights = _cold_copies(torch.randn(out_features, in_features, device=device).to(dtype))
     turn = itertools.count()
     table: dict[int, float] = {}
     for rows in rows_list:
@@ -152,8 +156,7 @@ def measure_compute_io_overlap(offload_dir: str | None, nbytes: int = 1 << 30, r
     staging = [aligned_empty((layer_bytes,), torch.uint8) for _ in range(2)]
     staging[0].random_(0, 255)
     x = torch.randn(rows, 2048)
-    weights = [torch.randn(8192, 2048)]
-    weights += [weights[0].clone() for _ in range(_COLD_BYTES // weights[0].nbytes - 1)]
+    weights = _cold_copies(torch.randn(8192, 2048))
     files: list[DiskTensor] = []
     lane = ThreadPoolExecutor(1, thread_name_prefix="flexgen-profile-lane")
 
@@ -191,7 +194,7 @@ def measure_profile(device: torch.device, dtypes: list[torch.dtype], offload_dir
     gpu_mem, cpu_mem, disk_free = detect_capacities(device.type, offload_dir)
     speeds: dict[str, DtypeSpeeds] = {}
     for dtype in dtypes:
-        name = str(dtype).removeprefix("torch.")
+        name = dtype_name(dtype)
         gemm = {}
         for out_features, in_features, rows in gemm_shapes(hidden_sizes):
             log(f"{name}: GEMM {out_features}x{in_features}")

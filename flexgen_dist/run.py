@@ -28,7 +28,7 @@ from flexgen_dist.models.opt import OptConfig
 from flexgen_dist.outputs import ResultWriter, read_done_ids
 from flexgen_dist.progress import progress
 from flexgen_dist.prompts import Request
-from flexgen_dist.run_config import RunConfig, resolve_device, resolve_dtype
+from flexgen_dist.run_config import RunConfig, dtype_name, resolve_device, resolve_dtype
 from flexgen_dist.runtime.coordinator import run_blocks
 from flexgen_dist.runtime.executor import Executor, LocalExecutor
 from flexgen_dist.runtime.partition import partition
@@ -136,7 +136,7 @@ def generate(run: RunConfig, requests: list[Request]) -> dict:
     # Similar lengths share a block: less padding computed and cached.
     work.sort(key=lambda rs: len(rs[1].prompt_ids), reverse=True)
     blocks = [work[i : i + policy.block_size] for i in range(0, len(work), policy.block_size)]
-    summary = {"model": cfg.name, "device": device.type, "dtype": str(dtype).removeprefix("torch."),
+    summary = {"model": cfg.name, "device": device.type, "dtype": dtype_name(dtype),
                "stages": run.stages, "executor": run.executor, "sequences": len(work), "generated_tokens": 0,
                "prompt_tokens": sum(len(s.prompt_ids) for _, s in work)}
     stage_stats: list[dict] = []

@@ -17,6 +17,11 @@ if TYPE_CHECKING:
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 DEVICES = ("cuda", "cpu")
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The name DTYPES, the summaries and hardware profiles use: torch.float32 -> "float32"."""
+    return str(dtype).removeprefix("torch.")
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")  # Ray placement group strategies
 
 

@@ -21,7 +21,7 @@ from flexgen_dist.policy import Policy
 from flexgen_dist.progress import progress
 from flexgen_dist.prompts import Request
 from flexgen_dist.run import make_executor, plan_stages, prompt_ids, resource_summary
-from flexgen_dist.run_config import RunConfig, resolve_device, resolve_dtype
+from flexgen_dist.run_config import RunConfig, dtype_name, resolve_device, resolve_dtype
 from flexgen_dist.runtime.coordinator import run_blocks
 from flexgen_dist.scoring import ScoreBlock, ScoredSequence
 
@@ -73,7 +73,7 @@ def score(run: RunConfig, requests: list[Request], decode_tokens: int = 0) -> di
     # Similar lengths share a block: less padding computed.
     work.sort(key=lambda rs: len(rs[1].input_ids), reverse=True)
     groups = [work[i : i + policy.block_size] for i in range(0, len(work), policy.block_size)]
-    summary: dict = {"model": cfg.name, "device": device.type, "dtype": str(dtype).removeprefix("torch."),
+    summary: dict = {"model": cfg.name, "device": device.type, "dtype": dtype_name(dtype),
                      "stages": run.stages, "executor": run.executor, "decode_tokens": decode_tokens,
                      "sequences": len(work), "skipped": skipped,
                      "prompt_tokens": sum(len(s.input_ids) for _, s in work),

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from flexgen_dist.cost_model import predict
-from flexgen_dist.hardware import load_profile
+from flexgen_dist.hardware import HardwareProfile, load_profile
 from flexgen_dist.memory.budget import MemoryBudget, parse_size
 from flexgen_dist.memory.plan import plan_bytes
 from flexgen_dist.models.layout import model_layers
@@ -98,12 +98,15 @@ def _generate(args, policy_flags: list[str]) -> tuple[dict | None, str]:
     return json.loads(proc.stdout.strip().splitlines()[-1]), peak
 
 
+def budgets_under(hardware: HardwareProfile, memory: str) -> Budgets:
+    """The budgets `--policy auto` gives itself under `memlimit MEMORY`, where it detects that much RAM (the cgroup
+    limit): the grid's policies get the same."""
+    limit = parse_size(memory)
+    return resolve_budgets(MemoryBudget(), replace(hardware, cpu_memory_bytes=limit, device_memory_bytes=limit))
+
+
 def run(args) -> None:
-    hardware = load_profile(args.hardware)
-    limit = parse_size(args.memory)
-    # Under the limit the search detects this much RAM (cgroup memory.max): give the grid the same budgets.
-    hardware = replace(hardware, cpu_memory_bytes=limit, device_memory_bytes=limit)
-    budgets = resolve_budgets(MemoryBudget(), hardware)
+    budgets = budgets_under(load_profile(args.hardware), args.memory)
     out = Path(args.out)
     done = set()
     if out.exists():
@@ -190,9 +193,7 @@ def report(args) -> None:
             within += abs(error) <= 0.25
             within_own_disk += abs(own_error) <= 0.25
         s = settings.setdefault((r["model"], r["memory"]), {"best": 0.0, "best_name": "", "auto": None})
-        limit = parse_size(r["memory"])
-        budget = resolve_budgets(MemoryBudget(), replace(hardware, cpu_memory_bytes=limit, device_memory_bytes=limit))
-        held = r["peak_bytes"]["gpu"] + r["peak_bytes"]["cpu"] <= budget.shared_memory
+        held = r["peak_bytes"]["gpu"] + r["peak_bytes"]["cpu"] <= budgets_under(hardware, r["memory"]).shared_memory
         budgets_kept += held
         if r["name"] == "auto":
             s.update(auto=r["throughput_tok_s"], auto_policy=policy, auto_held=held,
@@ -245,10 +246,7 @@ def main() -> None:
     if args.command == "report":
         return report(args)
     if args.list:
-        hardware = load_profile(args.hardware)
-        limit = parse_size(args.memory)
-        budgets = resolve_budgets(MemoryBudget(), replace(hardware, cpu_memory_bytes=limit, device_memory_bytes=limit))
-        for name, policy in grid(args, budgets):
+        for name, policy in grid(args, budgets_under(load_profile(args.hardware), args.memory)):
             print(name, " ".join(_policy_flags(policy)))
         return
     run(args)

@@ -19,6 +19,11 @@ def split_elements(total: int, percents: tuple[float, float, float], align: int)
     return {tier: (bounds[i], bounds[i + 1]) for i, tier in enumerate(TIERS) if bounds[i + 1] > bounds[i]}
 
 
+def single_tier(percents: tuple[float, float, float]) -> Tier:
+    """The tier of a placement kept whole on one tier (activations): the first with a share."""
+    return next(t for t, p in zip(TIERS, percents) if p > 0)
+
+
 def split_heads(num_heads: int, percents: tuple[float, float, float]) -> dict[Tier, tuple[int, int]]:
     """[start, stop) head ranges per tier: the KV cache is split along heads, attention runs per piece."""
     return split_elements(num_heads, percents, 1)

@@ -14,7 +14,7 @@ from flexgen_dist.compression import record_nbytes
 from flexgen_dist.errors import UserError
 from flexgen_dist.memory.budget import MemoryBudget, format_bytes
 from flexgen_dist.memory.disk import ALIGN
-from flexgen_dist.memory.placement import split_elements, split_heads
+from flexgen_dist.memory.placement import single_tier, split_elements, split_heads
 from flexgen_dist.memory.tiers import TIERS, Tier
 from flexgen_dist.memory.weight_home import FlatLayout, PackedLayout
 from flexgen_dist.models.layout import LayerSpec
@@ -81,15 +81,16 @@ def plan_bytes(cfg: OptConfig, layers: list[LayerSpec], policy: Policy, dtype: t
             if tier is Tier.DISK:
                 buffers[Tier.CPU] += CACHE_LOADS_IN_FLIGHT * (h1 - h0) * stored_head_bytes
 
-    act_tier = next(t for t, p in zip(TIERS, policy.act_percents()) if p > 0)
-    acts[act_tier] += blocks_in_flight * blocks * batch * prompt_len * cfg.hidden_size * item
-
-    # One batch computing a layer at prefill: q/k/v/context, MLP hidden, fp32 attention scores, fp32 logits.
-    tokens = batch * prompt_len
-    workspace = tokens * (6 * cfg.hidden_size + cfg.ffn_dim) * item
-    workspace += batch * cfg.num_heads * prompt_len * capacity * 4 + 2 * batch * cfg.vocab_size * 4
-    buffers[Tier.GPU] += workspace
+    acts[single_tier(policy.act_percents())] += blocks_in_flight * blocks * batch * prompt_len * cfg.hidden_size * item
+    buffers[Tier.GPU] += workspace_bytes(cfg, batch, prompt_len, capacity, item)
     return TierPlan(weights, cache, acts, buffers)
+
+
+def workspace_bytes(cfg: OptConfig, batch: int, prompt_len: int, capacity: int, item: int) -> int:
+    """One GPU batch computing a layer at prefill: q/k/v/context, MLP hidden, fp32 attention scores, fp32 logits."""
+    tokens = batch * prompt_len
+    return (tokens * (6 * cfg.hidden_size + cfg.ffn_dim) * item
+            + batch * cfg.num_heads * prompt_len * capacity * 4 + 2 * batch * cfg.vocab_size * 4)
 
 
 def check_budget(plan: TierPlan, budget: MemoryBudget) -> None:
