@@ -80,11 +80,12 @@ class _Block:
 
 def _used_by_compute(loaded: list[LoadedPiece]) -> None:
     """Staged cache copies were allocated on a lane's CUDA stream; keep the allocator from reusing them while the
-    compute stream still reads them."""
+    compute stream still reads them. Sparse attention stages keys only (v is None until the kept rows are fetched)."""
     for lp in loaded:
         if lp.staged and lp.k.is_cuda:
-            lp.k.record_stream(torch.cuda.current_stream())
-            lp.v.record_stream(torch.cuda.current_stream())
+            for staged in (lp.k, lp.v):
+                if staged is not None:
+                    staged.record_stream(torch.cuda.current_stream())
 
 
 class StageEngine:
@@ -116,7 +117,7 @@ class StageEngine:
             raise
 
     def _slots(self, tier: Tier, numel: int, dtype: torch.dtype, name: str) -> list:
-        return [self.tiers.empty(tier, (numel,), dtype, name) for _ in range(2)] if numel else []
+        return [self.tiers.empty(tier, (numel,), dtype, name, lasting=True) for _ in range(2)] if numel else []
 
     @property
     def has_embedding(self) -> bool:

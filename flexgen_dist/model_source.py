@@ -6,6 +6,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from flexgen_dist.errors import UserError
 from flexgen_dist.models.opt import OptConfig, config_by_name
 from flexgen_dist.weights import DummyWeights, WeightSource, load_checkpoint_config, open_checkpoint
@@ -38,11 +40,12 @@ def model_config(model: str) -> OptConfig:
     return load_checkpoint_config(path) if path.is_dir() else config_by_name(model)
 
 
-def resolve_model(model: str, dummy_weights: bool, seed: int) -> ModelSource:
+def resolve_model(model: str, dummy_weights: bool, seed: int, device: torch.device | str = "cpu") -> ModelSource:
+    """`device`: where dummy weights are drawn (the compute device of whoever reads them)."""
     path = Path(model).expanduser()
     if path.is_dir():
         if dummy_weights:
-            return ModelSource(load_checkpoint_config(path), DummyWeights(seed), load_tokenizer(path))
+            return ModelSource(load_checkpoint_config(path), DummyWeights(seed, device), load_tokenizer(path))
         cfg, weights = open_checkpoint(path)
         return ModelSource(cfg, weights, load_tokenizer(path))
     if path.exists() or os.sep in model:
@@ -50,4 +53,4 @@ def resolve_model(model: str, dummy_weights: bool, seed: int) -> ModelSource:
     cfg = config_by_name(model)
     if not dummy_weights:
         raise UserError(f"--model {model}: no weights can be downloaded here; pass a checkpoint directory or --dummy-weights")
-    return ModelSource(cfg, DummyWeights(seed), None)
+    return ModelSource(cfg, DummyWeights(seed, device), None)

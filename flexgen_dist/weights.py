@@ -27,25 +27,29 @@ class WeightSource(Protocol):
 
 
 class DummyWeights:
-    """Seeded random weights: matrices uniform with std DUMMY_STD, LayerNorm scales 1, biases 0."""
+    """Seeded random weights: matrices uniform with std DUMMY_STD, LayerNorm scales 1, biases 0.
 
-    def __init__(self, seed: int = 0) -> None:
-        self.seed = seed
+    Values are drawn on the compute device, whatever tier they land in: CPU generation of an opt-6.7b took 49 s of an
+    H100 run, and one generator per run keeps the weights identical for every placement."""
+
+    def __init__(self, seed: int = 0, device: torch.device | str = "cpu") -> None:
+        self.seed, self.device = seed, torch.device(device)
 
     def read(self, weight: WeightSpec, start: int, stop: int, out: torch.Tensor) -> None:
         if weight.init != "normal":
             out.fill_(1.0 if weight.init == "ones" else 0.0)
             return
         bound = DUMMY_STD * 3**0.5
-        gen = torch.Generator()
+        gen = torch.Generator(self.device)
         pos = start
         while pos < stop:
             chunk = pos // _CHUNK
             chunk_start, chunk_stop = chunk * _CHUNK, min((chunk + 1) * _CHUNK, weight.numel)
             gen.manual_seed(zlib.crc32(f"{self.seed}/{weight.checkpoint_key}/{chunk}".encode()))
-            values = torch.empty(chunk_stop - chunk_start, dtype=out.dtype).uniform_(-bound, bound, generator=gen)
+            values = torch.empty(chunk_stop - chunk_start, dtype=out.dtype, device=self.device)
+            values.uniform_(-bound, bound, generator=gen)
             take = min(stop, chunk_stop) - pos
-            out[pos - start : pos - start + take] = values[pos - chunk_start : pos - chunk_start + take]
+            out[pos - start : pos - start + take].copy_(values[pos - chunk_start : pos - chunk_start + take])
             pos += take
 
 

@@ -4,6 +4,7 @@ placement, block shape and overlap setting, through the real CLI entry point."""
 from __future__ import annotations
 
 import json
+import os
 import random
 
 import pytest
@@ -12,6 +13,8 @@ from flexgen_dist.cli import main
 from hf_oracle import hf_greedy
 
 MAX_NEW = 12
+# FLEXGEN_TEST_DEVICE=cuda runs every engine test that goes through run_cli on the GPU (docs/testing on a GPU).
+TEST_DEVICE = os.environ.get("FLEXGEN_TEST_DEVICE", "cpu")
 _rng = random.Random(1)
 PROMPTS = [[_rng.randrange(4, 512) for _ in range(n)] for n in (7, 3, 19, 11, 1)]
 
@@ -40,7 +43,7 @@ def _prompts_file(tmp_path, prompts):
     return path
 
 
-def run_cli(tmp_path, model_dir, *flags, prompts=PROMPTS, max_new=MAX_NEW, device="cpu", executor="local"):
+def run_cli(tmp_path, model_dir, *flags, prompts=PROMPTS, max_new=MAX_NEW, device=TEST_DEVICE, executor="local"):
     """Run `generate`; the in-process executor unless told otherwise (test_pipeline.py covers Ray)."""
     tmp_path.mkdir(parents=True, exist_ok=True)
     out = tmp_path / "out.jsonl"

@@ -57,6 +57,7 @@ class TierSet:
         self.stats = TransferStats()
         self.current = {t: 0 for t in TIERS}
         self.peak = {t: 0 for t in TIERS}
+        self._registered: dict[int, torch.Tensor] = {}  # data_ptr -> CPU-tier tensor page-locked for the GPU
 
     def addressable(self, tier: Tier) -> bool:
         """Can compute read this tier's tensors in place?"""
@@ -67,21 +68,47 @@ class TierSet:
             self.current[tier] += nbytes
             self.peak[tier] = max(self.peak[tier], self.current[tier])
 
-    def empty(self, tier: Tier, shape: tuple[int, ...], dtype: torch.dtype, name: str = "t") -> Stored:
+    def empty(self, tier: Tier, shape: tuple[int, ...], dtype: torch.dtype, name: str = "t",
+              lasting: bool = False) -> Stored:
+        """`lasting`: held for the run or a block (homes, staging slots), so a CPU-tier tensor is page-locked in place
+        at its exact size; transient ones (per-step staging) come from torch's caching pinned allocator, which reuses
+        them step after step."""
         if tier is Tier.DISK:
             stored: Stored = DiskTensor(self._new_path(name), tuple(shape), dtype)
         elif tier is Tier.GPU and self.device.type != "cpu":
             stored = torch.empty(shape, dtype=dtype, device=self.device)
         else:
             # Page-aligned so disk reads can land here directly; pinned on CUDA for async copies.
-            stored = aligned_empty(tuple(shape), dtype, pin_memory=self.pin_memory)
+            stored = aligned_empty(tuple(shape), dtype, pin_memory=self.pin_memory and not lasting)
+            if self.pin_memory and lasting:
+                self._register(stored)
         self._count(tier, nbytes_of(stored))
         return stored
+
+    def _register(self, t: torch.Tensor) -> None:
+        """Page-lock a CPU tensor in place. torch's pinned allocator rounds every block up to a power of two, which
+        took an opt-6.7b run's 8.7 GB CPU-tier cache to 18.4 GB of RSS on an H100 host: registering costs the bytes
+        asked for. Unregistered in release() or close(), before the tensor can be freed."""
+        err = torch.cuda.cudart().cudaHostRegister(t.data_ptr(), t.numel() * t.element_size(), 0)
+        if int(err) != 0:
+            raise UserError(f"cannot page-lock {t.numel() * t.element_size()} B of CPU memory for the GPU "
+                            f"(cudaHostRegister error {int(err)}); lower the cpu budget or the ulimit -l")
+        with self._lock:
+            self._registered[t.data_ptr()] = t
+
+    def _unregister(self, t: torch.Tensor) -> None:
+        with self._lock:
+            registered = self._registered.pop(t.data_ptr(), None)
+        if registered is not None:
+            torch.cuda.synchronize(self.device)  # no copy may still read it
+            torch.cuda.cudart().cudaHostUnregister(registered.data_ptr())
 
     def release(self, tier: Tier, stored: Stored) -> None:
         self._count(tier, -nbytes_of(stored))
         if isinstance(stored, DiskTensor):
             stored.delete()
+        elif self._registered:
+            self._unregister(stored)
 
     def _new_path(self, name: str) -> Path:
         with self._lock:
@@ -95,7 +122,9 @@ class TierSet:
             return self._dir / f"{self._files:06d}-{name}.bin"
 
     def close(self) -> None:
-        """Remove the offload files this engine created (only its own directory)."""
+        """Remove the offload files this engine created (only its own directory); unpin what is still pinned."""
+        for t in list(self._registered.values()):
+            self._unregister(t)
         if self._dir is not None:
             shutil.rmtree(self._dir, ignore_errors=True)
             self._dir = None

@@ -152,7 +152,7 @@ class WeightHome:
         self.pieces: list[tuple[Tier, int, int, torch.Tensor | DiskTensor]] = []
         host = self.packed.encode(layer, source) if self.packed else None
         for tier, (start, stop) in split_elements(self.stored_numel, percents, page).items():
-            stored = tiers.empty(tier, (stop - start,), self.stored_dtype, name=layer.label)
+            stored = tiers.empty(tier, (stop - start,), self.stored_dtype, name=layer.label, lasting=True)
             self.pieces.append((tier, start, stop, stored))
             if host is None:
                 self._populate(source, start, stop, stored)
