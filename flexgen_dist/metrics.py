@@ -143,6 +143,8 @@ class RunMetrics:
         self._pending = Gauge("flexgen_pending_sequences", "Sequences of this run not finished yet", registry=r)
         self._budget = Gauge("flexgen_memory_budget_bytes", "Each stage's --max-memory budget per tier", ["tier"],
                              registry=r)
+        self._restarts = Counter("flexgen_stage_restarts", "Stage processes lost and restarted (the blocks in flight "
+                                 "replayed)", ["stage"], registry=r)
         self.stages = StageFamilies()
         self.registry.register(self.stages)
         self._generated_count = 0
@@ -166,6 +168,9 @@ class RunMetrics:
     def decode_done(self, new_tokens: int, latency_s: float) -> None:
         self._time_per_output_token.observe(latency_s)
         self._count_generated(new_tokens)
+
+    def stage_restarted(self, stage: int) -> None:
+        self._restarts.labels(str(stage)).inc()
 
     def sequences_finished(self, finish_reasons: Iterable[str]) -> None:
         for reason in finish_reasons:

@@ -138,7 +138,7 @@ def generate(run: RunConfig, requests: list[Request]) -> dict:
     blocks = [work[i : i + policy.block_size] for i in range(0, len(work), policy.block_size)]
     summary = {"model": cfg.name, "device": device.type, "dtype": dtype_name(dtype),
                "stages": run.stages, "executor": run.executor, "sequences": len(work), "generated_tokens": 0,
-               "prompt_tokens": sum(len(s.prompt_ids) for _, s in work)}
+               "prompt_tokens": sum(len(s.prompt_ids) for _, s in work), "stage_restarts": 0}
     stage_stats: list[dict] = []
     metrics = RunMetrics()
     metrics.set_budget(run.budget)
@@ -186,9 +186,13 @@ def generate(run: RunConfig, requests: list[Request]) -> dict:
                 if bar is not None:
                     bar.step_done(new_tokens)
 
+            def restarted(stage: int) -> None:
+                summary["stage_restarts"] += 1
+                metrics.stage_restarted(stage)
+
             metrics.run_started(len(work))
             timing = run_blocks(executor, block_runs(), lambda _: run.sampling, max_in_flight=run.stages,
-                                on_block_done=finished, on_step=stepped)
+                                on_block_done=finished, on_step=stepped, on_restart=restarted)
             metrics.finish()
             stage_stats = executor.stats()
     total = timing.total_s if timing else 0.0

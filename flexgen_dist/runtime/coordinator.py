@@ -4,6 +4,10 @@ complete. Generation and scoring share it.
 
 With S stages and S blocks in flight, stage s works on one block while stage s+1 works on the block submitted before
 it: Ray runs each actor's calls in order, and object refs flow actor to actor without visiting the coordinator.
+
+A stage that loses its process loses the KV caches (and sampling generators) of every block in flight. Once the
+executor has it back (`recover`), each block in flight is replayed on every stage from a fresh start (see `_replay`),
+so the run's output is the one an undisturbed run gives.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from typing import Protocol, TypeVar
 import torch
 
 from flexgen_dist.generation import Sampling
-from flexgen_dist.runtime.executor import Executor
+from flexgen_dist.runtime.executor import Executor, StageLost
 from flexgen_dist.scoring import Scoring
 
 
@@ -47,20 +51,49 @@ class Block(Protocol):
 
 
 B = TypeVar("B", bound=Block)
+# The inputs of one step sent: tokens per GPU batch, and the width of its `valid` (the positions seen so far).
+SentStep = tuple[list[torch.Tensor], int]
+
+
+def _replay(executor: Executor, block: Block, head: Sampling | Scoring, sent: list[SentStep]) -> object:
+    """Send a block, from a fresh start on every stage, each step it was sent so far; returns the handle of the last
+    (the step in flight). Teacher forcing: every step gets the inputs it got the first time, so the stages rebuild
+    the same KV cache, and the last stage's generator, seeded per block by `start_block`, draws the same numbers
+    again: the step in flight yields what it would have without the loss. Earlier steps' outputs are already in the
+    block and are dropped. A step's `valid` is a prefix of the block's current one, as the cache only grows."""
+    executor.start_block(block.block_id, block.batch_sizes, block.capacity, head)  # also drops a stage's stale state
+    valid = block.valid
+    handle = None
+    for tokens, width in sent:
+        handle = executor.submit_step(block.block_id, tokens, [v[:, :width] for v in valid])
+    return handle
 
 
 def run_blocks(executor: Executor, blocks: Iterator[B], head: Callable[[B], Sampling | Scoring], max_in_flight: int,
-               on_block_done: Callable[[B], None],
-               on_step: Callable[[B, float], None] | None = None) -> PipelineTiming:
+               on_block_done: Callable[[B], None], on_step: Callable[[B, float], None] | None = None,
+               on_restart: Callable[[int], None] | None = None) -> PipelineTiming:
     """`head(block)`: what the last stage does with the block's logits (sample, or score). `on_step(block, latency_s)`
-    runs after each step's output is recorded (`block.steps_done == 1` after its prefill), before `on_block_done`."""
+    runs after each step's output is recorded (`block.steps_done == 1` after its prefill), before `on_block_done`.
+    `on_restart(stage)`: a stage's process was lost and restarted; the blocks in flight are being replayed."""
     timing = PipelineTiming()
     in_flight: list[tuple[B, object, float]] = []  # (block, handle of its current step, submit time)
+    sent: dict[int, list[SentStep]] = {}  # block id -> the steps sent for a block in flight, to replay it
     start = time.perf_counter()
 
     def submit(block: B) -> None:
         submitted = time.perf_counter()  # before the call: the in-process executor runs the whole step inside it
+        # A copy of the list: a block may replace its items as it advances (the tensors themselves stay as sent).
+        sent.setdefault(block.block_id, []).append((list(block.tokens), block.valid[0].shape[1]))
         in_flight.append((block, executor.submit_step(block.block_id, block.tokens, block.valid), submitted))
+
+    def recover() -> None:
+        for stage in executor.recover():
+            if on_restart is not None:
+                on_restart(stage)
+        # Every block in flight, not just the one whose step failed: the lost stage held them all. A step's latency
+        # keeps its first submit time, so the wait for the restart and the replay shows in it.
+        for i, (block, _, submitted) in enumerate(in_flight):
+            in_flight[i] = (block, _replay(executor, block, head(block), sent[block.block_id]), submitted)
 
     pending = iter(blocks)
     exhausted = False
@@ -75,8 +108,14 @@ def run_blocks(executor: Executor, blocks: Iterator[B], head: Callable[[B], Samp
                 submit(block)
             if not in_flight:
                 break
-            block, handle, submitted = in_flight.pop(executor.wait_any([h for _, h, _ in in_flight]))
-            outputs = executor.result(handle)
+            i = executor.wait_any([h for _, h, _ in in_flight])
+            block, handle, submitted = in_flight[i]
+            try:
+                outputs = executor.result(handle)
+            except StageLost:
+                recover()
+                continue
+            del in_flight[i]
             latency = time.perf_counter() - submitted
             if block.steps_done == 0:
                 timing.prefill_s += latency
@@ -87,6 +126,7 @@ def run_blocks(executor: Executor, blocks: Iterator[B], head: Callable[[B], Samp
                 on_step(block, latency)
             if block.done:
                 executor.end_block(block.block_id)
+                del sent[block.block_id]
                 on_block_done(block)
             else:
                 submit(block)

@@ -10,10 +10,17 @@ from typing import Any, Protocol
 
 import torch
 
+from flexgen_dist.errors import UserError
 from flexgen_dist.generation import Sampling
 from flexgen_dist.runtime.stage_snapshot import StageSnapshot
 from flexgen_dist.runtime.worker import StageSpec, StageWorker
 from flexgen_dist.scoring import Scoring
+
+
+class StageLost(UserError):
+    """A stage's process died or became unreachable, and the state of every block in flight went with it. `result`
+    raises it; the coordinator then calls `recover` and replays those blocks. Uncaught, it is one line like any
+    UserError."""
 
 
 class Executor(Protocol):
@@ -22,7 +29,10 @@ class Executor(Protocol):
     def start_block(self, block_id: int, batch_sizes: list[int], capacity: int, head: Sampling | Scoring) -> None: ...
     def submit_step(self, block_id: int, tokens: list[torch.Tensor], valid: list[torch.Tensor]) -> Any: ...
     def wait_any(self, handles: list[Any]) -> int: ...
-    def result(self, handle: Any) -> list[torch.Tensor]: ...
+    def result(self, handle: Any) -> list[torch.Tensor]: ...  # raises StageLost
+    # After StageLost: once every stage answers again, the stages that were restarted (they hold no blocks now).
+    # Raises UserError when a stage cannot come back: its restarts are spent, or it does not answer in time.
+    def recover(self) -> list[int]: ...
     def end_block(self, block_id: int) -> None: ...
     def stats(self) -> list[dict]: ...
     # Called from the metrics server's thread while steps run; None for a stage that did not answer in time.
@@ -58,6 +68,9 @@ class LocalExecutor:
 
     def result(self, handle: list[torch.Tensor]) -> list[torch.Tensor]:
         return handle
+
+    def recover(self) -> list[int]:
+        return []  # in-process stages are never lost: result() does not raise StageLost
 
     def end_block(self, block_id: int) -> None:
         for w in self.workers:

@@ -1,5 +1,10 @@
 """Everything Ray: connecting (or starting an embedded cluster on 127.0.0.1), a placement group with one bundle per
-stage, one StageWorker actor per bundle, and the executor calls as actor method calls chained by object refs."""
+stage, one StageWorker actor per bundle, and the executor calls as actor method calls chained by object refs.
+
+A stage actor whose process dies (killed, out of memory, node lost) is restarted by Ray, up to MAX_STAGE_RESTARTS
+times: its __init__ runs again and reloads the slice. Ray retries no call (max_task_retries=0): a step re-run alone
+on a stage that lost the block's cache would be wrong, so the coordinator replays whole blocks instead.
+"""
 
 from __future__ import annotations
 
@@ -7,23 +12,28 @@ import contextlib
 import os
 import signal
 import threading
+import time
 from typing import Any
 
 import torch
 
 from flexgen_dist.errors import UserError
 from flexgen_dist.generation import Sampling
+from flexgen_dist.runtime.executor import StageLost
 from flexgen_dist.runtime.stage_snapshot import StageSnapshot
 from flexgen_dist.runtime.worker import StageSpec, StageWorker
 from flexgen_dist.scoring import Scoring
 
 READY_TIMEOUT_S = float(os.environ.get("FLEXGEN_RAY_READY_TIMEOUT_S", "600"))  # loading a big slice takes minutes
 PLACEMENT_TIMEOUT_S = float(os.environ.get("FLEXGEN_RAY_PLACEMENT_TIMEOUT_S", "60"))
+MAX_STAGE_RESTARTS = int(os.environ.get("FLEXGEN_MAX_STAGE_RESTARTS", "3"))  # per stage, over the run
+RESTART_POLL_S = 0.5  # while Ray restarts a stage, calls to it fail at once: ask again this often
 SNAPSHOT_TIMEOUT_S = 2.0  # a scrape waits this long for the stages, then shows their last figures
 # An actor thread of its own for snapshots: with max_concurrency=1 the steps still run one at a time and in order, and
 # a snapshot does not wait for them. It does wait while an earlier call still waits for its argument (a stage's
 # next step for the previous stage's output): Ray starts an actor's calls in order.
 MONITOR_GROUP = "monitor"
+_KEPT = "Results already written are kept: run again with the same --output to resume."  # ends a lost run's line
 
 
 def _connect(address: str | None) -> bool:
@@ -67,6 +77,10 @@ def _init(target: str | None) -> bool:
         raise UserError(f"cannot reach the Ray cluster at {target}: {e} (is it running? check `ray status`)") from None
 
 
+def _first_line(e: Exception) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
 def _unwrap(e: Exception) -> Exception:
     """A UserError raised inside an actor arrives wrapped; give the user its one line."""
     cause = getattr(e, "cause", None)
@@ -84,6 +98,8 @@ class RayExecutor:
         self._remove_pg = remove_placement_group
         self.actors: list[Any] = []
         self._snapshot_refs: list[Any] = []  # per stage, a snapshot call not yet answered (reused, not repeated)
+        self._pids: list[int] = []  # per stage, the process that holds its blocks
+        self._recoveries = 0
         self._pg = None
         try:
             gpu = specs[0].device != "cpu" and _cluster_has_gpus()
@@ -104,10 +120,11 @@ class RayExecutor:
                     spec = _with_threads(spec, max(1, int(cpu_share)))
                 self.actors.append(worker_cls.options(
                     num_cpus=bundles[i]["CPU"], num_gpus=bundles[i].get("GPU", 0), max_concurrency=1,
+                    max_restarts=MAX_STAGE_RESTARTS, max_task_retries=0,
                     scheduling_strategy=PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=i),
                 ).remote(spec))
-            self._get([a.ready.remote() for a in self.actors], timeout=READY_TIMEOUT_S,
-                      what=f"stage actors to load their layers within {READY_TIMEOUT_S:.0f} s")
+            self._pids = self._get([a.pid.remote() for a in self.actors], timeout=READY_TIMEOUT_S,
+                                   what=f"stage actors to load their layers within {READY_TIMEOUT_S:.0f} s")
             self._snapshot_refs = [None] * len(self.actors)
         except BaseException:
             self.shutdown()
@@ -120,6 +137,10 @@ class RayExecutor:
             return ray.get(refs, timeout=timeout)
         except ray.exceptions.GetTimeoutError:
             raise UserError(f"timed out waiting for {what}; check `ray status` and the actor logs") from None
+        # Before RayTaskError: a call whose argument came from a lost stage fails with an error that is both.
+        except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError) as e:  # a process or a node is gone
+            cause = getattr(e, "cause", e)
+            raise StageLost(f"a stage was lost while waiting for {what}: {_first_line(cause)}") from None
         except ray.exceptions.RayTaskError as e:
             raise _unwrap(e) from None
 
@@ -140,7 +161,39 @@ class RayExecutor:
         return handles.index(ready[0])
 
     def result(self, handle) -> list[torch.Tensor]:
-        return self._get(handle)
+        return self._get(handle, what="a step")
+
+    def recover(self) -> list[int]:
+        """Wait until every stage answers again, and return those whose process changed: restarted by Ray, their
+        slices reloaded, their blocks gone. Bounded: Ray restarts a stage at most MAX_STAGE_RESTARTS times, and
+        recoveries (a stage may be unreachable for a while without dying) are at most that many per stage."""
+        self._recoveries += 1
+        if self._recoveries > MAX_STAGE_RESTARTS * self.num_stages:
+            raise UserError(f"stages were lost {self._recoveries} times; giving up (at most {MAX_STAGE_RESTARTS} "
+                            f"per stage, FLEXGEN_MAX_STAGE_RESTARTS). {_KEPT}")
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        pids = [self._pid_when_up(i, deadline) for i in range(self.num_stages)]
+        restarted = [i for i, (old, new) in enumerate(zip(self._pids, pids)) if old != new]
+        self._pids = pids
+        return restarted
+
+    def _pid_when_up(self, stage: int, deadline: float) -> int:
+        import ray
+
+        while True:
+            try:
+                return ray.get(self.actors[stage].pid.remote(), timeout=max(0.0, deadline - time.monotonic()))
+            except ray.exceptions.ActorUnavailableError:  # restarting (or unreachable): it may answer later
+                if time.monotonic() >= deadline:
+                    break
+                time.sleep(RESTART_POLL_S)
+            except ray.exceptions.ActorDiedError as e:  # Ray will not restart it: restarts spent, or __init__ failed
+                raise UserError(f"stage {stage} was lost and not restarted (at most {MAX_STAGE_RESTARTS} restarts per "
+                                f"stage, FLEXGEN_MAX_STAGE_RESTARTS): {_first_line(e)} {_KEPT}") from None
+            except ray.exceptions.GetTimeoutError:
+                break
+        raise UserError(f"stage {stage} was lost and did not come back within {READY_TIMEOUT_S:.0f} s; check "
+                        f"`ray status` and the actor logs. {_KEPT}")
 
     def end_block(self, block_id: int) -> None:
         for a in self.actors:

@@ -6,6 +6,7 @@ after Ray has set the visible GPUs.
 
 from __future__ import annotations
 
+import os
 import resource
 import threading
 import time
@@ -41,8 +42,9 @@ class StageWorker:
     def __init__(self, spec: StageSpec) -> None:
         if spec.threads:
             torch.set_num_threads(spec.threads)
+        self._layers = (spec.layer_start, spec.layer_stop)
         self.device = resolve_device(spec.device)
-        source = resolve_model(spec.model, spec.dummy_weights, spec.seed)
+        source = resolve_model(spec.model, spec.dummy_weights, spec.seed, self.device)
         layers = model_layers(source.config)[spec.layer_start : spec.layer_stop]
         self.engine = StageEngine(source.config, layers, spec.policy, source.weights, self.device,
                                   resolve_dtype(spec.dtype, self.device), spec.offload_dir)
@@ -53,8 +55,13 @@ class StageWorker:
         self._step_start: float | None = None  # while a step runs
         self._clock = threading.Lock()  # snapshot() reads the step clock from another thread
 
-    def ready(self) -> bool:
-        return True
+    def __repr__(self) -> str:
+        # Ray names the actor's log lines and its state-API entry after this: which slice, not just "StageWorker".
+        return f"StageWorker(layers {self._layers[0]}:{self._layers[1]})"
+
+    def pid(self) -> int:
+        """Answers once the slice is loaded; the executor waits on it, and tells a restarted stage by a new id."""
+        return os.getpid()
 
     def start_block(self, block_id: int, batch_sizes: list[int], capacity: int, head: Sampling | Scoring) -> None:
         """`head`: what the last stage does with the logits — sample the next tokens, or score the block's tokens."""
