@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from flexgen_dist.auto_policy import PLACEMENT, SEARCHED, AutoPolicy
+from flexgen_dist.baselines import SYSTEMS
 from flexgen_dist.errors import UserError
 from flexgen_dist.generation import Sampling
 from flexgen_dist.memory.budget import MemoryBudget, parse_max_memory, parse_size
@@ -127,6 +128,42 @@ def build_parser() -> argparse.ArgumentParser:
     _add_distribution_flags(sc)
     _add_output_flags(sc)
     sc.set_defaults(func=_score)
+
+    be = sub.add_parser("bench", help="our engine and the baselines (HF generate, HF accelerate offload) on the same "
+                                      "synthetic work; throughput, latency, ratios, roofline; JSON out")
+    be.add_argument("--model", required=True,
+                    help="opt-125m … opt-175b (dummy weights) or a checkpoint dir (both systems read it; needed by "
+                         "--baseline accelerate: write one with `flexgen-dist checkpoint`)")
+    be.add_argument("--prompt-len", type=int, default=128, help="prompt tokens (default 128)")
+    be.add_argument("--gen-len", type=int, default=32, help="new tokens per prompt, EOS ignored (default 32)")
+    be.add_argument("--num-prompts", type=int, metavar="N",
+                    help="prompts per point (default: one block per stage, so latency is one block's time)")
+    be.add_argument("--seed", type=int, default=0, help="dummy weights and synthetic prompts (default 0)")
+    be.add_argument("--sweep", metavar="BxN,…", help="block shapes (--gpu-batch-size x --num-gpu-batches) to measure, "
+                                                    "e.g. 8x1,32x1,32x4: a latency/throughput curve")
+    be.add_argument("--baseline", action="append", choices=SYSTEMS, default=[],
+                    help="also run HF transformers generate (hf, weights resident) or HF accelerate's offload "
+                         "(accelerate) under the same budgets (repeatable)")
+    be.add_argument("--baseline-batch-size", type=int, action="append", default=[], metavar="N",
+                    help="baseline batch sizes to try, the best reported (default: hf the two largest powers of two "
+                         "up to the block size that fit the memory budget, accelerate the block size)")
+    be.add_argument("--results", metavar="FILE.jsonl", help="append every measured point here")
+    be.add_argument("--plot", metavar="FILE.png", help="latency/throughput plot of every system (needs matplotlib)")
+    be.add_argument("--no-roofline", action="store_true",
+                    help="skip the roofline (it needs the hardware profile: --hardware, else this machine's, "
+                         "measured once and cached)")
+    _add_policy_flags(be)
+    _add_resource_flags(be)
+    _add_distribution_flags(be)
+    be.set_defaults(func=_bench)
+
+    ck = sub.add_parser("checkpoint", help="write a random OPT checkpoint of a real size (HF safetensors shards), "
+                                           "e.g. for `bench --baseline accelerate`")
+    ck.add_argument("--model", required=True, help="opt-125m … opt-175b")
+    ck.add_argument("--dtype", choices=tuple(DTYPES), default="float16", help="stored dtype (default float16)")
+    ck.add_argument("--seed", type=int, default=0, help="the dummy weights' seed (default 0)")
+    ck.add_argument("--output", required=True, metavar="DIR", help="an empty or new directory")
+    ck.set_defaults(func=_checkpoint)
 
     pr = sub.add_parser("profile", help="measure this machine's hardware constants for the cost model; YAML out")
     pr.add_argument("--device", choices=DEVICES, help="default: cuda if available")
@@ -317,6 +354,93 @@ def _policy_command(args: argparse.Namespace) -> int:
     return 0
 
 
+# generate's flags that bench passes through to our runs: (attribute, flag)
+_BENCH_PASSTHROUGH = (
+    ("policy", "--policy"), ("hardware", "--hardware"), ("percent", "--percent"), ("gpu_batch_size", "--gpu-batch-size"),
+    ("num_gpu_batches", "--num-gpu-batches"), ("no_overlap", "--no-overlap"), ("cpu_cache_compute", "--cpu-cache-compute"),
+    ("attn_sparsity", "--attn-sparsity"), ("compress_weight", "--compress-weight"), ("compress_cache", "--compress-cache"),
+    ("compress_bits", "--compress-bits"), ("compress_group_size", "--compress-group-size"),
+    ("compress_symmetric", "--compress-symmetric"), ("no_compression", "--no-compression"), ("device", "--device"),
+    ("dtype", "--dtype"), ("max_memory", "--max-memory"), ("offload_dir", "--offload-dir"), ("stages", "--stages"),
+    ("ray_address", "--ray-address"), ("placement_strategy", "--placement-strategy"), ("executor", "--executor"),
+)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from flexgen_dist.auto_policy import machine_profile
+    from flexgen_dist.bench import BenchSpec, format_table, parse_blocks, plot_pareto, run_bench
+    from flexgen_dist.hardware import load_profile
+    from flexgen_dist.model_source import model_config
+
+    for name in ("prompt_len", "gen_len", "num_prompts", "stages"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if any(b < 1 for b in args.baseline_batch_size):
+        raise UserError("--baseline-batch-size must be >= 1")
+    # --hardware is the roofline's profile too; only --policy auto also plans with it.
+    planning = argparse.Namespace(**{**vars(args), "hardware": args.hardware if args.policy == "auto" else None})
+    policy = _policy(planning)  # also refuses contradictory policy flags before anything runs
+    cfg = model_config(args.model)
+    if "accelerate" in args.baseline and not Path(args.model).is_dir():
+        raise UserError("--baseline accelerate loads a checkpoint: pass a checkpoint dir as --model, e.g. one written "
+                        f"by `flexgen-dist checkpoint --model {args.model} --output DIR`")
+    if cfg.max_positions < args.prompt_len + args.gen_len:
+        raise UserError(f"--prompt-len + --gen-len = {args.prompt_len + args.gen_len} exceeds the model's "
+                        f"{cfg.max_positions} positions")
+    device = resolve_device(args.device)
+    dtype = dtype_name(resolve_dtype(args.dtype, device))
+    blocks = parse_blocks(args.sweep) if args.sweep else ()
+    if not blocks and isinstance(policy, Policy):
+        blocks = ((policy.gpu_batch_size, policy.num_gpu_batches),)
+    spec = BenchSpec(args.model, cfg, args.prompt_len, args.gen_len, args.num_prompts, blocks, args.stages,
+                     device.type, dtype, parse_max_memory(args.max_memory) if args.max_memory else MemoryBudget(),
+                     args.offload_dir, tuple(dict.fromkeys(args.baseline)), tuple(args.baseline_batch_size), args.seed)
+    hardware = None
+    if not args.no_roofline:
+        hardware = load_profile(args.hardware) if args.hardware else machine_profile(device, DTYPES[dtype], None)
+        if dtype not in hardware.dtypes:
+            raise UserError(f"{hardware.name}: the hardware profile has no {dtype} speeds for the roofline "
+                            "(profile that dtype, or --no-roofline)")
+    flags: list[str] = []
+    for attr, flag in _BENCH_PASSTHROUGH:
+        value = getattr(planning, attr)
+        if value is True:
+            flags.append(flag)
+        elif isinstance(value, list):
+            flags += [flag, *map(str, value)]
+        elif value not in (None, False):
+            flags += [flag, str(value)]
+    log = (lambda text: print(f"flexgen-dist bench: {text}", file=sys.stderr, flush=True))
+    result = run_bench(spec, flags, hardware, log)
+    print(format_table(result), file=sys.stderr)
+    if args.results:
+        _append_results(args.results, result)
+    if args.plot:
+        plot_pareto(result, args.plot)
+    print(json.dumps(result), flush=True)
+    return 0
+
+
+def _append_results(path: str, result: dict) -> None:
+    try:
+        with open(path, "a") as f:
+            for point in result["points"]:
+                f.write(json.dumps({"workload": result["workload"], **point}) + "\n")
+    except OSError as e:
+        raise UserError(f"cannot write {path}: {e.strerror}") from None
+
+
+def _checkpoint(args: argparse.Namespace) -> int:
+    from flexgen_dist.checkpoint_writer import write_random_checkpoint
+    from flexgen_dist.models.opt import config_by_name
+
+    cfg = config_by_name(args.model)
+    out = write_random_checkpoint(cfg, Path(args.output), DTYPES[args.dtype], args.seed)
+    print(json.dumps({"checkpoint": str(out), "model": cfg.name, "dtype": args.dtype}), flush=True)
+    return 0
+
+
 def _write_text(path: str | None, text: str) -> None:
     if path is None:
         sys.stdout.write(text)
@@ -346,15 +470,15 @@ def _raise_terminated(signum: int, frame: object) -> None:
 
 
 def exit_code(command: Callable[[], int]) -> int:
-    """Run a command the way every entry point does: bad input is one line and exit 2, I/O faults exit 1, SIGINT 130,
-    SIGTERM 143 (after cleaning up)."""
+    """Run a command the way every entry point does: bad input is one line and exit 2, I/O faults and failed runs exit
+    1, SIGINT 130, SIGTERM 143 (after cleaning up)."""
     in_main_thread = threading.current_thread() is threading.main_thread()  # only there can a handler be set
     previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
     try:
         return command()
     except UserError as e:
         print(f"flexgen-dist: error: {e}", file=sys.stderr)
-        return 2
+        return e.exit_code
     except OSError as e:  # disk full, permissions, I/O errors in the offload or output dir
         print(f"flexgen-dist: error: {e}", file=sys.stderr)
         return 1

@@ -10,17 +10,16 @@ from typing import Any, Protocol
 
 import torch
 
-from flexgen_dist.errors import UserError
+from flexgen_dist.errors import RunFailed
 from flexgen_dist.generation import Sampling
 from flexgen_dist.runtime.stage_snapshot import StageSnapshot
 from flexgen_dist.runtime.worker import StageSpec, StageWorker
 from flexgen_dist.scoring import Scoring
 
 
-class StageLost(UserError):
+class StageLost(RunFailed):
     """A stage's process died or became unreachable, and the state of every block in flight went with it. `result`
-    raises it; the coordinator then calls `recover` and replays those blocks. Uncaught, it is one line like any
-    UserError."""
+    raises it; the coordinator then calls `recover` and replays those blocks. Uncaught, it is one line, exit 1."""
 
 
 class Executor(Protocol):

@@ -1,0 +1,160 @@
+"""`flexgen-dist bench` and `flexgen-dist checkpoint`: the sweep against both baselines end to end on a tiny
+checkpoint (real subprocesses, real accelerate offload folder, a real PNG), and the arithmetic behind the table:
+roofline FLOPs and bytes, baseline batch choice under a budget, the Pareto front, the ratios."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from flexgen_dist.bench import (BenchSpec, baseline_batches, best_and_ratios, hf_resident_bytes, pareto_front,
+                                parse_blocks)
+from flexgen_dist.cli import main
+from flexgen_dist.errors import UserError
+from flexgen_dist.hardware import load_profile
+from flexgen_dist.memory.budget import MemoryBudget
+from flexgen_dist.models.layout import model_layers
+from flexgen_dist.models.opt import OptConfig, config_by_name
+from flexgen_dist.roofline import Workload, generation_flops, moved_bytes, roofline
+from flexgen_dist.weights import DummyWeights, open_checkpoint
+
+REPO = Path(__file__).resolve().parent.parent
+DEV_PROFILE = REPO / "configs" / "hardware" / "dev-epyc-2core.yaml"
+
+
+def test_parse_blocks():
+    assert parse_blocks("8x1, 32X4") == ((8, 1), (32, 4))
+    for bad in ("8", "8x0", "axb", "8x1x2", ""):
+        with pytest.raises(UserError, match="--sweep"):
+            parse_blocks(bad)
+
+
+def test_generation_flops_count_every_matmul_once():
+    cfg = OptConfig(name="t", hidden_size=8, num_layers=2, num_heads=2, ffn_dim=32, vocab_size=50)
+    w = Workload(num_seqs=3, prompt_len=4, gen_len=3, gpu_batch_size=3)
+    layer = 2 * (4 * 8 * 8 + 2 * 8 * 32)  # q, k, v, out projections and the two MLP matrices, per position
+    attention = 2 * 4 * 4 * 8 + 4 * 5 * 8 + 4 * 6 * 8  # causal prefill, then decode over 5 and 6 positions
+    expected = 3 * (2 * (layer * 6 + attention) + 2 * 8 * 50 * 3)
+    assert generation_flops(cfg, w) == expected
+
+
+def test_roofline_takes_the_slowest_roof_and_the_moved_bytes():
+    flows = {"weights:disk->gpu": {"bytes": 3e9}, "cache:gpu->disk": {"bytes": 1e9}, "cache:cpu->gpu": {"bytes": 2e9},
+             "acts:gpu->cpu": {"bytes": 1e9}}
+    assert moved_bytes(flows) == (3e9, 1e9, 3e9)
+    hw = load_profile(DEV_PROFILE)
+    cfg = config_by_name("opt-1.3b")
+    r = roofline(cfg, Workload(8, 16, 4, 8), hw, "float32", 4, flows, measured_s=100.0)
+    disk = 3e9 / hw.disk_read_bytes_per_s + 1e9 / hw.disk_write_bytes_per_s
+    assert r["bound_by"] == "disk" and r["roofs_s"]["disk"] == pytest.approx(disk, abs=1e-4)
+    assert r["achieved_fraction"] == pytest.approx(disk / 100.0, abs=1e-4)
+
+
+def _spec(budget: MemoryBudget, device: str = "cpu") -> BenchSpec:
+    return BenchSpec("opt-1.3b", config_by_name("opt-1.3b"), 128, 32, None, ((32, 1),), 1, device, "float32", budget,
+                     None, ("hf",), ())
+
+
+def test_hf_batches_are_the_largest_that_fit_the_same_memory():
+    cfg = config_by_name("opt-1.3b")
+    assert baseline_batches(_spec(MemoryBudget()), "hf", 32, 4)[0] == [32, 16]
+    fits_8 = hf_resident_bytes(cfg, 8, 128, 32, 4)
+    assert hf_resident_bytes(cfg, 16, 128, 32, 4) > fits_8
+    # On a CPU device both memory tiers are the same RAM: their sum is what HF may hold.
+    assert baseline_batches(_spec(MemoryBudget(gpu=fits_8 // 2, cpu=fits_8 - fits_8 // 2)), "hf", 32, 4)[0] == [8, 4]
+    # On a GPU only the device's budget counts.
+    assert baseline_batches(_spec(MemoryBudget(gpu=fits_8 // 2, cpu=10 * fits_8), "cuda"), "hf", 32, 4)[0] == []
+    batches, why = baseline_batches(_spec(MemoryBudget(gpu=1 << 30, cpu=1 << 30)), "hf", 32, 4)
+    assert batches == [] and "does not fit" in why
+    assert baseline_batches(_spec(MemoryBudget(gpu=1, cpu=1)), "accelerate", 32, 4)[0] == [32]
+
+
+def test_pareto_front_and_ratios():
+    points = [{"system": "flexgen_dist", "block": "8x1", "latency_s": 1.0, "generation_throughput_tok_s": 10.0},
+              {"system": "flexgen_dist", "block": "8x4", "latency_s": 3.0, "generation_throughput_tok_s": 30.0},
+              {"system": "flexgen_dist", "block": "4x4", "latency_s": 3.5, "generation_throughput_tok_s": 20.0},
+              {"system": "hf", "batch_size": 8, "latency_s": 1.0, "generation_throughput_tok_s": 12.0},
+              {"system": "accelerate", "block_size": 8, "skipped": "does not fit"}]
+    ours = [p for p in points if p["system"] == "flexgen_dist"]
+    assert [p["block"] for p in pareto_front(ours)] == ["8x1", "8x4"]
+    best = best_and_ratios(points)
+    assert best["flexgen_dist"]["at"] == "8x4" and best["hf"]["ours_over_it"] == 2.5 and "accelerate" not in best
+
+
+def test_checkpoint_writes_our_dummy_weights_as_hf_shards(tmp_path, capsys, monkeypatch):
+    import flexgen_dist.checkpoint_writer as writer
+
+    monkeypatch.setattr(writer, "SHARD_BYTES", 1 << 20)  # several shards from opt-125m's first tensors
+    out = tmp_path / "ckpt"
+    assert main(["checkpoint", "--model", "opt-125m", "--dtype", "bfloat16", "--output", str(out)]) == 0
+    assert len(list(out.glob("*.safetensors"))) > 2
+    cfg, source = open_checkpoint(out)  # validates every weight's presence and shape
+    spec = next(w for layer in model_layers(cfg) for w in layer.weights if w.name == "q_proj.weight")
+    ours = torch.empty(spec.numel, dtype=torch.bfloat16)
+    DummyWeights(0).read(spec, 0, spec.numel, ours)
+    read = torch.empty(spec.numel, dtype=torch.bfloat16)
+    source.read(spec, 0, spec.numel, read)
+    assert torch.equal(ours, read)
+    assert main(["checkpoint", "--model", "opt-125m", "--output", str(out)]) == 2  # never over a checkpoint
+    assert "already holds a checkpoint" in capsys.readouterr().err
+
+
+def test_bench_sweep_against_both_baselines(tmp_path, opt_preln_dir, capsys):
+    """Weights on disk for us; accelerate gets the same memory (both tiers, on a CPU device), less than the model, so
+    it leaves part of it on disk."""
+    results, plot = tmp_path / "points.jsonl", tmp_path / "pareto.png"
+    argv = ["bench", "--model", str(opt_preln_dir), "--prompt-len", "8", "--gen-len", "4", "--sweep", "2x1,2x2",
+            "--baseline", "hf", "--baseline", "accelerate", "--percent", "0", "0", "100", "0", "100", "0",
+            "--max-memory", "gpu=512KiB,cpu=64KiB", "--device", "cpu", "--dtype", "float32", "--executor", "local",
+            "--offload-dir", str(tmp_path / "offload"), "--hardware", str(DEV_PROFILE), "--results", str(results),
+            "--plot", str(plot)]
+    assert main(argv) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    by_system = {}
+    for p in out["points"]:
+        by_system.setdefault(p["system"], []).append(p)
+    assert [p["block"] for p in by_system["flexgen_dist"]] == ["2x1", "2x2"]
+    for p in by_system["flexgen_dist"]:
+        assert p["sequences"] == p["block_size"] and p["roofline"]["roofs_s"]["disk"] > 0
+        assert p["policy"]["w_gpu_percent"] == 0 and p["policy"]["w_cpu_percent"] == 0
+    # HF generate holds every weight: the model alone exceeds the memory, so it is skipped, with the reason.
+    assert [p["block_size"] for p in by_system["hf"]] == [2, 4]
+    assert all("does not fit" in p["skipped"] for p in by_system["hf"])
+    assert [p["batch_size"] for p in by_system["accelerate"]] == [2, 4]
+    for p in by_system["flexgen_dist"] + by_system["accelerate"]:
+        assert p["generation_throughput_tok_s"] > 0 and 0 < p["roofline"]["achieved_fraction"] < 1
+    assert set(out["best"]) == {"flexgen_dist", "accelerate"} and out["best"]["accelerate"]["ours_over_it"] > 0
+    assert len(results.read_text().splitlines()) == len(out["points"])
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    model_bytes = sum(f.stat().st_size for f in opt_preln_dir.glob("*.safetensors"))
+    assert all(0 < p["disk_offload_bytes"] < model_bytes for p in by_system["accelerate"])  # it did offload
+    assert not any(p.is_file() for p in (tmp_path / "offload").rglob("*")), "ours and accelerate clean up"
+
+
+def test_bench_hf_baseline_gets_its_best_batch_that_fits(tmp_path, opt_preln_dir, capsys):
+    argv = ["bench", "--model", str(opt_preln_dir), "--prompt-len", "8", "--gen-len", "4", "--gpu-batch-size", "4",
+            "--baseline", "hf", "--device", "cpu", "--dtype", "float32", "--executor", "local", "--no-roofline"]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    out = json.loads(captured.out.strip().splitlines()[-1])
+    hf = [p for p in out["points"] if p["system"] == "hf"]
+    assert [p["batch_size"] for p in hf] == [4, 2] and all(p["generated_tokens"] == 16 for p in hf)
+    best = max(hf, key=lambda p: p["generation_throughput_tok_s"])
+    assert out["best"]["hf"]["at"] == f"batch {best['batch_size']}" and "flexgen_dist / hf" in captured.err
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--baseline", "accelerate"], "--baseline accelerate loads a checkpoint"),
+    (["--prompt-len", "4000"], "exceeds the model's"),
+    (["--sweep", "4x"], "--sweep"),
+    (["--policy", "auto"], "--num-prompts is needed"),
+    (["--baseline-batch-size", "0"], "--baseline-batch-size must be >= 1"),
+])
+def test_bench_refuses_bad_input_in_one_line(flags, message, capsys):
+    argv = ["bench", "--model", "opt-125m", "--device", "cpu", "--no-roofline", "--executor", "local", *flags]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
