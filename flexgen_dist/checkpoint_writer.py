@@ -60,6 +60,6 @@ def write_random_checkpoint(cfg: OptConfig, directory: Path, dtype: torch.dtype,
     (directory / "model.safetensors.index.json").write_text(
         json.dumps({"metadata": {"total_size": total}, "weight_map": index}, indent=1))
     config = hf_config(cfg)
-    config.torch_dtype = dtype
+    setattr(config, "dtype" if hasattr(config, "dtype") else "torch_dtype", dtype)  # renamed in transformers 4.56
     config.save_pretrained(str(directory))
     return directory
