@@ -89,6 +89,13 @@ def _add_distribution_flags(p: argparse.ArgumentParser) -> None:
                       help="ray: one actor per stage (default); local: the same stage workers in this process")
 
 
+def _add_run_flags(p: argparse.ArgumentParser) -> None:
+    """What every command that runs the engine takes: the policy, the resources, the distribution."""
+    _add_policy_flags(p)
+    _add_resource_flags(p)
+    _add_distribution_flags(p)
+
+
 def _add_output_flags(p: argparse.ArgumentParser) -> None:
     o = p.add_argument_group("output")
     o.add_argument("--output", metavar="FILE.jsonl", help="results, one line per prompt; re-running resumes (default: stdout)")
@@ -105,9 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     d.add_argument("--top-p", type=float, default=1.0)
     d.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens tokens")
-    _add_policy_flags(gen)
-    _add_resource_flags(gen)
-    _add_distribution_flags(gen)
+    _add_run_flags(gen)
     _add_output_flags(gen)
     m = gen.add_argument_group("observability")
     m.add_argument("--metrics-port", type=_port, default=0, metavar="PORT",
@@ -123,9 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--decode-tokens", type=int, default=0, metavar="N",
                     help="score each sequence's last N tokens one decode step at a time (teacher forcing): they "
                          "attend over the stored KV cache, so --compress-cache and --attn-sparsity count (default 0)")
-    _add_policy_flags(sc)
-    _add_resource_flags(sc)
-    _add_distribution_flags(sc)
+    _add_run_flags(sc)
     _add_output_flags(sc)
     sc.set_defaults(func=_score)
 
@@ -152,9 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--no-roofline", action="store_true",
                     help="skip the roofline (it needs the hardware profile: --hardware, else this machine's, "
                          "measured once and cached)")
-    _add_policy_flags(be)
-    _add_resource_flags(be)
-    _add_distribution_flags(be)
+    _add_run_flags(be)
     be.set_defaults(func=_bench)
 
     ck = sub.add_parser("checkpoint", help="write a random OPT checkpoint of a real size (HF safetensors shards), "
