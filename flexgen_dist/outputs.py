@@ -2,6 +2,7 @@
 the line in flight and a resumed run can tell exactly which requests are done."""
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -9,9 +10,9 @@ import stat
 from collections.abc import Iterable
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, NoReturn
 
-from flexgen_dist.errors import UserError
+from flexgen_dist.errors import RunFailed, UserError
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +114,24 @@ class ResultWriter:
             raise RuntimeError("ResultWriter used outside its 'with' block")
         # Serialise everything first so a bad record cannot leave half a batch on disk.
         data = memoryview("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode("utf-8"))
-        while data:
-            data = data[os.write(self._fd, data):]
+        start = os.fstat(self._fd).st_size  # O_APPEND: where this batch begins
+        try:
+            while data:
+                data = data[os.write(self._fd, data):]
+            if self._durable:
+                os.fsync(self._fd)
+        except OSError as e:
+            self._cut_batch(start, e)
+
+    def _cut_batch(self, start: int, e: OSError) -> NoReturn:
+        """A batch that did not land whole (disk full, I/O error) is cut off, so the file keeps complete lines only and
+        a resumed run redoes exactly that batch; then the run stops with one line."""
         if self._durable:
-            os.fsync(self._fd)
+            try:
+                os.ftruncate(self._fd, start)
+                os.fsync(self._fd)
+            except OSError:
+                pass  # the next run's read_done_ids cuts the torn line instead
+        hint = ": free space on that disk" if e.errno in (errno.ENOSPC, errno.EDQUOT) else ""
+        raise RunFailed(f"output file {self.path}: cannot write ({e.strerror or e}){hint}; the results written before "
+                        "are intact: run the same command again to resume") from None

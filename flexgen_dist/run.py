@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import resource
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -19,8 +21,10 @@ import torch
 from flexgen_dist import auto_policy
 from flexgen_dist.errors import UserError
 from flexgen_dist.generation import BlockRun, Sequence
+from flexgen_dist.hardware import detect_capacities
+from flexgen_dist.memory.budget import format_bytes
 from flexgen_dist.memory.plan import TierPlan, check_budget, plan_bytes
-from flexgen_dist.memory.tiers import TIERS, Tier, ensure_offload_root
+from flexgen_dist.memory.tiers import TIERS, Tier, ensure_offload_root, new_run_id
 from flexgen_dist.metrics import RunMetrics, serve
 from flexgen_dist.model_source import ModelSource, resolve_model
 from flexgen_dist.models.layout import model_layers
@@ -94,9 +98,41 @@ def plan_stages(run: RunConfig, cfg: OptConfig, dtype: torch.dtype, device: torc
         check_budget(plan, run.budget)
     if any(plan.total(Tier.DISK) for plan in plans):
         ensure_offload_root(run.offload_dir)
+    if stages_on_this_machine(run):
+        check_capacity(run, plans, device)
+    run_id = new_run_id()
     specs = [StageSpec(run.model, run.dummy_weights, run.sampling.seed, a, b, run.policy, run.device, run.dtype,
-                       run.offload_dir) for a, b in ranges]
+                       run.offload_dir, run_id=run_id, stage=i) for i, (a, b) in enumerate(ranges)]
     return StagePlan(ranges, plans, specs)
+
+
+def stages_on_this_machine(run: RunConfig) -> bool:
+    """In process, or on the embedded Ray cluster: no cluster address to join (ray_executor._connect)."""
+    return run.executor == "local" or not (run.ray_address or os.environ.get("RAY_ADDRESS"))
+
+
+def check_capacity(run: RunConfig, plans: list[TierPlan], device: torch.device) -> None:
+    """Refuse, before loading, budgets and plans beyond this machine's memory (RAM, or the cgroup limit) or the offload
+    directory's free space: the OS cannot honour them, and the run would meet the OOM killer or a full disk mid-way.
+    GPU memory is left to the budget check (asking CUDA here would start a context in the driver)."""
+    _, memory, disk_free = detect_capacities("cpu", run.offload_dir)
+    in_memory = (Tier.GPU, Tier.CPU) if device.type == "cpu" else (Tier.CPU,)  # a CPU device computes from RAM
+    offload_root = run.offload_dir or tempfile.gettempdir()
+    holds = {"memory": (memory, f"this machine's memory ({format_bytes(memory)}: RAM, or the cgroup limit)"),
+             "disk": (disk_free, f"the free space under {offload_root} ({format_bytes(disk_free)})")}
+    for tier in (*in_memory, Tier.DISK):
+        capacity, what = holds["disk" if tier is Tier.DISK else "memory"]
+        limit = getattr(run.budget, tier.value)
+        if limit is not None and limit > capacity:
+            raise UserError(f"--max-memory {tier.value}={format_bytes(limit)} is more than {what}: the OS cannot "
+                            f"honour it; lower it")
+    needs = {"memory": sum(plan.total(t) for plan in plans for t in in_memory),
+             "disk": sum(plan.total(Tier.DISK) for plan in plans)}
+    for resource_name, need in needs.items():
+        capacity, what = holds[resource_name]
+        if need > capacity:
+            raise UserError(f"the policy needs {format_bytes(need)} of {resource_name} (all stages) but that is more "
+                            f"than {what}; move weights or cache to another tier, use smaller batches, or free space")
 
 
 def resource_summary(stages: StagePlan, stage_stats: list[dict]) -> dict:
@@ -139,6 +175,7 @@ def generate(run: RunConfig, requests: list[Request]) -> dict:
     summary = {"model": cfg.name, "device": device.type, "dtype": dtype_name(dtype),
                "stages": run.stages, "executor": run.executor, "sequences": len(work), "generated_tokens": 0,
                "prompt_tokens": sum(len(s.prompt_ids) for _, s in work), "stage_restarts": 0}
+    del work  # from here only the blocks hold the sequences, each block's let go once written (finished)
     stage_stats: list[dict] = []
     metrics = RunMetrics()
     metrics.set_budget(run.budget)
@@ -157,7 +194,7 @@ def generate(run: RunConfig, requests: list[Request]) -> dict:
             stack.callback(executor.shutdown)  # frees tiers, deletes offload files, stops what the run started
             summary["load_s"] = time.perf_counter() - load_start
             stack.enter_context(metrics.stages.reading(executor.stage_snapshots))
-            bar = stack.enter_context(progress(len(work), len(blocks), run.progress))
+            bar = stack.enter_context(progress(summary["sequences"], len(blocks), run.progress))
 
             def block_runs() -> Iterator[BlockRun]:
                 for i, block in enumerate(blocks):
@@ -172,6 +209,7 @@ def generate(run: RunConfig, requests: list[Request]) -> dict:
                 else:
                     for rec in records:
                         print(json.dumps(rec, ensure_ascii=False), flush=True)
+                blocks[block.block_id] = []  # written: else a long job's driver would hold every token it generated
                 metrics.sequences_finished(s.finish_reason for s in block.sequences)
                 if bar is not None:
                     bar.block_done(len(block.sequences))
@@ -190,7 +228,7 @@ def generate(run: RunConfig, requests: list[Request]) -> dict:
                 summary["stage_restarts"] += 1
                 metrics.stage_restarted(stage)
 
-            metrics.run_started(len(work))
+            metrics.run_started(summary["sequences"])
             timing = run_blocks(executor, block_runs(), lambda _: run.sampling, max_in_flight=run.stages,
                                 on_block_done=finished, on_step=stepped, on_restart=restarted)
             metrics.finish()

@@ -38,13 +38,15 @@ def _snapshot(compute_s: float, idle_s: float = 1.0) -> StageSnapshot:
 
 
 def _fed_metrics() -> RunMetrics:
-    """A RunMetrics with every family fed: one prefill and one decode step, two sequences finished of four."""
+    """A RunMetrics with every family fed: one prefill and one decode step, two sequences finished of four, stage 1
+    restarted once."""
     metrics = RunMetrics()
     metrics.set_budget(MemoryBudget(gpu=1000))
     metrics.run_started(4)
     metrics.prefill_done(prompt_tokens=10, new_tokens=4)
     metrics.decode_done(new_tokens=4, latency_s=0.05)
     metrics.sequences_finished(["stop", "length"])
+    metrics.stage_restarted(1)
     return metrics
 
 
@@ -302,7 +304,8 @@ def test_prometheus_scrapes_a_run(tmp_path, opt_preln_dir):
     run = None
     try:
         groups = _api(f"{api}/api/v1/rules")["groups"]  # the shipped alert rules load
-        assert {r["name"] for g in groups for r in g["rules"]} == {"FlexgenGenerationStalled", "FlexgenTierNearBudget"}
+        assert {r["name"] for g in groups for r in g["rules"]} == {"FlexgenGenerationStalled", "FlexgenTierNearBudget",
+                                                               "FlexgenStageRestarted"}
         run = subprocess.Popen(_generate_argv(opt_preln_dir, tmp_path, "--executor", "local", "--metrics-port",
                                               str(port), "--metrics-linger", "30"),
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

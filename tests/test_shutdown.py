@@ -103,3 +103,30 @@ def test_sigkill_then_rerun_gives_every_id_once_and_the_clean_output(tmp_path, o
     assert sorted(ids) == sorted(f"p{i}" for i in range(24)) and len(set(ids)) == len(ids)
     expected = {r["id"]: r for r in map(json.loads, clean.read_text().splitlines())}
     assert {r["id"]: r for r in records} == expected
+
+
+def test_sigterm_while_the_stage_loads_its_weights_cleans_up(tmp_path):
+    """Before any block: the stage actor is writing opt-1.3b's 5 GB of weights to its disk tier (seconds here)."""
+    out, offload = tmp_path / "out.jsonl", tmp_path / "offload"
+    cmd = [sys.executable, "-m", "flexgen_dist", "generate", "--model", "opt-1.3b", "--dummy-weights", "--synthetic",
+           "4", "--prompt-len", "8", "--max-new-tokens", "2", "--percent", "0", "0", "100", "0", "100", "0",
+           "--dtype", "float32", "--offload-dir", str(offload), "--output", str(out), "--quiet"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 240
+        while not any(f.is_file() for f in offload.rglob("*")):  # the load has begun
+            assert proc.poll() is None, proc.communicate()[1][-2000:]
+            assert time.monotonic() < deadline, "the stage never started writing its weights"
+            time.sleep(0.1)
+        started = psutil.Process(proc.pid).children(recursive=True)
+        assert _lines(out) == 0, "expected to signal while loading, before any block"
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143 and "flexgen-dist: terminated" in stderr, stderr[-2000:]
+    assert not [f for f in offload.rglob("*") if f.is_file()], "offload files left behind"
+    psutil.wait_procs(started, timeout=30)
+    assert not [p for p in started if p.is_running() and p.status() != psutil.STATUS_ZOMBIE], "processes of the run left"

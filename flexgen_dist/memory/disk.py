@@ -81,16 +81,36 @@ def _as_bytes(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1).view(torch.uint8)
 
 
+class OffloadDiskFull(OSError):
+    """No space (or quota) left for an offload file. Still an OSError with its errno and path, but its line says what
+    to do: the CLI prints str() (exit 1), and a resumed run picks up from the results written."""
+
+    def __str__(self) -> str:
+        return (f"no space left for offload file {self.filename} ({self.strerror}): free space on that disk or point "
+                "--offload-dir at a larger one; results already written are kept: run again with the same --output "
+                "to resume")
+
+
+def _with_path(e: OSError, path: Path) -> OSError:
+    """The error to raise for an OSError on an offload file: pread/pwrite errors carry no filename, so add it."""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return OffloadDiskFull(e.errno, e.strerror, str(path))
+    if e.filename is not None:
+        return e
+    return OSError(e.errno, e.strerror or str(e), str(path))
+
+
 def _path_in_errors(method: _F) -> _F:
-    """Re-raise OSErrors from pread/pwrite (which carry no filename) with the file's path, for one-line CLI errors."""
+    """Re-raise OSErrors from pread/pwrite as `_with_path` gives them, for one-line CLI errors."""
     @functools.wraps(method)
     def wrapper(self: DiskTensor, *args, **kwargs):
         try:
             return method(self, *args, **kwargs)
         except OSError as e:
-            if e.filename is not None:
+            error = _with_path(e, self.path)
+            if error is e:
                 raise
-            raise OSError(e.errno, e.strerror or str(e), str(self.path)) from e
+            raise error from e
     return wrapper  # type: ignore[return-value]
 
 
@@ -105,13 +125,16 @@ class DiskTensor:
         self.nbytes = self.shape[0] * self.row_nbytes
         self.direct_bytes = 0  # bytes moved with O_DIRECT (lets tests and benchmarks see which path ran)
         # Small appends (one KV row) and unaligned writes go through this buffered fd; bulk I/O through the direct one.
-        self._fd: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
         self._fd_direct: int | None = None
+        try:
+            self._fd: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        except OSError as e:
+            raise _with_path(e, self.path) from None
         try:
             os.ftruncate(self._fd, _round_up(self.nbytes))  # direct I/O rounded up to ALIGN stays inside the file
         except OSError as e:
             self.delete()
-            raise OSError(e.errno, e.strerror, str(self.path)) from e
+            raise _with_path(e, self.path) from None
         try:
             self._fd_direct = os.open(self.path, os.O_RDWR | os.O_DIRECT)
         except OSError as e:

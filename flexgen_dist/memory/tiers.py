@@ -7,6 +7,8 @@ addressable by compute, and the engine skips copies between them.
 from __future__ import annotations
 
 import enum
+import re
+import secrets
 import shutil
 import tempfile
 import threading
@@ -37,6 +39,30 @@ def ensure_offload_root(root: str | Path | None) -> Path:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"cannot create offload directory {path}: {e.strerror}") from None
+    return path
+
+
+_RUN_ID = re.compile(r"[0-9a-f]{16}")
+
+
+def new_run_id() -> str:
+    """Names a run's stage directories: random, so two runs sharing an offload root never meet."""
+    return secrets.token_hex(8)
+
+
+def stage_offload_dir(root: str | Path | None, run_id: str, stage: int) -> Path:
+    """The directory stage `stage` of run `run_id` keeps its offload files under (created on first use, by TierSet).
+
+    One already there belongs to this very stage in a process that died (Ray restarts a lost stage actor in a new
+    process, which calls this again): nothing else can bear the name, and nothing else would ever delete its files,
+    so it is removed. Only a real directory of exactly this name is; anything else there is refused."""
+    if not _RUN_ID.fullmatch(run_id) or stage < 0:
+        raise ValueError(f"bad run id {run_id!r} or stage {stage}")
+    path = (Path(root).expanduser() if root else Path(tempfile.gettempdir())) / f"flexgen-{run_id}-stage{stage}"
+    if path.is_symlink() or (path.exists() and not path.is_dir()):
+        raise UserError(f"offload path {path} exists and is not a directory this run made; remove it")
+    if path.exists():
+        shutil.rmtree(path)
     return path
 
 

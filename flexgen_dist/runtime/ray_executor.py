@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from flexgen_dist.errors import UserError
+from flexgen_dist.errors import RunFailed, UserError
 from flexgen_dist.generation import Sampling
 from flexgen_dist.runtime.executor import StageLost
 from flexgen_dist.runtime.stage_snapshot import StageSnapshot
@@ -34,6 +34,8 @@ SNAPSHOT_TIMEOUT_S = 2.0  # a scrape waits this long for the stages, then shows 
 # next step for the previous stage's output): Ray starts an actor's calls in order.
 MONITOR_GROUP = "monitor"
 _KEPT = "Results already written are kept: run again with the same --output to resume."  # ends a lost run's line
+# Errors a stage's __init__ raises as one line (by type name), and what the driver raises for each.
+_ONE_LINE_ERRORS = {"UserError": UserError, "RunFailed": RunFailed, "OffloadDiskFull": RunFailed}
 
 
 def _connect(address: str | None) -> bool:
@@ -79,6 +81,19 @@ def _init(target: str | None) -> bool:
 
 def _first_line(e: Exception) -> str:
     return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def _creation_error(e: Exception) -> Exception | None:
+    """The error a stage's __init__ raised (e.g. the offload disk full while it writes its weights), as one line; None
+    for any other loss. Ray does not restart such a stage, and hands over only the creation task's text, whose last
+    line is the error's "module.Type: message"."""
+    if not getattr(e, "actor_init_failed", False):
+        return None
+    kind, _, message = str(e).strip().splitlines()[-1].partition(": ")
+    name = kind.rsplit(".", 1)[-1]
+    if name in _ONE_LINE_ERRORS:
+        return _ONE_LINE_ERRORS[name](message)
+    return RunFailed(f"a stage failed to start: {name}: {message}")
 
 
 def _unwrap(e: Exception) -> Exception:
@@ -139,6 +154,9 @@ class RayExecutor:
             raise UserError(f"timed out waiting for {what}; check `ray status` and the actor logs") from None
         # Before RayTaskError: a call whose argument came from a lost stage fails with an error that is both.
         except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError) as e:  # a process or a node is gone
+            created = _creation_error(e)
+            if created is not None:
+                raise created from None
             cause = getattr(e, "cause", e)
             raise StageLost(f"a stage was lost while waiting for {what}: {_first_line(cause)}") from None
         except ray.exceptions.RayTaskError as e:
@@ -169,7 +187,7 @@ class RayExecutor:
         recoveries (a stage may be unreachable for a while without dying) are at most that many per stage."""
         self._recoveries += 1
         if self._recoveries > MAX_STAGE_RESTARTS * self.num_stages:
-            raise UserError(f"stages were lost {self._recoveries} times; giving up (at most {MAX_STAGE_RESTARTS} "
+            raise RunFailed(f"stages were lost {self._recoveries} times; giving up (at most {MAX_STAGE_RESTARTS} "
                             f"per stage, FLEXGEN_MAX_STAGE_RESTARTS). {_KEPT}")
         deadline = time.monotonic() + READY_TIMEOUT_S
         pids = [self._pid_when_up(i, deadline) for i in range(self.num_stages)]
@@ -188,11 +206,14 @@ class RayExecutor:
                     break
                 time.sleep(RESTART_POLL_S)
             except ray.exceptions.ActorDiedError as e:  # Ray will not restart it: restarts spent, or __init__ failed
-                raise UserError(f"stage {stage} was lost and not restarted (at most {MAX_STAGE_RESTARTS} restarts per "
+                created = _creation_error(e)
+                if created is not None:
+                    raise created from None
+                raise RunFailed(f"stage {stage} was lost and not restarted (at most {MAX_STAGE_RESTARTS} restarts per "
                                 f"stage, FLEXGEN_MAX_STAGE_RESTARTS): {_first_line(e)} {_KEPT}") from None
             except ray.exceptions.GetTimeoutError:
                 break
-        raise UserError(f"stage {stage} was lost and did not come back within {READY_TIMEOUT_S:.0f} s; check "
+        raise RunFailed(f"stage {stage} was lost and did not come back within {READY_TIMEOUT_S:.0f} s; check "
                         f"`ray status` and the actor logs. {_KEPT}")
 
     def end_block(self, block_id: int) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import resource
+import shutil
 import threading
 import time
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ import torch
 
 from flexgen_dist.engine import BatchInput, StageEngine
 from flexgen_dist.generation import Sampling, sample
+from flexgen_dist.memory.tiers import stage_offload_dir
 from flexgen_dist.model_source import resolve_model
 from flexgen_dist.models.layout import model_layers
 from flexgen_dist.policy import Policy
@@ -36,6 +38,10 @@ class StageSpec:
     dtype: str | None
     offload_dir: str | None
     threads: int | None = None  # compute threads (Ray actors otherwise inherit OMP_NUM_THREADS from num_cpus)
+    # With a run id, the stage's offload files go under <offload_dir>/flexgen-<run_id>-stage<stage>, a name its
+    # restarted process finds again (and clears: memory/tiers.py stage_offload_dir).
+    run_id: str | None = None
+    stage: int = 0
 
 
 class StageWorker:
@@ -43,11 +49,17 @@ class StageWorker:
         if spec.threads:
             torch.set_num_threads(spec.threads)
         self._layers = (spec.layer_start, spec.layer_stop)
+        self._offload_dir = stage_offload_dir(spec.offload_dir, spec.run_id, spec.stage) if spec.run_id else None
         self.device = resolve_device(spec.device)
         source = resolve_model(spec.model, spec.dummy_weights, spec.seed, self.device)
         layers = model_layers(source.config)[spec.layer_start : spec.layer_stop]
-        self.engine = StageEngine(source.config, layers, spec.policy, source.weights, self.device,
-                                  resolve_dtype(spec.dtype, self.device), spec.offload_dir)
+        try:
+            self.engine = StageEngine(source.config, layers, spec.policy, source.weights, self.device,
+                                      resolve_dtype(spec.dtype, self.device),
+                                      str(self._offload_dir) if self._offload_dir else spec.offload_dir)
+        except BaseException:
+            self._remove_offload_dir()  # the engine removed its own files; the stage directory may remain
+            raise
         self._sampling: dict[int, tuple[Sampling, torch.Generator]] = {}
         self._scoring: dict[int, Scoring] = {}  # blocks whose head sums log-likelihoods instead of sampling
         self.busy_s = 0.0
@@ -118,3 +130,8 @@ class StageWorker:
 
     def close(self) -> None:
         self.engine.close()
+        self._remove_offload_dir()
+
+    def _remove_offload_dir(self) -> None:
+        if self._offload_dir is not None:
+            shutil.rmtree(self._offload_dir, ignore_errors=True)
