@@ -120,7 +120,8 @@ def _ours_point(spec: BenchSpec, summary: dict, hardware: HardwareProfile | None
     policy = summary["policy"]
     block = (policy["gpu_batch_size"], policy["num_gpu_batches"])
     point = {"system": "flexgen_dist", "block": f"{block[0]}x{block[1]}", "block_size": block[0] * block[1],
-             "sequences": summary["sequences"], "total_s": summary["total_s"], "latency_s": summary["total_s"] / rounds,
+             "sequences": summary["sequences"], "total_s": summary["total_s"], "prefill_s": summary["prefill_s"],
+             "decode_s": summary["decode_s"], "latency_s": summary["total_s"] / rounds,
              "generation_throughput_tok_s": summary["generation_throughput_tok_s"], "policy": policy,
              "peak_bytes": summary["peak_bytes"]}
     if hardware is not None:
