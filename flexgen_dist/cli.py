@@ -483,15 +483,23 @@ def exit_code(command: Callable[[], int]) -> int:
     except OSError as e:  # disk full, permissions, I/O errors in the offload or output dir
         print(f"flexgen-dist: error: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("flexgen-dist: interrupted", file=sys.stderr)
-        return 130
-    except Terminated:
-        print("flexgen-dist: terminated", file=sys.stderr)
-        return 143
+    except (KeyboardInterrupt, Terminated) as e:
+        return _stopped_by_signal(e)
+    except SystemError as e:
+        # A signal that lands inside a C extension's call (ray.get while the stages load) raises our exception there,
+        # and CPython hands it over wrapped: unwrap it, or SIGTERM during loading would print a traceback.
+        if isinstance(e.__cause__, (KeyboardInterrupt, Terminated)):
+            return _stopped_by_signal(e.__cause__)
+        raise
     finally:
         if in_main_thread:
             signal.signal(signal.SIGTERM, previous)
+
+
+def _stopped_by_signal(e: BaseException) -> int:
+    interrupted = isinstance(e, KeyboardInterrupt)
+    print(f"flexgen-dist: {'interrupted' if interrupted else 'terminated'}", file=sys.stderr)
+    return 130 if interrupted else 143
 
 
 def main(argv: list[str] | None = None) -> int:

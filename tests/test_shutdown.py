@@ -130,3 +130,19 @@ def test_sigterm_while_the_stage_loads_its_weights_cleans_up(tmp_path):
     assert not [f for f in offload.rglob("*") if f.is_file()], "offload files left behind"
     psutil.wait_procs(started, timeout=30)
     assert not [p for p in started if p.is_running() and p.status() != psutil.STATUS_ZOMBIE], "processes of the run left"
+
+
+def test_a_signal_raised_inside_a_c_call_still_exits_cleanly(capsys):
+    """CPython wraps an exception raised by a signal handler inside a C extension (ray.get) in a SystemError."""
+    from flexgen_dist.cli import Terminated, exit_code
+
+    def wrapped(signal_exception: BaseException):
+        def command() -> int:
+            raise SystemError("<built-in method> returned a result with an exception set") from signal_exception
+        return command
+
+    assert exit_code(wrapped(Terminated())) == 143
+    assert exit_code(wrapped(KeyboardInterrupt())) == 130
+    assert capsys.readouterr().err.splitlines() == ["flexgen-dist: terminated", "flexgen-dist: interrupted"]
+    with pytest.raises(SystemError):  # any other SystemError is a bug to see, not to hide
+        exit_code(wrapped(ValueError()))
