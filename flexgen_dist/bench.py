@@ -22,6 +22,7 @@ from flexgen_dist.memory.budget import MemoryBudget, format_bytes
 from flexgen_dist.models.opt import OptConfig
 from flexgen_dist.prompts import synthetic_requests
 from flexgen_dist.roofline import Workload, roofline
+from flexgen_dist.run_config import DTYPES
 
 
 @dataclass(frozen=True)
@@ -68,7 +69,7 @@ def memory_budget_for_baselines(spec: BenchSpec) -> int | None:
     return None if any(t is None for t in tiers) else sum(tiers)
 
 
-def baseline_batches(spec: BenchSpec, system: str, block_size: int, dtype_bytes: int) -> tuple[list[int], str]:
+def baseline_batches(spec: BenchSpec, system: str, block_size: int) -> tuple[list[int], str]:
     """The baseline batch sizes to measure for one point (its best is reported), or none and why.
 
     hf: the two largest powers of two up to the block size whose resident run fits the memory budget (past the
@@ -78,7 +79,7 @@ def baseline_batches(spec: BenchSpec, system: str, block_size: int, dtype_bytes:
         return list(spec.baseline_batch_sizes), ""
     if system == "accelerate":
         return [block_size], ""
-    limit = memory_budget_for_baselines(spec)
+    limit, dtype_bytes = memory_budget_for_baselines(spec), DTYPES[spec.dtype].itemsize
     sizes = [1 << k for k in range(block_size.bit_length()) if (1 << k) <= block_size]
     fitting = [b for b in sizes if limit is None
                or hf_resident_bytes(spec.config, b, spec.prompt_len, spec.gen_len, dtype_bytes) <= limit]
@@ -128,21 +129,16 @@ def _ours_point(spec: BenchSpec, summary: dict, hardware: HardwareProfile | None
         transfers = {k: v for s in summary["stage_stats"] for k, v in s["transfers"].items()}
         work = Workload(summary["sequences"], spec.prompt_len, spec.gen_len, block[0])
         # S stages are S devices sharing the work: S device-seconds against one device's roofs.
-        point["roofline"] = roofline(spec.config, work, hardware, summary["dtype"], _dtype_bytes(summary["dtype"]),
-                                     transfers, summary["total_s"] * spec.stages)
+        point["roofline"] = roofline(spec.config, work, hardware, summary["dtype"], transfers,
+                                     summary["total_s"] * spec.stages)
     return point
-
-
-def _dtype_bytes(dtype: str) -> int:
-    return 4 if dtype == "float32" else 2
 
 
 def _baseline_point(spec: BenchSpec, result: dict, hardware: HardwareProfile | None) -> dict:
     point = {**result, "block_size": result["batch_size"]}
     if hardware is not None:  # baselines report no transfers: their compute and memory roofs only
         work = Workload(result["generated_tokens"] // spec.gen_len, spec.prompt_len, spec.gen_len, result["batch_size"])
-        point["roofline"] = roofline(spec.config, work, hardware, spec.dtype, _dtype_bytes(spec.dtype), {},
-                                     result["total_s"])
+        point["roofline"] = roofline(spec.config, work, hardware, spec.dtype, {}, result["total_s"])
     return point
 
 
@@ -164,7 +160,7 @@ def run_bench(spec: BenchSpec, generate_flags: list[str], hardware: HardwareProf
         prompts = [list(r.input_ids) for r in
                    synthetic_requests(num_prompts, spec.prompt_len, spec.config.vocab_size, spec.seed)]
         for system in spec.baselines:
-            batches, why = baseline_batches(spec, system, min(actual, num_prompts), _dtype_bytes(spec.dtype))
+            batches, why = baseline_batches(spec, system, min(actual, num_prompts))
             if not batches:
                 points.append({"system": system, "block_size": actual, "skipped": why})
                 log(f"  {system}: {why}")

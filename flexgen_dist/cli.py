@@ -326,10 +326,7 @@ def _policy_command(args: argparse.Namespace) -> int:
     from flexgen_dist.hardware import load_profile
     from flexgen_dist.model_source import model_config
 
-    for name in ("prompt_len", "gen_len", "num_prompts", "stages"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    _require_positive(args, ("prompt_len", "gen_len", "num_prompts", "stages"))
     cfg = model_config(args.model)
     if args.hardware:
         hardware = load_profile(args.hardware)
@@ -373,10 +370,7 @@ def _bench(args: argparse.Namespace) -> int:
     from flexgen_dist.hardware import load_profile
     from flexgen_dist.model_source import model_config
 
-    for name in ("prompt_len", "gen_len", "num_prompts", "stages"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    _require_positive(args, ("prompt_len", "gen_len", "num_prompts", "stages"))
     if any(b < 1 for b in args.baseline_batch_size):
         raise UserError("--baseline-batch-size must be >= 1")
     # --hardware is the roofline's profile too; only --policy auto also plans with it.
@@ -440,6 +434,14 @@ def _checkpoint(args: argparse.Namespace) -> int:
     out = write_random_checkpoint(cfg, Path(args.output), DTYPES[args.dtype], args.seed)
     print(json.dumps({"checkpoint": str(out), "model": cfg.name, "dtype": args.dtype}), flush=True)
     return 0
+
+
+def _require_positive(args: argparse.Namespace, names: tuple[str, ...]) -> None:
+    """Count flags of `policy` and `bench` (left out = None) must be >= 1."""
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
 
 
 def _write_text(path: str | None, text: str) -> None:

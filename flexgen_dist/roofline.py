@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from flexgen_dist.hardware import HardwareProfile
 from flexgen_dist.models.opt import OptConfig
+from flexgen_dist.run_config import DTYPES
 
 
 @dataclass(frozen=True)
@@ -62,8 +63,10 @@ def peak_flops(hardware: HardwareProfile, dtype: str) -> float:
     return max(max(points.values()) for points in speeds.gemm_flops.values())
 
 
-def roofline(cfg: OptConfig, w: Workload, hardware: HardwareProfile, dtype: str, dtype_bytes: int,
-             transfers: dict[str, dict], measured_s: float) -> dict:
+def roofline(cfg: OptConfig, w: Workload, hardware: HardwareProfile, dtype: str, transfers: dict[str, dict],
+             measured_s: float) -> dict:
+    """`dtype`: the compute dtype's name ("float16", …); `transfers`: the run summary's, {} for none."""
+    dtype_bytes = DTYPES[dtype].itemsize
     disk_read, disk_write, link = moved_bytes(transfers)
     roofs = {
         "compute": generation_flops(cfg, w) / peak_flops(hardware, dtype),

@@ -47,7 +47,7 @@ def test_roofline_takes_the_slowest_roof_and_the_moved_bytes():
     assert moved_bytes(flows) == (3e9, 1e9, 3e9)
     hw = load_profile(DEV_PROFILE)
     cfg = config_by_name("opt-1.3b")
-    r = roofline(cfg, Workload(8, 16, 4, 8), hw, "float32", 4, flows, measured_s=100.0)
+    r = roofline(cfg, Workload(8, 16, 4, 8), hw, "float32", flows, measured_s=100.0)
     disk = 3e9 / hw.disk_read_bytes_per_s + 1e9 / hw.disk_write_bytes_per_s
     assert r["bound_by"] == "disk" and r["roofs_s"]["disk"] == pytest.approx(disk, abs=1e-4)
     assert r["achieved_fraction"] == pytest.approx(disk / 100.0, abs=1e-4)
@@ -60,16 +60,16 @@ def _spec(budget: MemoryBudget, device: str = "cpu") -> BenchSpec:
 
 def test_hf_batches_are_the_largest_that_fit_the_same_memory():
     cfg = config_by_name("opt-1.3b")
-    assert baseline_batches(_spec(MemoryBudget()), "hf", 32, 4)[0] == [32, 16]
+    assert baseline_batches(_spec(MemoryBudget()), "hf", 32)[0] == [32, 16]
     fits_8 = hf_resident_bytes(cfg, 8, 128, 32, 4)
     assert hf_resident_bytes(cfg, 16, 128, 32, 4) > fits_8
     # On a CPU device both memory tiers are the same RAM: their sum is what HF may hold.
-    assert baseline_batches(_spec(MemoryBudget(gpu=fits_8 // 2, cpu=fits_8 - fits_8 // 2)), "hf", 32, 4)[0] == [8, 4]
+    assert baseline_batches(_spec(MemoryBudget(gpu=fits_8 // 2, cpu=fits_8 - fits_8 // 2)), "hf", 32)[0] == [8, 4]
     # On a GPU only the device's budget counts.
-    assert baseline_batches(_spec(MemoryBudget(gpu=fits_8 // 2, cpu=10 * fits_8), "cuda"), "hf", 32, 4)[0] == []
-    batches, why = baseline_batches(_spec(MemoryBudget(gpu=1 << 30, cpu=1 << 30)), "hf", 32, 4)
+    assert baseline_batches(_spec(MemoryBudget(gpu=fits_8 // 2, cpu=10 * fits_8), "cuda"), "hf", 32)[0] == []
+    batches, why = baseline_batches(_spec(MemoryBudget(gpu=1 << 30, cpu=1 << 30)), "hf", 32)
     assert batches == [] and "does not fit" in why
-    assert baseline_batches(_spec(MemoryBudget(gpu=1, cpu=1)), "accelerate", 32, 4)[0] == [32]
+    assert baseline_batches(_spec(MemoryBudget(gpu=1, cpu=1)), "accelerate", 32)[0] == [32]
 
 
 def test_pareto_front_and_ratios():
