@@ -19,12 +19,23 @@ from flexgen_dist.memory.disk import DiskTensor, aligned_empty
 from flexgen_dist.memory.placement import single_tier
 from flexgen_dist.memory.tiers import TIERS, Tier, TierSet
 from flexgen_dist.memory.weight_home import WeightHome
-from flexgen_dist.models import opt
+from flexgen_dist.models import opt, prepack
 from flexgen_dist.models.layout import LayerSpec
 from flexgen_dist.models.likelihood import summed_nll
 from flexgen_dist.policy import Policy
 from flexgen_dist.transfer import Lane
 from flexgen_dist.weights import WeightSource
+
+
+# Prefill on a CPU device runs each GPU batch in chunks of whole sequences of about this many tokens: a chunk's
+# temporaries stay in cache and in malloc's heap (larger ones are fresh mmaps that page-fault on first touch).
+# Measured on the 2-core AVX-512-bf16 EPYC, opt-1.3b's MLP over 4,096 rows: 0.68 s whole, 0.63 s in chunks of 512.
+# Exact: every row's result is the same either way.
+_CPU_PREFILL_CHUNK_TOKENS = 512
+
+
+def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 @dataclass
@@ -98,10 +109,11 @@ class StageEngine:
         self.blocks: dict[int, _Block] = {}
         self._weight_lane = Lane(device, policy.overlap, "flexgen-weights")
         self._cache_lane = Lane(device, policy.overlap, "flexgen-cache")
+        pack_rows = policy.gpu_batch_size if prepack.supported(device, dtype) else None
         try:
             for layer in layers:
                 self.homes.append(WeightHome(layer, self.tiers, policy.weight_percents(), dtype, source,
-                                             policy.weight_quant))
+                                             policy.weight_quant, pack_rows))
             staged = [h for h in self.homes if h.needs_staging]
             gathered = [h for h in self.homes if h.packed is not None and not h.stored_in_place]
             stored_dtype = torch.uint8 if policy.weight_quant else dtype
@@ -195,7 +207,7 @@ class StageEngine:
                 elif layer.kind == "head":
                     outputs.append(opt.lm_head(self.cfg, w, hidden[:, -1]))
                 elif layer.kind == "mlp":
-                    acts.put(k, opt.mlp(self.cfg, w, hidden))
+                    acts.put(k, _cat([opt.mlp(self.cfg, w, hidden[c]) for c in self._chunks(hidden)]))
                 elif past == 0:
                     acts.put(k, self._prefill_attention(caches[j, k], w, hidden, masks[k]))
                 else:
@@ -215,10 +227,21 @@ class StageEngine:
             return outputs
         return [acts.get(k) for k in range(len(inputs))]
 
+    def _chunks(self, hidden: torch.Tensor) -> list[slice]:
+        """The sequence ranges a step computes [B, S, H] hidden states in (see _CPU_PREFILL_CHUNK_TOKENS)."""
+        batch, tokens = hidden.shape[:2]
+        per = batch if self.device.type != "cpu" else max(1, _CPU_PREFILL_CHUNK_TOKENS // tokens)
+        return [slice(i, min(batch, i + per)) for i in range(0, batch, per)]
+
     def _prefill_attention(self, cache: CacheHome, w, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        q, key, value = opt.attention_input(self.cfg, w, hidden)  # [B, N, S, D] each
-        self._cache_lane.submit(cache.store_prefill, key, value)
-        return opt.attention_output(self.cfg, w, hidden, opt.attend(q, key, value, mask))
+        outs, keys, values = [], [], []
+        for c in self._chunks(hidden):  # attention is per sequence: chunks of sequences are independent
+            q, key, value = opt.attention_input(self.cfg, w, hidden[c])  # [b, N, S, D] each
+            outs.append(opt.attention_output(self.cfg, w, hidden[c], opt.attend(q, key, value, mask[c])))
+            keys.append(key)
+            values.append(value)
+        self._cache_lane.submit(cache.store_prefill, _cat(keys), _cat(values))
+        return _cat(outs)
 
     def _decode_attention(self, cache: CacheHome, w, hidden: torch.Tensor, loaded: list[LoadedPiece],
                           mask: torch.Tensor, past: int, keep: int | None) -> torch.Tensor:

@@ -2,7 +2,8 @@
 
 Packing a layer into one flat buffer makes any percentage split exact (to one page) for any layer shape, and makes
 loading a layer a few large copies: each tier's piece lands in its slice of a staging buffer on the compute device,
-and the weights are views of that buffer. A layer wholly on a compute-addressable tier is used in place.
+and the weights are views of that buffer. A layer wholly on a compute-addressable tier is used in place; on a CPU compute device in bf16 its matrices are
+packed once into oneDNN's layout instead (models/prepack.py).
 
 Compressed (`quant`), the stored buffer is the layer's bytes in a PackedLayout: the tiers hold and move only the
 compressed bytes, which are gathered on the compute device and dequantized into the staging buffer just before use.
@@ -19,6 +20,7 @@ from flexgen_dist.compression import META_DTYPE, QuantConfig, Quantized, code_sh
 from flexgen_dist.memory.disk import ALIGN, DiskTensor, aligned_empty
 from flexgen_dist.memory.placement import split_elements
 from flexgen_dist.memory.tiers import Tier, TierSet
+from flexgen_dist.models import prepack
 from flexgen_dist.models.layout import LayerSpec, WeightSpec
 from flexgen_dist.weights import WeightSource
 
@@ -143,7 +145,8 @@ class WeightHome:
     """Where one layer's weights live between uses, and how they come back to the compute device."""
 
     def __init__(self, layer: LayerSpec, tiers: TierSet, percents: tuple[float, float, float], dtype: torch.dtype,
-                 source: WeightSource, quant: QuantConfig | None = None) -> None:
+                 source: WeightSource, quant: QuantConfig | None = None, pack_rows: int | None = None) -> None:
+        """`pack_rows`: pack a layer used in place for GEMMs of about that many rows (see _pack_in_place)."""
         self.layer, self.tiers, self.dtype = layer, tiers, dtype
         self.layout = FlatLayout.of(layer, dtype)
         self.packed = PackedLayout.of(layer, dtype, quant) if quant is not None else None
@@ -160,6 +163,21 @@ class WeightHome:
                 stored.write_rows(host[start:stop])
             else:
                 stored.copy_(host[start:stop])
+        self.kernel_weights: dict[str, torch.Tensor] | None = None
+        if pack_rows is not None and self.packed is None and self.stored_in_place and \
+                any(w.is_linear for w in layer.weights):
+            self._pack_in_place(pack_rows)
+
+    def _pack_in_place(self, rows_hint: int) -> None:
+        """Replace the in-place flat buffer by the matrices in oneDNN's layout (and copies of the small vectors).
+        The flat tensor's storage is freed but the tensor kept, as FSDP frees parameters: the tier goes on counting
+        its bytes, which the packed copy now occupies."""
+        flat = self.pieces[0][3]
+        assert isinstance(flat, torch.Tensor)
+        views = self.layout.views(self.layer, flat)
+        self.kernel_weights = {w.name: prepack.pack(views[w.name], rows_hint) if w.is_linear else views[w.name].clone()
+                               for w in self.layer.weights}
+        flat.untyped_storage().resize_(0)
 
     def _populate(self, source: WeightSource, start: int, stop: int, stored: torch.Tensor | DiskTensor) -> None:
         if not isinstance(stored, DiskTensor):
@@ -205,6 +223,8 @@ class WeightHome:
         """The layer's weights on the compute device. `staging`: flat compute-dtype buffer there (if needs_staging);
         `packed_staging`: byte buffer there to gather compressed pieces into (compressed, not stored_in_place);
         `bounce`: page-aligned pinned host buffer of stored_dtype for disk pieces when compute is a GPU."""
+        if self.kernel_weights is not None:
+            return self.kernel_weights
         stored = self._gather(packed_staging if self.packed else staging, bounce)
         if self.packed is None:
             return self.layout.views(self.layer, stored)
@@ -238,3 +258,4 @@ class WeightHome:
         for tier, _, _, stored in self.pieces:
             self.tiers.release(tier, stored)
         self.pieces = []
+        self.kernel_weights = None

@@ -13,6 +13,7 @@ from typing import Literal
 from flexgen_dist.models.opt import POSITION_OFFSET, OptConfig
 
 LayerKind = Literal["embed", "attention", "mlp", "head"]
+EMBEDDING_TABLES = ("embed_tokens", "embed_positions")  # looked up by index; the head's tied copy is "lm_head"
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,11 @@ class WeightSpec:
         for d in self.shape:
             n *= d
         return n
+
+    @property
+    def is_linear(self) -> bool:
+        """A matrix the math only multiplies by (not an embedding table it indexes)."""
+        return len(self.shape) == 2 and self.name not in EMBEDDING_TABLES
 
 
 @dataclass(frozen=True)

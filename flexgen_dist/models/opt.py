@@ -1,6 +1,7 @@
 """OPT: the size table and the pure layer math.
 
 Weights are arguments (dicts of tensors), never `nn.Parameter`s: the engine streams them through the memory tiers.
+A linear weight may be oneDNN-packed (models/prepack.py); `linear` takes either.
 No I/O and no placement here. Shapes: B batch, S query length, T key length, H hidden, E word-embedding dim,
 N heads, D head dim, V vocab.
 """
@@ -13,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from flexgen_dist.errors import UserError
+from flexgen_dist.models.prepack import linear
 
 POSITION_OFFSET = 2  # OPT's learned positions are shifted by 2 (a fairseq legacy)
 
@@ -137,7 +139,7 @@ def embed(w: dict[str, torch.Tensor], input_ids: torch.Tensor, position_ids: tor
     """Token + learned position embeddings. input_ids, position_ids: [B, S] -> [B, S, H]."""
     tokens = F.embedding(input_ids, w["embed_tokens"])  # [B, S, E]
     if "project_in" in w:
-        tokens = F.linear(tokens, w["project_in"])  # [B, S, H]
+        tokens = linear(tokens, w["project_in"])  # [B, S, H]
     return tokens + F.embedding(position_ids + POSITION_OFFSET, w["embed_positions"])
 
 
@@ -155,9 +157,9 @@ def attention_input(cfg: OptConfig, w: dict[str, torch.Tensor], hidden: torch.Te
         return t.view(b, s, cfg.num_heads, cfg.head_dim).transpose(1, 2)
 
     # HF scales q after its bias; keep the order so float32 runs match token for token.
-    q = F.linear(x, w["q_proj.weight"], w["q_proj.bias"]) * scaling
-    k = F.linear(x, w["k_proj.weight"], w["k_proj.bias"])
-    v = F.linear(x, w["v_proj.weight"], w["v_proj.bias"])
+    q = linear(x, w["q_proj.weight"], w["q_proj.bias"]) * scaling
+    k = linear(x, w["k_proj.weight"], w["k_proj.bias"])
+    v = linear(x, w["v_proj.weight"], w["v_proj.bias"])
     return heads(q), heads(k), heads(v)
 
 
@@ -200,7 +202,7 @@ def attend_rows(top_probs: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
 def attention_output(cfg: OptConfig, w: dict[str, torch.Tensor], hidden: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
     """Output projection, residual and (post-LN models) LayerNorm. context [B, N, S, D] -> [B, S, H]."""
     b, _, s, _ = context.shape
-    out = F.linear(context.transpose(1, 2).reshape(b, s, cfg.hidden_size), w["out_proj.weight"], w["out_proj.bias"])
+    out = linear(context.transpose(1, 2).reshape(b, s, cfg.hidden_size), w["out_proj.weight"], w["out_proj.bias"])
     out = hidden + out
     if not cfg.do_layer_norm_before:
         out = _layer_norm(out, w, "self_attn_layer_norm", cfg.layer_norm_eps)
@@ -210,8 +212,8 @@ def attention_output(cfg: OptConfig, w: dict[str, torch.Tensor], hidden: torch.T
 def mlp(cfg: OptConfig, w: dict[str, torch.Tensor], hidden: torch.Tensor) -> torch.Tensor:
     """The feed-forward half of a decoder layer with its residual. [B, S, H] -> [B, S, H]."""
     x = _layer_norm(hidden, w, "final_layer_norm", cfg.layer_norm_eps) if cfg.do_layer_norm_before else hidden
-    x = ACTIVATIONS[cfg.activation](F.linear(x, w["fc1.weight"], w["fc1.bias"]))
-    out = hidden + F.linear(x, w["fc2.weight"], w["fc2.bias"])
+    x = ACTIVATIONS[cfg.activation](linear(x, w["fc1.weight"], w["fc1.bias"]))
+    out = hidden + linear(x, w["fc2.weight"], w["fc2.bias"])
     if not cfg.do_layer_norm_before:
         out = _layer_norm(out, w, "final_layer_norm", cfg.layer_norm_eps)
     return out
@@ -222,8 +224,8 @@ def lm_head(cfg: OptConfig, w: dict[str, torch.Tensor], hidden: torch.Tensor) ->
     if cfg.has_final_layer_norm:
         hidden = _layer_norm(hidden, w, "final_layer_norm", cfg.layer_norm_eps)
     if "project_out" in w:
-        hidden = F.linear(hidden, w["project_out"])
-    return F.linear(hidden, w["lm_head"]).float()
+        hidden = linear(hidden, w["project_out"])
+    return linear(hidden, w["lm_head"]).float()
 
 
 def attention_mask(valid: torch.Tensor, query_len: int) -> torch.Tensor:

@@ -17,6 +17,7 @@ import torch
 
 from flexgen_dist.engine import BatchInput, StageEngine
 from flexgen_dist.generation import Sampling, sample
+from flexgen_dist.memory.host_heap import keep_freed_memory
 from flexgen_dist.memory.tiers import stage_offload_dir
 from flexgen_dist.model_source import resolve_model
 from flexgen_dist.models.layout import model_layers
@@ -51,6 +52,8 @@ class StageWorker:
         self._layers = (spec.layer_start, spec.layer_stop)
         self._offload_dir = stage_offload_dir(spec.offload_dir, spec.run_id, spec.stage) if spec.run_id else None
         self.device = resolve_device(spec.device)
+        if self.device.type == "cpu":
+            keep_freed_memory()
         source = resolve_model(spec.model, spec.dummy_weights, spec.seed, self.device)
         layers = model_layers(source.config)[spec.layer_start : spec.layer_stop]
         try:

@@ -1,0 +1,87 @@
+"""oneDNN-packed resident weights (CPU, bf16): the same numbers as F.linear, the same bytes counted, and used only
+where a layer lives whole in compute memory."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from flexgen_dist.engine import BatchInput, StageEngine
+from flexgen_dist.generation import BlockRun, Sequence
+from flexgen_dist.models import prepack
+from flexgen_dist.models.layout import model_layers
+from flexgen_dist.models.opt import OPT_SIZES
+from flexgen_dist.policy import Policy
+from flexgen_dist.weights import DummyWeights
+
+CPU = torch.device("cpu")
+pytestmark = pytest.mark.skipif(not prepack.supported(CPU, torch.bfloat16),
+                                reason="this CPU has no oneDNN bf16 kernels (no AVX512-BF16 or AMX)")
+
+
+@pytest.mark.parametrize("rows_hint", [1, 4, 512])
+def test_packed_linear_equals_f_linear(rows_hint):
+    torch.manual_seed(0)
+    w, b = torch.randn(384, 128, dtype=torch.bfloat16), torch.randn(384, dtype=torch.bfloat16)
+    packed = prepack.pack(w, rows_hint)
+    assert packed.is_mkldnn
+    for x in (torch.randn(4, 128, dtype=torch.bfloat16), torch.randn(4, 9, 128, dtype=torch.bfloat16)):
+        assert torch.equal(prepack.linear(x, packed, b), F.linear(x, w, b))
+        assert torch.equal(prepack.linear(x, packed), F.linear(x, w))
+    strided = torch.randn(9, 4, 128, dtype=torch.bfloat16).transpose(0, 1)  # oneDNN misreads these unless copied
+    torch.testing.assert_close(prepack.linear(strided, packed, b), F.linear(strided.contiguous(), w, b))
+    plain = torch.randn(384, 128)
+    assert torch.equal(prepack.linear(torch.ones(2, 128), plain), F.linear(torch.ones(2, 128), plain))  # float32: F.linear
+
+
+def _cfg():
+    base = OPT_SIZES["opt-125m"]
+    return type(base)(**{**base.__dict__, "num_layers": 2, "name": "opt-125m-2l"})
+
+
+def _generate(tmp_path, policy: Policy) -> tuple[list[torch.Tensor], StageEngine]:
+    cfg = _cfg()
+    engine = StageEngine(cfg, model_layers(cfg), policy, DummyWeights(), CPU, torch.bfloat16, str(tmp_path))
+    block = BlockRun(0, [Sequence(list(range(4 + i, 20 + i)), 5) for i in range(4)], 2, 1, 2, ignore_eos=True)
+    engine.start_block(0, block.batch_sizes, block.capacity)
+    logits = []
+    while not block.done:
+        step = engine.step(0, [BatchInput(t, v) for t, v in zip(block.tokens, block.valid)])
+        logits += step
+        block.advance([x.argmax(-1) for x in step])
+    engine.end_block(0)
+    return logits, engine
+
+
+@pytest.mark.parametrize("percent", [(100, 0), (0, 100)], ids=["gpu-tier", "cpu-tier"])
+def test_engine_packs_resident_layers_and_matches_unpacked(tmp_path, monkeypatch, percent):
+    policy = Policy(gpu_batch_size=2, num_gpu_batches=2, w_gpu_percent=percent[0], w_cpu_percent=percent[1])
+    packed_logits, packed = _generate(tmp_path, policy)
+    monkeypatch.setenv(prepack.DISABLE_ENV, "0")
+    plain_logits, plain = _generate(tmp_path, policy)
+    try:
+        assert packed.homes[0].kernel_weights is None  # the embedding: nothing to multiply by
+        for home in packed.homes[1:]:
+            assert home.kernel_weights is not None
+            for w in home.layer.weights:
+                assert home.kernel_weights[w.name].is_mkldnn == w.is_linear
+        assert all(home.kernel_weights is None for home in plain.homes)
+        for a, b in zip(packed_logits, plain_logits, strict=True):
+            assert torch.equal(a, b)
+        # The packed copies take the flat buffers' place: the tiers count the same bytes.
+        assert packed.tiers.peak_bytes() == plain.tiers.peak_bytes()
+        assert all(h.pieces[0][3].untyped_storage().nbytes() == 0 for h in packed.homes[1:])
+    finally:
+        packed.close()
+        plain.close()
+
+
+def test_streamed_and_compressed_layers_are_not_packed(tmp_path):
+    cfg = _cfg()
+    for policy in (Policy(w_gpu_percent=50, w_cpu_percent=0), Policy(compress_weight=True)):
+        engine = StageEngine(cfg, model_layers(cfg), policy, DummyWeights(), CPU, torch.bfloat16, str(tmp_path))
+        try:
+            assert all(home.kernel_weights is None for home in engine.homes)
+        finally:
+            engine.close()
