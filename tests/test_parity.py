@@ -9,6 +9,7 @@ import random
 
 import pytest
 
+from flexgen_dist import engine
 from flexgen_dist.cli import main
 from hf_oracle import hf_greedy
 
@@ -71,6 +72,16 @@ def test_greedy_matches_hf(tmp_path, model_and_oracle, name, percent, gbs, ngb, 
     assert not offload.exists() or not any(offload.iterdir()), "offload files must be removed when the run ends"
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["generated_tokens"] == sum(len(e) for e in expected)
+
+
+def test_prefill_in_sequence_chunks_matches_hf(tmp_path, model_and_oracle, monkeypatch):
+    """A CPU prefill runs a GPU batch in chunks of whole sequences; one sequence a chunk here, padded prompts, the
+    cache split over every tier (each chunk's keys and values land in their rows)."""
+    monkeypatch.setattr(engine, "_CPU_PREFILL_CHUNK_TOKENS", 1)
+    model_dir, expected = model_and_oracle
+    ours, _ = run_cli(tmp_path, model_dir, "--percent", "30", "30", "30", "30", "100", "0", "--gpu-batch-size", "3",
+                      "--num-gpu-batches", "2")
+    assert ours == expected
 
 
 def test_sharded_safetensors_match_single_file(tmp_path, opt_preln_dir, opt_sharded_dir):

@@ -1,7 +1,9 @@
-"""oneDNN-packed resident weights (CPU, bf16): the same numbers as F.linear, the same bytes counted, and used only
-where a layer lives whole in compute memory."""
+"""A CPU compute device's kernels and heap: oneDNN-packed resident weights (bf16) give F.linear's numbers with the
+same bytes counted, only where a layer lives whole in compute memory; malloc serves large temporaries from its heap."""
 
 from __future__ import annotations
+
+import ctypes
 
 import pytest
 import torch
@@ -9,6 +11,7 @@ import torch.nn.functional as F
 
 from flexgen_dist.engine import BatchInput, StageEngine
 from flexgen_dist.generation import BlockRun, Sequence
+from flexgen_dist.memory.host_heap import MMAP_THRESHOLD_BYTES, keep_freed_memory
 from flexgen_dist.models import prepack
 from flexgen_dist.models.layout import model_layers
 from flexgen_dist.models.opt import OPT_SIZES
@@ -16,10 +19,27 @@ from flexgen_dist.policy import Policy
 from flexgen_dist.weights import DummyWeights
 
 CPU = torch.device("cpu")
-pytestmark = pytest.mark.skipif(not prepack.supported(CPU, torch.bfloat16),
-                                reason="this CPU has no oneDNN bf16 kernels (no AVX512-BF16 or AMX)")
+needs_bf16_kernels = pytest.mark.skipif(not prepack.supported(CPU, torch.bfloat16),
+                                        reason="this CPU has no oneDNN bf16 kernels (no AVX512-BF16 or AMX)")
 
 
+class _Mallinfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                 "keepcost")]
+
+
+def test_large_temporaries_come_from_the_heap_not_fresh_mmaps():
+    mallinfo2 = ctypes.CDLL(None).mallinfo2
+    mallinfo2.restype = _Mallinfo2
+    assert keep_freed_memory()
+    mapped = mallinfo2().hblkhd  # bytes in blocks malloc mmapped on their own
+    t = torch.empty(MMAP_THRESHOLD_BYTES // 2, dtype=torch.uint8)
+    assert mallinfo2().hblkhd == mapped and mallinfo2().uordblks >= t.numel()
+    del t
+
+
+@needs_bf16_kernels
 @pytest.mark.parametrize("rows_hint", [1, 4, 512])
 def test_packed_linear_equals_f_linear(rows_hint):
     torch.manual_seed(0)
@@ -54,6 +74,7 @@ def _generate(tmp_path, policy: Policy) -> tuple[list[torch.Tensor], StageEngine
     return logits, engine
 
 
+@needs_bf16_kernels
 @pytest.mark.parametrize("percent", [(100, 0), (0, 100)], ids=["gpu-tier", "cpu-tier"])
 def test_engine_packs_resident_layers_and_matches_unpacked(tmp_path, monkeypatch, percent):
     policy = Policy(gpu_batch_size=2, num_gpu_batches=2, w_gpu_percent=percent[0], w_cpu_percent=percent[1])
@@ -77,6 +98,7 @@ def test_engine_packs_resident_layers_and_matches_unpacked(tmp_path, monkeypatch
         plain.close()
 
 
+@needs_bf16_kernels
 def test_streamed_and_compressed_layers_are_not_packed(tmp_path):
     cfg = _cfg()
     for policy in (Policy(w_gpu_percent=50, w_cpu_percent=0), Policy(compress_weight=True)):
