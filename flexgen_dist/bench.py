@@ -146,6 +146,7 @@ def run_bench(spec: BenchSpec, generate_flags: list[str], hardware: HardwareProf
               log: Callable[[str], None]) -> dict:
     """Every point of the sweep: ours, then each baseline on the same prompts; the best of each system compared."""
     points: list[dict] = []
+    measured: set[tuple[str, int, int]] = set()  # (system, batch, prompts): a baseline run ignores our block
     for block in spec.blocks or (None,):
         block_size = block[0] * block[1] if block else None
         num_prompts = spec.num_prompts or (block_size or 0) * spec.stages
@@ -165,6 +166,9 @@ def run_bench(spec: BenchSpec, generate_flags: list[str], hardware: HardwareProf
                 points.append({"system": system, "block_size": actual, "skipped": why})
                 log(f"  {system}: {why}")
             for batch in batches:
+                if (system, batch, num_prompts) in measured:
+                    continue
+                measured.add((system, batch, num_prompts))
                 base = BaselineSpec(system, spec.model, prompts, spec.gen_len, batch, spec.device, spec.dtype,
                                     _budget_dict(spec.budget), spec.offload_dir or tempfile.gettempdir())
                 log(f"  {system}, batch {batch}")
@@ -229,8 +233,9 @@ def plot_pareto(result: dict, path: str) -> None:
             ax.annotate(p.get("block") or str(p["batch_size"]), (p["latency_s"], p["generation_throughput_tok_s"]),
                         fontsize=7, xytext=(3, 3), textcoords="offset points")
     w = result["workload"]
-    ax.set(xscale="log", yscale="log", xlabel="latency per block (s)", ylabel="generation throughput (token/s)",
-           title=f"{w['model']} {w['dtype']}, prompt {w['prompt_len']}, gen {w['gen_len']}, {w['max_memory']}")
+    ax.set(xscale="log", yscale="log", xlabel="latency per block (s)", ylabel="generation throughput (token/s)")
+    ax.set_title(f"{w['model']} {w['dtype']}, prompt {w['prompt_len']}, gen {w['gen_len']}\n{w['max_memory']}",
+                 fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()

@@ -146,6 +146,16 @@ def test_bench_hf_baseline_gets_its_best_batch_that_fits(tmp_path, opt_preln_dir
     assert out["best"]["hf"]["at"] == f"batch {best['batch_size']}" and "flexgen_dist / hf" in captured.err
 
 
+def test_bench_measures_each_baseline_batch_once_per_sweep(tmp_path, opt_preln_dir, capsys):
+    """Two block shapes of one size on the same prompts: the baseline's batches are the same for both, so run once."""
+    argv = ["bench", "--model", str(opt_preln_dir), "--prompt-len", "8", "--gen-len", "2", "--sweep", "2x1,1x2",
+            "--num-prompts", "4", "--baseline", "hf", "--device", "cpu", "--dtype", "float32", "--executor", "local",
+            "--no-roofline"]
+    assert main(argv) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert [p.get("block") or p["batch_size"] for p in out["points"]] == ["2x1", 2, 1, "1x2"]
+
+
 @pytest.mark.parametrize("flags,message", [
     (["--baseline", "accelerate"], "--baseline accelerate loads a checkpoint"),
     (["--prompt-len", "4000"], "exceeds the model's"),
