@@ -264,6 +264,9 @@ def _query(prometheus: str, query: str) -> list[dict]:
     return _api(f"{prometheus}/api/v1/query?" + urllib.parse.urlencode({"query": query}))["result"]
 
 
+SCRAPED_SEQUENCES = 48
+
+
 def _scrape_config(target: str, tmp_path: Path) -> Path:
     """The shipped config with this run as the flexgen target, scraped every second; Ray's job left out."""
     config = yaml.safe_load((MONITORING / "prometheus.yml").read_text())
@@ -306,14 +309,16 @@ def test_prometheus_scrapes_a_run(tmp_path, opt_preln_dir):
         groups = _api(f"{api}/api/v1/rules")["groups"]  # the shipped alert rules load
         assert {r["name"] for g in groups for r in g["rules"]} == {"FlexgenGenerationStalled", "FlexgenTierNearBudget",
                                                                "FlexgenStageRestarted"}
+        # 48 sequences: ~10 s on the AVX-512 development machine, where 12 (2.4 s) ended before Prometheus's first
+        # scrape of the new target.
         run = subprocess.Popen(_generate_argv(opt_preln_dir, tmp_path, "--executor", "local", "--metrics-port",
-                                              str(port), "--metrics-linger", "30"),
+                                              str(port), "--metrics-linger", "30", sequences=SCRAPED_SEQUENCES),
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         out, err = run.communicate(timeout=300)
         assert run.returncode == 0, err[-2000:]
         records = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
         tokens = sum(len(r["output_ids"]) for r in records)
-        assert tokens == json.loads(out.strip().splitlines()[-1])["generated_tokens"] == 12 * 64
+        assert tokens == json.loads(out.strip().splitlines()[-1])["generated_tokens"] == SCRAPED_SEQUENCES * 64
 
         series = _query(api, 'flexgen_generated_tokens_total{job="flexgen"}[10m]')
         assert len(series) == 1, series
