@@ -27,11 +27,11 @@ from flexgen_dist.transfer import Lane
 from flexgen_dist.weights import WeightSource
 
 
-# Prefill on a CPU device runs each GPU batch in chunks of whole sequences of about this many tokens: a chunk's
-# temporaries stay in cache and in malloc's heap (larger ones are fresh mmaps that page-fault on first touch).
-# Measured on the 2-core AVX-512-bf16 EPYC, opt-1.3b's MLP over 4,096 rows: 0.68 s whole, 0.63 s in chunks of 512.
-# Exact: every row's result is the same either way.
-_CPU_PREFILL_CHUNK_TOKENS = 512
+# On a CPU device a step runs each GPU batch in chunks of whole sequences of about this many tokens (in practice the
+# prefill: a decode step has one token per sequence). A chunk's temporaries stay in cache and in malloc's heap (larger
+# ones are fresh mmaps that page-fault on first touch). Measured on the 2-core AVX-512-bf16 EPYC, opt-1.3b's MLP over
+# 4,096 rows: 0.68 s whole, 0.63 s in chunks of 512. Exact: every row's result is the same either way.
+_CPU_CHUNK_TOKENS = 512
 
 
 def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
@@ -228,9 +228,10 @@ class StageEngine:
         return [acts.get(k) for k in range(len(inputs))]
 
     def _chunks(self, hidden: torch.Tensor) -> list[slice]:
-        """The sequence ranges a step computes [B, S, H] hidden states in (see _CPU_PREFILL_CHUNK_TOKENS)."""
+        """The sequence ranges a step computes [B, S, H] hidden states in: the whole batch, or on a CPU device chunks
+        of about _CPU_CHUNK_TOKENS tokens."""
         batch, tokens = hidden.shape[:2]
-        per = batch if self.device.type != "cpu" else max(1, _CPU_PREFILL_CHUNK_TOKENS // tokens)
+        per = batch if self.device.type != "cpu" else max(1, _CPU_CHUNK_TOKENS // tokens)
         return [slice(i, min(batch, i + per)) for i in range(0, batch, per)]
 
     def _prefill_attention(self, cache: CacheHome, w, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -77,7 +77,7 @@ def test_greedy_matches_hf(tmp_path, model_and_oracle, name, percent, gbs, ngb, 
 def test_prefill_in_sequence_chunks_matches_hf(tmp_path, model_and_oracle, monkeypatch):
     """A CPU prefill runs a GPU batch in chunks of whole sequences; one sequence a chunk here, padded prompts, the
     cache split over every tier (each chunk's keys and values land in their rows)."""
-    monkeypatch.setattr(engine, "_CPU_PREFILL_CHUNK_TOKENS", 1)
+    monkeypatch.setattr(engine, "_CPU_CHUNK_TOKENS", 1)
     model_dir, expected = model_and_oracle
     ours, _ = run_cli(tmp_path, model_dir, "--percent", "30", "30", "30", "30", "100", "0", "--gpu-batch-size", "3",
                       "--num-gpu-batches", "2")

@@ -2,8 +2,8 @@
 
 Packing a layer into one flat buffer makes any percentage split exact (to one page) for any layer shape, and makes
 loading a layer a few large copies: each tier's piece lands in its slice of a staging buffer on the compute device,
-and the weights are views of that buffer. A layer wholly on a compute-addressable tier is used in place; on a CPU compute device in bf16 its matrices are
-packed once into oneDNN's layout instead (models/prepack.py).
+and the weights are views of that buffer. A layer wholly on a compute-addressable tier is used in place; on a CPU
+compute device in bf16 its matrices are packed once into oneDNN's layout instead (models/prepack.py).
 
 Compressed (`quant`), the stored buffer is the layer's bytes in a PackedLayout: the tiers hold and move only the
 compressed bytes, which are gathered on the compute device and dequantized into the staging buffer just before use.
