@@ -71,9 +71,10 @@ def _init(target: str | None) -> bool:
         if target:
             ray.init(address=target, log_to_driver=True, configure_logging=False)
             return False
-        # "local": never attach to a stale cluster by accident; loopback only, no dashboard.
+        # "local": never attach to a stale cluster by accident; loopback only, no dashboard. Ray starts workers at
+        # nice 15, under its own daemons and our driver: a stage actor is the run's compute (and its disk reads).
         ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1", configure_logging=False,
-                 log_to_driver=True)
+                 log_to_driver=True, _system_config={"worker_niceness": 0})
         return True
     except ConnectionError as e:
         raise UserError(f"cannot reach the Ray cluster at {target}: {e} (is it running? check `ray status`)") from None
