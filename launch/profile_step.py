@@ -1,0 +1,65 @@
+"""Time and profile the engine's steps on a slice of a real OPT size (dummy weights, every weight resident), to see
+where a prefill or decode step spends its time: the torch profiler's table of operators for one prefill and a few
+decode steps.
+
+    PYTHONPATH=. .venv/bin/python launch/profile_step.py --model opt-1.3b --layers 4 --batch 32 --prompt-len 128
+
+`--layers` cuts the model to its first N decoder layers (same shapes, faster to load); `FLEXGEN_CPU_PREPACK=0`
+compares with unpacked weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import replace
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from flexgen_dist.engine import BatchInput, StageEngine
+from flexgen_dist.generation import BlockRun, Sequence
+from flexgen_dist.memory.host_heap import keep_freed_memory
+from flexgen_dist.models.layout import model_layers
+from flexgen_dist.models.opt import config_by_name
+from flexgen_dist.policy import Policy
+from flexgen_dist.run_config import resolve_dtype
+from flexgen_dist.weights import DummyWeights
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="opt-1.3b")
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--decode-steps", type=int, default=3)
+    ap.add_argument("--rows", type=int, default=15, help="operators shown per table")
+    args = ap.parse_args()
+    device = torch.device("cpu")
+    keep_freed_memory()  # as the stage worker does
+    cfg = replace(config_by_name(args.model), num_layers=args.layers)
+    engine = StageEngine(cfg, model_layers(cfg), Policy(gpu_batch_size=args.batch), DummyWeights(), device,
+                         resolve_dtype(None, device), None)
+    try:
+        for phase in ("warm-up", "measured"):
+            block = BlockRun(0, [Sequence([4 + (i + j) % 1000 for j in range(args.prompt_len)], args.decode_steps + 1)
+                                 for i in range(args.batch)], args.batch, cfg.pad_token_id, cfg.eos_token_id,
+                             ignore_eos=True)
+            engine.start_block(0, block.batch_sizes, block.capacity)
+            with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as prof:
+                times = []
+                while not block.done:
+                    start = time.perf_counter()
+                    logits = engine.step(0, [BatchInput(t, v) for t, v in zip(block.tokens, block.valid)])
+                    block.advance([x.argmax(-1) for x in logits])
+                    times.append(time.perf_counter() - start)
+            engine.end_block(0)
+            print(f"{phase}: prefill {times[0]:.3f} s, decode steps {', '.join(f'{t:.3f}' for t in times[1:])} s")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))
+    finally:
+        engine.close()
+
+
+if __name__ == "__main__":
+    main()
