@@ -29,8 +29,9 @@ from flexgen_dist.weights import WeightSource
 
 # On a CPU device a step runs each GPU batch in chunks of whole sequences of about this many tokens (in practice the
 # prefill: a decode step has one token per sequence). A chunk's temporaries stay in cache and in malloc's heap (larger
-# ones are fresh mmaps that page-fault on first touch). Measured on the 2-core AVX-512-bf16 EPYC, opt-1.3b's MLP over
-# 4,096 rows: 0.68 s whole, 0.63 s in chunks of 512. Exact: every row's result is the same either way.
+# ones are fresh mmaps that page-fault on first touch). With memory/host_heap.py, a 4-layer opt-1.3b prefill of
+# 32 x 128 tokens went from 4.67 to 4.27 s on the 2-core AVX-512-bf16 EPYC (docs/benchmarks.md). Exact: every row's
+# result is the same either way.
 _CPU_CHUNK_TOKENS = 512
 
 
