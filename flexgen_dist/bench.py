@@ -41,6 +41,7 @@ class BenchSpec:
     baselines: tuple[str, ...]
     baseline_batch_sizes: tuple[int, ...]  # () = chosen per point (see baseline_batches)
     seed: int = 0
+    baseline_calls: int | None = None  # time at most this many generate calls per baseline batch size
 
 
 def parse_blocks(text: str) -> tuple[tuple[int, int], ...]:
@@ -169,7 +170,8 @@ def run_bench(spec: BenchSpec, generate_flags: list[str], hardware: HardwareProf
                 if (system, batch, num_prompts) in measured:
                     continue
                 measured.add((system, batch, num_prompts))
-                base = BaselineSpec(system, spec.model, prompts, spec.gen_len, batch, spec.device, spec.dtype,
+                sample = prompts[: batch * spec.baseline_calls] if spec.baseline_calls else prompts
+                base = BaselineSpec(system, spec.model, sample, spec.gen_len, batch, spec.device, spec.dtype,
                                     _budget_dict(spec.budget), spec.offload_dir or tempfile.gettempdir())
                 log(f"  {system}, batch {batch}")
                 points.append(_baseline_point(spec, run_baseline(base), hardware))

@@ -150,6 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--baseline-batch-size", type=int, action="append", default=[], metavar="N",
                     help="baseline batch sizes to try, the best reported (default: hf the two largest powers of two "
                          "up to the block size that fit the memory budget, accelerate the block size)")
+    be.add_argument("--baseline-calls", type=int, metavar="N",
+                    help="time at most N generate calls of each baseline batch size (default: all the prompts): its "
+                         "calls are the same work, so a slow baseline can be measured on a sample")
     be.add_argument("--results", metavar="FILE.jsonl", help="append every measured point here")
     be.add_argument("--plot", metavar="FILE.png", help="latency/throughput plot of every system (needs matplotlib)")
     be.add_argument("--no-roofline", action="store_true",
@@ -370,7 +373,7 @@ def _bench(args: argparse.Namespace) -> int:
     from flexgen_dist.hardware import load_profile
     from flexgen_dist.model_source import model_config
 
-    _require_positive(args, ("prompt_len", "gen_len", "num_prompts", "stages"))
+    _require_positive(args, ("prompt_len", "gen_len", "num_prompts", "stages", "baseline_calls"))
     if any(b < 1 for b in args.baseline_batch_size):
         raise UserError("--baseline-batch-size must be >= 1")
     # --hardware is the roofline's profile too; only --policy auto also plans with it.
@@ -390,7 +393,7 @@ def _bench(args: argparse.Namespace) -> int:
         blocks = ((policy.gpu_batch_size, policy.num_gpu_batches),)
     spec = BenchSpec(args.model, cfg, args.prompt_len, args.gen_len, args.num_prompts, blocks, args.stages,
                      device.type, dtype, parse_max_memory(args.max_memory) if args.max_memory else MemoryBudget(),
-                     args.offload_dir, tuple(dict.fromkeys(args.baseline)), tuple(args.baseline_batch_size), args.seed)
+                     args.offload_dir, tuple(dict.fromkeys(args.baseline)), tuple(args.baseline_batch_size), args.seed, args.baseline_calls)
     hardware = None
     if not args.no_roofline:
         hardware = load_profile(args.hardware) if args.hardware else machine_profile(device, DTYPES[dtype], None)

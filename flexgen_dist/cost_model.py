@@ -152,26 +152,36 @@ class CostModel:
     def _elementwise(self, nbytes: float) -> float:
         return nbytes / (2 * self.hardware.memory_bytes_per_s)  # a copy's bandwidth counts each byte read and written
 
+    def _gemm(self, out_features: int, in_features: int, rows: int) -> Linear:
+        """A GEMM on the layer's weights: with the packed kernel where the profile measured one (the engine packs
+        resident weights, prepack.py) and the layer is used in place; on a staged or dequantized copy, F.linear."""
+        s = self.speeds
+        plain = s.gemm_seconds(out_features, in_features, rows)
+        if self.policy.compress_weight or not s.packed_gemm_flops:
+            return Linear(plain)
+        packed = s.gemm_seconds(out_features, in_features, rows, packed=True)
+        return Linear(packed) + var(STAGED, plain - packed)
+
     def _compute_batch(self, layer: LayerSpec, query_len: int, past: int) -> Linear:
         cfg, s, item = self.cfg, self.speeds, self.dtype.itemsize
         batch = self.policy.gpu_batch_size
         rows, h = batch * query_len, cfg.hidden_size
         if layer.kind == "embed":
-            t = self._elementwise(3 * rows * h * item)
+            t = Linear(self._elementwise(3 * rows * h * item))
             if cfg.projects_embeddings:
-                t += s.gemm_seconds(h, cfg.embed_dim, rows)
-            return Linear(t)
+                t += self._gemm(h, cfg.embed_dim, rows)
+            return t
         if layer.kind == "head":  # LayerNorm and the LM head on each sequence's last position only
-            return Linear(s.gemm_seconds(cfg.vocab_size, cfg.embed_dim, batch)
-                          + self._elementwise(batch * cfg.vocab_size * (item + 4)))
+            return self._gemm(cfg.vocab_size, cfg.embed_dim, batch) + \
+                self._elementwise(batch * cfg.vocab_size * (item + 4))
         if layer.kind == "mlp":
-            return Linear(s.gemm_seconds(cfg.ffn_dim, h, rows) + s.gemm_seconds(h, cfg.ffn_dim, rows)
-                          + self._elementwise(rows * (_MLP_ELEMENTWISE * h + 2 * cfg.ffn_dim) * item))
-        t = 4 * s.gemm_seconds(h, h, rows) + self._elementwise(_ATTENTION_ELEMENTWISE * rows * h * item)
+            return self._gemm(cfg.ffn_dim, h, rows) + self._gemm(h, cfg.ffn_dim, rows) + \
+                self._elementwise(rows * (_MLP_ELEMENTWISE * h + 2 * cfg.ffn_dim) * item)
+        t = self._gemm(h, h, rows) * 4 + self._elementwise(_ATTENTION_ELEMENTWISE * rows * h * item)
         if past == 0:  # prefill: softmax(QK^T)V over the prompt, and the new K, V written to the cache homes
             t += 4 * batch * cfg.num_heads * query_len * query_len * cfg.head_dim / s.attention_flops
-            return Linear(t) + self._cache_store(rows)
-        return Linear(t) + self._decode_attention(past)
+            return t + self._cache_store(rows)
+        return t + self._decode_attention(past)
 
     def _cache_store(self, rows: int) -> Linear:
         """Prefill's K, V of `rows` tokens written into the cache homes that compute can address (a memory copy);
@@ -279,9 +289,10 @@ class CostModel:
             firsts.setdefault(key, j)
             counts[key] = counts.get(key, 0) + 1
         merged = [(1, self._weight_load(self.layers[0]))]  # nothing computes while the first layer loads
+        overhead = self.hardware.layer_overhead_s + batches * self.hardware.batch_layer_overhead_s
         for key, j in firsts.items():
             layer = self.layers[j]
-            window = Window(self._compute_batch(layer, query_len, past) * batches, _zero(), _zero(), _zero())
+            window = Window(self._compute_batch(layer, query_len, past) * batches + overhead, _zero(), _zero(), _zero())
             if layer.kind != "embed":
                 window = _sum(window, _scaled(acts, batches))
             if layer.kind == "attention":

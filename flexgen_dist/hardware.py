@@ -49,15 +49,19 @@ class DtypeSpeeds:
     decode_attention_bytes_per_s: float  # decode attention over a KV cache on the device: cache bytes read per s
     cpu_decode_attention_bytes_per_s: float  # the same computed by the CPU on a CPU-tier cache
     dequantize_elements_per_s: float  # 4-bit group-wise codes -> this dtype, on the device
+    # The same table for weights packed once into the kernel's layout (models/prepack.py: resident bf16 weights on
+    # a CPU device); empty where the engine does not pack.
+    packed_gemm_flops: dict[str, dict[int, float]] = field(default_factory=dict)
 
-    def gemm_seconds(self, out_features: int, in_features: int, rows: int) -> float:
-        """Time of F.linear on `rows` rows with an [out, in] weight: the measured shape nearest in log size on each
-        side, its throughput interpolated in log(rows)."""
+    def gemm_seconds(self, out_features: int, in_features: int, rows: int, packed: bool = False) -> float:
+        """Time of F.linear (or, `packed` where measured, of the packed kernel) on `rows` rows with an [out, in]
+        weight: the measured shape nearest in log size on each side, its throughput interpolated in log(rows)."""
         def distance(key: str) -> float:
             o, i = (int(v) for v in key.split("x"))
             return abs(math.log(o / out_features)) + abs(math.log(i / in_features))
 
-        table = self.gemm_flops[min(self.gemm_flops, key=distance)]
+        tables = self.packed_gemm_flops if packed and self.packed_gemm_flops else self.gemm_flops
+        table = tables[min(tables, key=distance)]
         rate = _log_interpolate(sorted(table.items()), rows)
         return 2 * rows * out_features * in_features / rate
 
@@ -82,6 +86,10 @@ class HardwareProfile:
     # compute-bound GEMMs) and in a decode window (short GEMMs of a few rows, leaving the cores free between them).
     compute_io_overlap: float = 1.0
     decode_compute_io_overlap: float = 1.0
+    # Seconds a step spends per layer window, and per GPU batch in a window, beyond the math (the engine's bookkeeping
+    # and the dispatch of a layer's small kernels): on a CPU device they take the cores that compute.
+    layer_overhead_s: float = 0.0
+    batch_layer_overhead_s: float = 0.0
 
     def overlap(self, decode: bool) -> float:
         return self.decode_compute_io_overlap if decode else self.compute_io_overlap
@@ -107,7 +115,8 @@ def profile_from_mapping(data: Any, where: str) -> HardwareProfile:
     data = mapping(data, where)
     names = [f.name for f in fields(HardwareProfile)]
     known_keys(data, names, where)
-    optional = ("dtypes", "note", "disk_read_cpu_seconds_per_byte", "compute_io_overlap", "decode_compute_io_overlap")
+    optional = ("dtypes", "note", "disk_read_cpu_seconds_per_byte", "compute_io_overlap", "decode_compute_io_overlap",
+                "layer_overhead_s", "batch_layer_overhead_s")
     missing = [n for n in names if n not in data and n not in optional]
     if missing:
         raise UserError(f"{where}: missing {', '.join(missing)}")
@@ -136,25 +145,32 @@ def _speeds_from_mapping(data: Any, where: str) -> DtypeSpeeds:
     data = mapping(data, where)
     names = [f.name for f in fields(DtypeSpeeds)]
     known_keys(data, names, where)
-    missing = [n for n in names if n not in data]
+    tables = ("gemm_flops", "packed_gemm_flops")
+    missing = [n for n in names if n not in data and n != "packed_gemm_flops"]
     if missing:
         raise UserError(f"{where}: missing {', '.join(missing)}")
+    gemm = _gemm_table(data["gemm_flops"], f"{where}.gemm_flops")
+    if not gemm:
+        raise UserError(f"{where}.gemm_flops: expected at least one weight shape")
+    packed = _gemm_table(data.get("packed_gemm_flops", {}), f"{where}.packed_gemm_flops")
+    scalars = {n: typed(data[n], float, f"{where}.{n}") for n in names if n not in tables}
+    for n, v in scalars.items():
+        if v <= 0:
+            raise UserError(f"{where}.{n}: must be positive, got {v}")
+    return DtypeSpeeds(gemm_flops=gemm, packed_gemm_flops=packed, **scalars)
+
+
+def _gemm_table(data: Any, where: str) -> dict[str, dict[int, float]]:
     gemm = {}
-    for shape, table in mapping(data["gemm_flops"], f"{where}.gemm_flops").items():
-        at = f"{where}.gemm_flops.{shape}"
+    for shape, table in mapping(data, where).items():
+        at = f"{where}.{shape}"
         if not re.fullmatch(r"[1-9][0-9]*x[1-9][0-9]*", str(shape)):
             raise UserError(f"{at}: expected a weight shape OUTxIN such as 4096x4096")
         rows = {typed(r, int, at): typed(v, float, f"{at}.{r}") for r, v in mapping(table, at).items()}
         if not rows or min(rows) < 1 or min(rows.values()) <= 0:
             raise UserError(f"{at}: expected rows >= 1 mapped to positive FLOP/s")
         gemm[str(shape)] = rows
-    if not gemm:
-        raise UserError(f"{where}.gemm_flops: expected at least one weight shape")
-    scalars = {n: typed(data[n], float, f"{where}.{n}") for n in names if n != "gemm_flops"}
-    for n, v in scalars.items():
-        if v <= 0:
-            raise UserError(f"{where}.{n}: must be positive, got {v}")
-    return DtypeSpeeds(gemm_flops=gemm, **scalars)
+    return gemm
 
 
 def load_profile(path: str | Path) -> HardwareProfile:

@@ -19,7 +19,7 @@ from flexgen_dist.compression import QuantConfig, dequantize_into, quantize
 from flexgen_dist.hardware import DtypeSpeeds, HardwareProfile, detect_capacities, gemm_shape_key
 from flexgen_dist.memory.disk import ALIGN, DiskTensor, aligned_empty
 from flexgen_dist.memory.tiers import ensure_offload_root
-from flexgen_dist.models import opt
+from flexgen_dist.models import opt, prepack
 from flexgen_dist.run_config import dtype_name
 
 GEMM_ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 1024)
@@ -63,9 +63,10 @@ def gemm_shapes(hidden_sizes: tuple[int, ...]) -> list[tuple[int, int, tuple[int
 
 
 def measure_gemm(device: torch.device, dtype: torch.dtype, out_features: int, in_features: int,
-                 rows_list: tuple[int, ...], max_run_seconds: float = 2.0) -> dict[int, float]:
-    """FLOP/s of F.linear per row count. Stops early (flat beyond) where one run would take over
-    `max_run_seconds` (bf16 on a CPU without bf16 instructions)."""
+                 rows_list: tuple[int, ...], max_run_seconds: float = 2.0, packed: bool = False) -> dict[int, float]:
+    """FLOP/s of F.linear per row count; `packed`: of the kernel the engine runs on weights packed for that many
+    rows (prepack.py). Stops early (flat beyond) where one run would take over `max_run_seconds` (bf16 on a CPU
+    without bf16 instructions)."""
     # Warm in the cache, small-row GEMMs would look several times faster than the engine ever sees them.
     weights = _cold_copies(torch.randn(out_features, in_features, device=device).to(dtype))
     turn = itertools.count()
@@ -74,7 +75,8 @@ def measure_gemm(device: torch.device, dtype: torch.dtype, out_features: int, in
         if table and 2 * rows * out_features * in_features / max(table.values()) > max_run_seconds:
             break
         x = torch.randn(rows, in_features, device=device).to(dtype)
-        seconds = _timed(lambda: F.linear(x, weights[next(turn) % len(weights)]), _sync(device))
+        used = [prepack.pack(w, rows) for w in weights] if packed else weights
+        seconds = _timed(lambda: prepack.linear(x, used[next(turn) % len(used)]), _sync(device))
         table[rows] = 2 * rows * out_features * in_features / seconds
     return table
 
@@ -188,6 +190,44 @@ def measure_compute_io_overlap(offload_dir: str | None, nbytes: int = 1 << 30, r
     return min(1.0, max(0.0, hidden / min(read_s, compute_s)))
 
 
+def measure_step_overhead(device: torch.device, dtype: torch.dtype, offload_dir: str | None,
+                          batches: int = 4, steps: int = 16) -> tuple[float, float]:
+    """(seconds per layer window, seconds per GPU batch in a window) that a decode step spends beyond its math: the
+    engine's bookkeeping and the dispatch of a layer's dozens of small kernels. Timed with the engine itself on a
+    model too small to compute anything, with 1 and `batches` GPU batches per block."""
+    from flexgen_dist.engine import BatchInput, StageEngine
+    from flexgen_dist.generation import BlockRun, Sequence
+    from flexgen_dist.models.layout import model_layers
+    from flexgen_dist.policy import Policy
+    from flexgen_dist.weights import DummyWeights
+
+    cfg = opt.OptConfig("overhead-probe", hidden_size=64, num_layers=8, num_heads=4, ffn_dim=256, vocab_size=512,
+                        max_positions=128)
+    layers = model_layers(cfg)
+
+    def decode_step_s(num_batches: int) -> float:
+        engine = StageEngine(cfg, layers, Policy(gpu_batch_size=1, num_gpu_batches=num_batches),
+                             DummyWeights(device=device), device, dtype, offload_dir)
+        try:
+            block = BlockRun(0, [Sequence(list(range(1, 17)), steps + 3) for _ in range(num_batches)], 1, 0, 1, True)
+            engine.start_block(0, block.batch_sizes, block.capacity)
+            times = []
+            for i in range(steps + 2):  # the prefill and the first decode step warm up
+                start = time.perf_counter()
+                logits = engine.step(0, [BatchInput(t, v) for t, v in zip(block.tokens, block.valid)])
+                _sync(device)()
+                times.append(time.perf_counter() - start)
+                block.advance([x.argmax(-1) for x in logits])
+            return sorted(times[2:])[len(times[2:]) // 2]
+        finally:
+            engine.close()
+
+    decode_step_s(1)  # first use of the kernels
+    one, many = (min(decode_step_s(n) for _ in range(2)) for n in (1, batches))
+    per_batch = max(0.0, (many - one) / (batches - 1) / len(layers))
+    return max(0.0, one / len(layers) - per_batch), per_batch
+
+
 def measure_profile(device: torch.device, dtypes: list[torch.dtype], offload_dir: str | None,
                     hidden_sizes: tuple[int, ...] = DEFAULT_HIDDEN, disk_sample_bytes: int = 2 << 30,
                     log: Callable[[str], None] = lambda _: None) -> HardwareProfile:
@@ -195,13 +235,17 @@ def measure_profile(device: torch.device, dtypes: list[torch.dtype], offload_dir
     speeds: dict[str, DtypeSpeeds] = {}
     for dtype in dtypes:
         name = dtype_name(dtype)
-        gemm = {}
+        gemm, packed = {}, {}
         for out_features, in_features, rows in gemm_shapes(hidden_sizes):
             log(f"{name}: GEMM {out_features}x{in_features}")
-            gemm[gemm_shape_key(out_features, in_features)] = measure_gemm(device, dtype, out_features, in_features, rows)
+            key = gemm_shape_key(out_features, in_features)
+            gemm[key] = measure_gemm(device, dtype, out_features, in_features, rows)
+            if prepack.supported(device, dtype):
+                packed[key] = measure_gemm(device, dtype, out_features, in_features, rows, packed=True)
         log(f"{name}: attention and dequantization")
         speeds[name] = DtypeSpeeds(
             gemm_flops=gemm,
+            packed_gemm_flops=packed,
             attention_flops=measure_prefill_attention(device, dtype),
             decode_attention_bytes_per_s=measure_decode_attention(device, dtype),
             cpu_decode_attention_bytes_per_s=measure_decode_attention(torch.device("cpu"), dtype),
@@ -225,6 +269,9 @@ def measure_profile(device: torch.device, dtypes: list[torch.dtype], offload_dir
 
         overlap = median(rows=256, compute_share=1.0)
         decode_overlap = median(rows=16, compute_share=1 / 3)
+    # On a GPU the host's launches run ahead of the device's queue; on a CPU they take the cores that compute.
+    window_overhead, batch_overhead = (measure_step_overhead(device, dtypes[0], offload_dir)
+                                       if device.type == "cpu" else (0.0, 0.0))
     name = torch.cuda.get_device_name(0) if device.type == "cuda" else platform.processor() or platform.machine()
     return HardwareProfile(
         name=f"{platform.node()} {device.type} ({name})",
@@ -241,6 +288,8 @@ def measure_profile(device: torch.device, dtypes: list[torch.dtype], offload_dir
         disk_read_cpu_seconds_per_byte=disk_cpu,
         compute_io_overlap=overlap,
         decode_compute_io_overlap=decode_overlap,
+        layer_overhead_s=window_overhead,
+        batch_layer_overhead_s=batch_overhead,
         note=f"measured by flexgen-dist profile on {time.strftime('%Y-%m-%d')}, torch {torch.__version__}, "
              f"{torch.get_num_threads()} threads; disk under {Path(offload_dir or '/tmp')}",
     )

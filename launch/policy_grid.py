@@ -1,11 +1,11 @@
 """Validate the cost model and `--policy auto` on this machine (issue 4): run a grid of hand-made policies and the
 auto policy under a hard memory limit, and record measured and predicted times side by side.
 
-    python launch/policy_grid.py run --model opt-1.3b --memory 4G --hardware configs/hardware/dev-epyc-2core.yaml \
-        --num-prompts 16 --prompt-len 16 --gen-len 8 --out docs/data/policy-grid.jsonl
-    python launch/policy_grid.py report docs/data/policy-grid.jsonl --hardware configs/hardware/dev-epyc-2core.yaml
+    python launch/policy_grid.py run --model opt-1.3b --memory 4G --hardware configs/hardware/dev-epyc-2core-bf16.yaml \
+        --num-prompts 16 --prompt-len 16 --gen-len 8 --out docs/data/policy-grid-bf16.jsonl
+    python launch/policy_grid.py report docs/data/policy-grid-bf16.jsonl --hardware configs/hardware/dev-epyc-2core-bf16.yaml
 
-Each run is `flexgen-dist generate` (dummy weights, float32, local executor) under `memlimit MEMORY`, which counts
+Each run is `flexgen-dist generate` (dummy weights in --dtype, local executor) under `memlimit MEMORY`, which counts
 the page cache, so a disk tier is really read from disk. The grid's policies are what a user would try by hand: for
 each block shape, the cache kept in memory where it fits and as much of the weights as the budget leaves (with the
 budgets `--policy auto` itself uses), plus a few variants. Lines already in --out are skipped (resume).
@@ -33,15 +33,15 @@ from flexgen_dist.models.layout import model_layers
 from flexgen_dist.models.opt import config_by_name
 from flexgen_dist.policy import Policy
 from flexgen_dist.policy_search import Budgets, resolve_budgets
+from flexgen_dist.run_config import DTYPES
 
 MEMLIMIT = Path(__file__).resolve().parents[2] / "shared" / "tools" / "memlimit"
-DTYPE = torch.float32
 SHAPES = ((4, 1), (4, 4), (8, 1), (8, 2), (16, 1))
 
 
 def _fits(policy: Policy, args, budgets: Budgets) -> bool:
     cfg = config_by_name(args.model)
-    plan = plan_bytes(cfg, model_layers(cfg), policy, DTYPE, torch.device("cpu"), args.prompt_len, args.gen_len)
+    plan = plan_bytes(cfg, model_layers(cfg), policy, DTYPES[args.dtype], torch.device("cpu"), args.prompt_len, args.gen_len)
     return budgets.fits(plan) is None
 
 
@@ -89,7 +89,7 @@ def _policy_flags(policy: Policy) -> list[str]:
 def _generate(args, policy_flags: list[str]) -> tuple[dict | None, str]:
     cmd = [str(MEMLIMIT), args.memory, "--", sys.executable, "-m", "flexgen_dist", "generate", "--model", args.model,
            "--dummy-weights", "--synthetic", str(args.num_prompts), "--prompt-len", str(args.prompt_len),
-           "--max-new-tokens", str(args.gen_len), "--ignore-eos", "--device", "cpu", "--dtype", "float32",
+           "--max-new-tokens", str(args.gen_len), "--ignore-eos", "--device", "cpu", "--dtype", args.dtype,
            "--executor", "local", "--quiet", "--output", "/dev/null", "--offload-dir", args.offload_dir, *policy_flags]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     peak = next((line for line in proc.stderr.splitlines() if line.startswith("memlimit: peak")), "")
@@ -110,7 +110,7 @@ def run(args) -> None:
     out = Path(args.out)
     done = set()
     if out.exists():
-        done = {(r["model"], r["memory"], r["name"], r.get("round", 1))
+        done = {(r["model"], r["memory"], r.get("dtype", "float32"), r["name"], r.get("round", 1))
                 for r in map(json.loads, out.read_text().splitlines())}
     entries: list[tuple[str, Policy | None]] = list(grid(args, budgets))
     if args.auto:
@@ -121,7 +121,7 @@ def run(args) -> None:
     # several entries once rather than on one entry's every run.
     for round_ in range(1, args.rounds + 1):
         for name, policy in entries:
-            if (args.model, args.memory, name, round_) not in done:
+            if (args.model, args.memory, args.dtype, name, round_) not in done:
                 _run_entry(args, name, policy, round_, out)
 
 
@@ -129,7 +129,7 @@ def _run_entry(args, name: str, policy: Policy | None, round_: int, out: Path) -
     flags = ["--policy", "auto", "--hardware", args.hardware] if policy is None else _policy_flags(policy)
     start = time.time()
     summary, peak = _generate(args, flags)
-    record = {"model": args.model, "memory": args.memory, "name": name, "round": round_,
+    record = {"model": args.model, "memory": args.memory, "dtype": args.dtype, "name": name, "round": round_,
               "num_prompts": args.num_prompts,
               "prompt_len": args.prompt_len, "gen_len": args.gen_len, "wall_s": time.time() - start,
               "memlimit": peak}
@@ -165,7 +165,7 @@ def report(args) -> None:
     runs: dict[tuple[str, str, str], list[dict]] = {}
     for line in Path(args.results).read_text().splitlines():
         r = json.loads(line)
-        runs.setdefault((r["model"], r["memory"], r["name"]), []).append(r)
+        runs.setdefault((r["model"], r["memory"], r.get("dtype", "float32"), r["name"]), []).append(r)
     rows = [_median_run(group) for group in runs.values()]
     print("| model | memory | policy | batch x batches | weights gpu/disk % | cache gpu/disk % | measured s | "
           "predicted s | error | error at the run's disk rate | tok/s | peak gpu+cpu GiB |")
@@ -176,17 +176,17 @@ def report(args) -> None:
         if "error" in r:
             print(f"| {r['model']} | {r['memory']} | {r['name']} | failed: {r['error']} ||||||||| ")
             continue
-        cfg = config_by_name(r["model"])
+        cfg, dtype = config_by_name(r["model"]), DTYPES[r.get("dtype", "float32")]
         policy = Policy(**r["policy"])
         blocks = math.ceil(r["num_prompts"] / policy.block_size)
-        predicted = blocks * predict(cfg, model_layers(cfg), policy, hardware, DTYPE, r["prompt_len"],
+        predicted = blocks * predict(cfg, model_layers(cfg), policy, hardware, dtype, r["prompt_len"],
                                      r["gen_len"]).block_s
         error = predicted / r["total_s"] - 1
         # The virtual disk's speed wanders from run to run: the same prediction with the rate this run's weight
         # reads achieved separates that from the model's own error.
         disk = r.get("stage", {}).get("transfers", {}).get("weights:disk->gpu")
         own = replace(hardware, disk_read_bytes_per_s=disk["bytes"] / disk["seconds"]) if disk else hardware
-        own_error = blocks * predict(cfg, model_layers(cfg), policy, own, DTYPE, r["prompt_len"],
+        own_error = blocks * predict(cfg, model_layers(cfg), policy, own, dtype, r["prompt_len"],
                                      r["gen_len"]).block_s / r["total_s"] - 1
         if r["name"] != "auto":
             total += 1
@@ -230,6 +230,7 @@ def main() -> None:
     r.add_argument("--model", default="opt-1.3b")
     r.add_argument("--memory", default="4G", help="memlimit for each run; also the RAM the budgets are taken from")
     r.add_argument("--hardware", required=True)
+    r.add_argument("--dtype", choices=tuple(DTYPES), default="bfloat16")
     r.add_argument("--num-prompts", type=int, default=16)
     r.add_argument("--prompt-len", type=int, default=16)
     r.add_argument("--gen-len", type=int, default=8)

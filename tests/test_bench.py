@@ -156,12 +156,23 @@ def test_bench_measures_each_baseline_batch_once_per_sweep(tmp_path, opt_preln_d
     assert [p.get("block") or p["batch_size"] for p in out["points"]] == ["2x1", 2, 1, "1x2"]
 
 
+def test_bench_times_a_sample_of_the_baseline_calls(opt_preln_dir, capsys):
+    argv = ["bench", "--model", str(opt_preln_dir), "--prompt-len", "8", "--gen-len", "2", "--gpu-batch-size", "4",
+            "--num-prompts", "8", "--baseline", "hf", "--baseline-batch-size", "2", "--baseline-calls", "1",
+            "--device", "cpu", "--dtype", "float32", "--executor", "local", "--no-roofline"]
+    assert main(argv) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    ours, hf = out["points"]
+    assert ours["sequences"] == 8 and hf["batch_size"] == 2 and hf["generated_tokens"] == 2 * 2
+
+
 @pytest.mark.parametrize("flags,message", [
     (["--baseline", "accelerate"], "--baseline accelerate loads a checkpoint"),
     (["--prompt-len", "4000"], "exceeds the model's"),
     (["--sweep", "4x"], "--sweep"),
     (["--policy", "auto"], "--num-prompts is needed"),
     (["--baseline-batch-size", "0"], "--baseline-batch-size must be >= 1"),
+    (["--baseline-calls", "0"], "--baseline-calls must be >= 1"),
 ])
 def test_bench_refuses_bad_input_in_one_line(flags, message, capsys):
     argv = ["bench", "--model", "opt-125m", "--device", "cpu", "--no-roofline", "--executor", "local", *flags]

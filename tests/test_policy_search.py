@@ -63,8 +63,40 @@ def test_gemm_time_interpolates_in_log_rows_and_picks_the_nearest_shape() -> Non
     assert speeds.gemm_seconds(3000, 5000, 100) == pytest.approx(2 * 100 * 3000 * 5000 / 1e12)
 
 
+def test_packed_gemms_price_only_layers_used_in_place() -> None:
+    """The engine packs weights that stay in compute memory (prepack.py); staged or dequantized copies run F.linear."""
+    plain = _profile()
+    packed = dataclasses.replace(plain, dtypes={"float32": dataclasses.replace(
+        _speeds(), packed_gemm_flops={"256x256": {1: 1e10, 16: 5e10, 256: 2e11}})})
+
+    def seconds(hw: HardwareProfile, **policy) -> float:
+        return predict(TINY, model_layers(TINY), Policy(gpu_batch_size=4, **policy), hw, torch.float32, 32, 8).block_s
+
+    assert seconds(packed) < 0.8 * seconds(plain)
+    streamed = dict(w_gpu_percent=50.0, w_cpu_percent=0.0)
+    assert seconds(packed, **streamed) == pytest.approx(seconds(plain, **streamed))
+    assert seconds(packed, compress_weight=True) == pytest.approx(seconds(plain, compress_weight=True))
+
+
+def test_step_overhead_is_charged_per_layer_window_and_per_batch() -> None:
+    hw = _profile()
+    layers = len(model_layers(TINY))
+
+    def block_s(profile: HardwareProfile, batches: int) -> float:
+        policy = Policy(gpu_batch_size=2, num_gpu_batches=batches)
+        return predict(TINY, model_layers(TINY), policy, profile, torch.float32, 32, 8).block_s
+
+    costly = dataclasses.replace(hw, layer_overhead_s=1e-3, batch_layer_overhead_s=2e-4)
+    steps = 8  # the prefill and 7 decode steps, each a window per layer
+    for batches in (1, 3):
+        extra = block_s(costly, batches) - block_s(hw, batches)
+        assert extra == pytest.approx(steps * layers * (1e-3 + batches * 2e-4), rel=1e-6)
+
+
 def test_profile_yaml_round_trip(tmp_path: Path) -> None:
     hw = _profile(overlap=0.4)
+    hw = dataclasses.replace(hw, dtypes={"bfloat16": dataclasses.replace(
+        _speeds(), packed_gemm_flops={"256x256": {1: 2e10, 256: 2e11}})})
     save_profile(hw, tmp_path / "hw.yaml")
     assert load_profile(tmp_path / "hw.yaml") == hw
 
