@@ -297,6 +297,9 @@ class CostModel:
                 window = _sum(window, _scaled(acts, batches))
             if layer.kind == "attention":
                 window = _sum(window, _scaled(self._cache_io(query_len, past), batches))
+                if self.policy.compress_cache:
+                    window = _sum(window, Window(Linear(batches * self.hardware.cache_codec_overhead_s), _zero(),
+                                                 _zero(), _zero()))
             if key[1]:
                 window = _sum(window, self._weight_load(self.layers[j + 1]))
             merged.append((counts[key], window))

@@ -90,6 +90,7 @@ class HardwareProfile:
     # and the dispatch of a layer's small kernels): on a CPU device they take the cores that compute.
     layer_overhead_s: float = 0.0
     batch_layer_overhead_s: float = 0.0
+    cache_codec_overhead_s: float = 0.0  # per GPU batch in an attention window with a compressed (4-bit) cache
 
     def overlap(self, decode: bool) -> float:
         return self.decode_compute_io_overlap if decode else self.compute_io_overlap
@@ -116,7 +117,7 @@ def profile_from_mapping(data: Any, where: str) -> HardwareProfile:
     names = [f.name for f in fields(HardwareProfile)]
     known_keys(data, names, where)
     optional = ("dtypes", "note", "disk_read_cpu_seconds_per_byte", "compute_io_overlap", "decode_compute_io_overlap",
-                "layer_overhead_s", "batch_layer_overhead_s")
+                "layer_overhead_s", "batch_layer_overhead_s", "cache_codec_overhead_s")
     missing = [n for n in names if n not in data and n not in optional]
     if missing:
         raise UserError(f"{where}: missing {', '.join(missing)}")

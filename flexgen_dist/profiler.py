@@ -10,6 +10,7 @@ import itertools
 import platform
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -100,13 +101,23 @@ def measure_decode_attention(device: torch.device, dtype: torch.dtype) -> float:
 
 
 def measure_dequantize(device: torch.device, dtype: torch.dtype) -> float:
+    """Elements per second of 4-bit codes dequantized into this dtype, codes and outputs rotated out of the cache
+    as the engine's are (it dequantizes each layer once per use, into a staging buffer): warm, one matrix
+    dequantized 2x faster than the engine's layers."""
     x = torch.randn(2048, 2048)
     packed = quantize(x, QuantConfig(4, 64, 0))
     packed = type(packed)(packed.codes.to(device), packed.scale.to(device), packed.minimum.to(device), packed.shape,
                           packed.config)
-    out = torch.empty(x.shape, dtype=dtype, device=device)
-    seconds = _timed(lambda: dequantize_into(packed, out), _sync(device))
-    return x.numel() / seconds
+    sources = [packed] + [type(packed)(packed.codes.clone(), packed.scale.clone(), packed.minimum.clone(),
+                                       packed.shape, packed.config) for _ in range(-(-_COLD_BYTES // packed.codes.nbytes) - 1)]
+    outs = _cold_copies(torch.empty(x.shape, dtype=dtype, device=device))
+    turn = itertools.count()
+
+    def one() -> None:
+        i = next(turn)
+        dequantize_into(sources[i % len(sources)], outs[i % len(outs)])
+
+    return x.numel() / _timed(one, _sync(device))
 
 
 def measure_copy(src: torch.Tensor, dst: torch.Tensor) -> float:
@@ -191,41 +202,54 @@ def measure_compute_io_overlap(offload_dir: str | None, nbytes: int = 1 << 30, r
 
 
 def measure_step_overhead(device: torch.device, dtype: torch.dtype, offload_dir: str | None,
-                          batches: int = 4, steps: int = 16) -> tuple[float, float]:
-    """(seconds per layer window, seconds per GPU batch in a window) that a decode step spends beyond its math: the
-    engine's bookkeeping and the dispatch of a layer's dozens of small kernels. Timed with the engine itself on a
-    model too small to compute anything, with 1 and `batches` GPU batches per block."""
+                          profile: HardwareProfile, hidden_size: int = DEFAULT_HIDDEN[0], gpu_batch_size: int = 4,
+                          batches: int = 4, steps: int = 16) -> tuple[float, float, float]:
+    """(seconds per layer window, seconds per GPU batch in a window, seconds per GPU batch in an attention window
+    with a compressed cache) of a decode step that the cost model's other terms leave out: the engine's
+    bookkeeping, and the dispatch and thread wake-ups of a layer's dozens of small kernels (a LayerNorm of 4 x 2048
+    values took 95 us; the 4-bit cache's quantize and dequantize are dozens more). Timed with the engine itself on
+    two decoder layers of `hidden_size` (a small vocabulary) with 1 and `batches` GPU batches, and with `batches`
+    and a compressed cache; `profile` (without overheads) predicts the rest."""
+    from flexgen_dist.cost_model import CostModel, placement_values, step_seconds
     from flexgen_dist.engine import BatchInput, StageEngine
     from flexgen_dist.generation import BlockRun, Sequence
     from flexgen_dist.models.layout import model_layers
     from flexgen_dist.policy import Policy
     from flexgen_dist.weights import DummyWeights
 
-    cfg = opt.OptConfig("overhead-probe", hidden_size=64, num_layers=8, num_heads=4, ffn_dim=256, vocab_size=512,
-                        max_positions=128)
+    prompt_len = 16
+    cfg = opt.OptConfig("overhead-probe", hidden_size=hidden_size, num_layers=2, num_heads=hidden_size // 64,
+                        ffn_dim=4 * hidden_size, vocab_size=512, max_positions=prompt_len + steps + 4)
     layers = model_layers(cfg)
 
-    def decode_step_s(num_batches: int) -> float:
-        engine = StageEngine(cfg, layers, Policy(gpu_batch_size=1, num_gpu_batches=num_batches),
-                             DummyWeights(device=device), device, dtype, offload_dir)
+    def residual_s(num_batches: int, compress_cache: bool = False) -> float:
+        """The median decode step's measured time less the cost model's prediction of it."""
+        policy = Policy(gpu_batch_size=gpu_batch_size, num_gpu_batches=num_batches, compress_cache=compress_cache)
+        engine = StageEngine(cfg, layers, policy, DummyWeights(device=device), device, dtype, offload_dir)
         try:
-            block = BlockRun(0, [Sequence(list(range(1, 17)), steps + 3) for _ in range(num_batches)], 1, 0, 1, True)
+            sequences = [Sequence(list(range(1, prompt_len + 1)), steps + 3) for _ in range(policy.block_size)]
+            block = BlockRun(0, sequences, gpu_batch_size, 0, 1, True)
             engine.start_block(0, block.batch_sizes, block.capacity)
-            times = []
+            model = CostModel(cfg, layers, policy, profile, dtype, prompt_len, steps + 3)
+            placement = placement_values(policy, profile.shared_memory)
+            residuals = []
             for i in range(steps + 2):  # the prefill and the first decode step warm up
                 start = time.perf_counter()
                 logits = engine.step(0, [BatchInput(t, v) for t, v in zip(block.tokens, block.valid)])
                 _sync(device)()
-                times.append(time.perf_counter() - start)
+                if i >= 2:
+                    residuals.append(time.perf_counter() - start - step_seconds(model, prompt_len + i - 1, placement))
                 block.advance([x.argmax(-1) for x in logits])
-            return sorted(times[2:])[len(times[2:]) // 2]
+            return sorted(residuals)[len(residuals) // 2]
         finally:
             engine.close()
 
-    decode_step_s(1)  # first use of the kernels
-    one, many = (min(decode_step_s(n) for _ in range(2)) for n in (1, batches))
+    residual_s(1)  # first use of the kernels
+    one, many, compressed = (min(residual_s(n, c) for _ in range(2)) for n, c in ((1, False), (batches, False),
+                                                                                  (batches, True)))
     per_batch = max(0.0, (many - one) / (batches - 1) / len(layers))
-    return max(0.0, one / len(layers) - per_batch), per_batch
+    codec = max(0.0, (compressed - many) / batches / cfg.num_layers)
+    return max(0.0, one / len(layers) - per_batch), per_batch, codec
 
 
 def measure_profile(device: torch.device, dtypes: list[torch.dtype], offload_dir: str | None,
@@ -269,11 +293,8 @@ def measure_profile(device: torch.device, dtypes: list[torch.dtype], offload_dir
 
         overlap = median(rows=256, compute_share=1.0)
         decode_overlap = median(rows=16, compute_share=1 / 3)
-    # On a GPU the host's launches run ahead of the device's queue; on a CPU they take the cores that compute.
-    window_overhead, batch_overhead = (measure_step_overhead(device, dtypes[0], offload_dir)
-                                       if device.type == "cpu" else (0.0, 0.0))
     name = torch.cuda.get_device_name(0) if device.type == "cuda" else platform.processor() or platform.machine()
-    return HardwareProfile(
+    profile = HardwareProfile(
         name=f"{platform.node()} {device.type} ({name})",
         device=device.type,
         device_memory_bytes=gpu_mem,
@@ -288,8 +309,13 @@ def measure_profile(device: torch.device, dtypes: list[torch.dtype], offload_dir
         disk_read_cpu_seconds_per_byte=disk_cpu,
         compute_io_overlap=overlap,
         decode_compute_io_overlap=decode_overlap,
-        layer_overhead_s=window_overhead,
-        batch_layer_overhead_s=batch_overhead,
         note=f"measured by flexgen-dist profile on {time.strftime('%Y-%m-%d')}, torch {torch.__version__}, "
              f"{torch.get_num_threads()} threads; disk under {Path(offload_dir or '/tmp')}",
     )
+    if device.type == "cuda":  # the host's launches run ahead of the device's queue
+        return profile
+    # On a CPU they take the cores that compute.
+    log("step overhead")
+    per_window, per_batch, codec = measure_step_overhead(device, dtypes[0], offload_dir, profile, hidden_sizes[0])
+    return replace(profile, layer_overhead_s=per_window, batch_layer_overhead_s=per_batch,
+                   cache_codec_overhead_s=codec)

@@ -91,6 +91,11 @@ def test_step_overhead_is_charged_per_layer_window_and_per_batch() -> None:
     for batches in (1, 3):
         extra = block_s(costly, batches) - block_s(hw, batches)
         assert extra == pytest.approx(steps * layers * (1e-3 + batches * 2e-4), rel=1e-6)
+    codec = dataclasses.replace(hw, cache_codec_overhead_s=5e-4)
+    policy = Policy(gpu_batch_size=2, num_gpu_batches=3, compress_cache=True)
+    extra = (predict(TINY, model_layers(TINY), policy, codec, torch.float32, 32, 8).block_s
+             - predict(TINY, model_layers(TINY), policy, hw, torch.float32, 32, 8).block_s)
+    assert extra == pytest.approx(steps * TINY.num_layers * 3 * 5e-4, rel=1e-6)
 
 
 def test_profile_yaml_round_trip(tmp_path: Path) -> None:

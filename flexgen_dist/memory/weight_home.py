@@ -223,9 +223,17 @@ class WeightHome:
         """The layer's weights on the compute device. `staging`: flat compute-dtype buffer there (if needs_staging);
         `packed_staging`: byte buffer there to gather compressed pieces into (compressed, not stored_in_place);
         `bounce`: page-aligned pinned host buffer of stored_dtype for disk pieces when compute is a GPU."""
-        if self.kernel_weights is not None:
+        return self.decode(self.fetch(packed_staging if self.packed else staging, bounce), staging)
+
+    def fetch(self, dst: torch.Tensor | None, bounce: torch.Tensor | None) -> torch.Tensor | None:
+        """load's moving half: the stored buffer on the compute device (None where the kernel weights are ready)."""
+        return None if self.kernel_weights is not None else self._gather(dst, bounce)
+
+    def decode(self, stored: torch.Tensor | None, staging: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """load's computing half: the weights from fetch's buffer, dequantized into `staging` when compressed."""
+        if stored is None:
+            assert self.kernel_weights is not None
             return self.kernel_weights
-        stored = self._gather(packed_staging if self.packed else staging, bounce)
         if self.packed is None:
             return self.layout.views(self.layer, stored)
         assert staging is not None
