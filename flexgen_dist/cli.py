@@ -393,7 +393,8 @@ def _bench(args: argparse.Namespace) -> int:
         blocks = ((policy.gpu_batch_size, policy.num_gpu_batches),)
     spec = BenchSpec(args.model, cfg, args.prompt_len, args.gen_len, args.num_prompts, blocks, args.stages,
                      device.type, dtype, parse_max_memory(args.max_memory) if args.max_memory else MemoryBudget(),
-                     args.offload_dir, tuple(dict.fromkeys(args.baseline)), tuple(args.baseline_batch_size), args.seed, args.baseline_calls)
+                     args.offload_dir, tuple(dict.fromkeys(args.baseline)), tuple(args.baseline_batch_size), args.seed,
+                     args.baseline_calls)
     hardware = None
     if not args.no_roofline:
         hardware = load_profile(args.hardware) if args.hardware else machine_profile(device, DTYPES[dtype], None)

@@ -168,17 +168,17 @@ class StageEngine:
         """Layer j's staging, packed staging and bounce buffers (two of each, alternating by layer)."""
         return tuple(slots[j % 2] if slots else None for slots in (self._staging, self._packed_staging, self._bounce))
 
-    def _prefetch_weights(self, j: int):
+    def _prefetch_weights(self, j: int) -> torch.Tensor | dict[str, torch.Tensor] | None:
         """The weight lane's work for layer j. On a GPU, all of loading (its dequantization runs on the lane's
-        stream); on a CPU device only the fetch: dequantizing in the lane thread while compute runs had both
-        thread teams contend for the same cores, and decode steps of 4-bit opt-1.3b layers took 1.2x as long as
-        doing it between the layers' compute."""
+        stream); on a CPU device only the fetch: dequantizing in the lane thread while compute ran had both contend
+        for the same cores, and decode steps of 8 layers of 4-bit opt-1.3b took 440 ms against 365 ms with the
+        dequantization between the layers' compute."""
         staging, packed_staging, bounce = self._buffers(j)
         if self._dequantize_inline:
             return self.homes[j].fetch(packed_staging if self.homes[j].packed else staging, bounce)
         return self.homes[j].load(staging, packed_staging, bounce)
 
-    def _weights(self, j: int, prefetched) -> dict[str, torch.Tensor]:
+    def _weights(self, j: int, prefetched: torch.Tensor | dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
         return self.homes[j].decode(prefetched, self._buffers(j)[0]) if self._dequantize_inline else prefetched
 
     def step(self, block_id: int, inputs: list[BatchInput],

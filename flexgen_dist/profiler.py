@@ -102,14 +102,14 @@ def measure_decode_attention(device: torch.device, dtype: torch.dtype) -> float:
 
 def measure_dequantize(device: torch.device, dtype: torch.dtype) -> float:
     """Elements per second of 4-bit codes dequantized into this dtype, codes and outputs rotated out of the cache
-    as the engine's are (it dequantizes each layer once per use, into a staging buffer): warm, one matrix
-    dequantized 2x faster than the engine's layers."""
+    as the engine's are (it dequantizes each layer once per use, into a staging buffer)."""
     x = torch.randn(2048, 2048)
     packed = quantize(x, QuantConfig(4, 64, 0))
     packed = type(packed)(packed.codes.to(device), packed.scale.to(device), packed.minimum.to(device), packed.shape,
                           packed.config)
-    sources = [packed] + [type(packed)(packed.codes.clone(), packed.scale.clone(), packed.minimum.clone(),
-                                       packed.shape, packed.config) for _ in range(-(-_COLD_BYTES // packed.codes.nbytes) - 1)]
+    copies = -(-_COLD_BYTES // packed.codes.nbytes)
+    sources = [type(packed)(packed.codes.clone(), packed.scale.clone(), packed.minimum.clone(), packed.shape,
+                            packed.config) for _ in range(copies)]
     outs = _cold_copies(torch.empty(x.shape, dtype=dtype, device=device))
     turn = itertools.count()
 

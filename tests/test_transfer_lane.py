@@ -48,3 +48,14 @@ def test_a_consumed_result_is_freed_before_the_step_drains():
         release.set()
         lane.drain()
         lane.close()
+
+
+def test_a_cpu_lane_thread_computes_single_threaded_and_leaves_compute_its_threads():
+    """A second OpenMP team on the compute cores makes libgomp stop spinning for every team (transfer.Lane)."""
+    before = torch.get_num_threads()
+    lane = Lane(torch.device("cpu"), True, "test")
+    try:
+        assert lane.submit(torch.get_num_threads).result() == 1
+        assert torch.get_num_threads() == before
+    finally:
+        lane.close()
