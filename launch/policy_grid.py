@@ -171,6 +171,7 @@ def report(args) -> None:
           "predicted s | error | error at the run's disk rate | tok/s | peak gpu+cpu GiB |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     within = within_own_disk = total = budgets_kept = 0
+    per_model: dict[str, list[int]] = {}  # model -> [within, total]
     settings: dict[tuple[str, str], dict] = {}
     for r in rows:
         if "error" in r:
@@ -192,6 +193,9 @@ def report(args) -> None:
             total += 1
             within += abs(error) <= 0.25
             within_own_disk += abs(own_error) <= 0.25
+            counts = per_model.setdefault(r["model"], [0, 0])
+            counts[0] += abs(error) <= 0.25
+            counts[1] += 1
         s = settings.setdefault((r["model"], r["memory"]), {"best": 0.0, "best_name": "", "auto": None})
         held = r["peak_bytes"]["gpu"] + r["peak_bytes"]["cpu"] <= budgets_under(hardware, r["memory"]).shared_memory
         budgets_kept += held
@@ -206,7 +210,8 @@ def report(args) -> None:
               f"{policy.cache_disk_percent:g} | {r['total_s']:.1f} | {predicted:.1f} | {error:+.0%} | {own_error:+.0%} | "
               f"{r['throughput_tok_s']:.2f} | {peak:.2f} |")
     print(f"\nPredicted within ±25% of measured: {within} of {total} grid policies ({within / max(total, 1):.0%}); "
-          f"at each run's own disk rate: {within_own_disk} of {total}.\n")
+          f"at each run's own disk rate: {within_own_disk} of {total}. Per model: "
+          + ", ".join(f"{m} {w} of {n}" for m, (w, n) in per_model.items()) + ".\n")
     print(f"Peak gpu + cpu bytes within the budget: {budgets_kept} of {len(rows)} runs.\n")
     print("| model | memory | best grid policy | its tok/s | auto's choice | auto tok/s | auto / best | "
           "auto within budget (memlimit peak) |")

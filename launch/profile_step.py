@@ -5,7 +5,8 @@ decode steps.
     PYTHONPATH=. .venv/bin/python launch/profile_step.py --model opt-1.3b --layers 4 --batch 32 --prompt-len 128
 
 `--layers` cuts the model to its first N decoder layers (same shapes, faster to load); `FLEXGEN_CPU_PREPACK=0`
-compares with unpacked weights.
+compares with unpacked weights; `--compress-weight`, `--compress-cache`, `--num-gpu-batches` and `--no-overlap` set
+the policy's.
 """
 
 from __future__ import annotations
@@ -34,17 +35,22 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--decode-steps", type=int, default=3)
+    ap.add_argument("--num-gpu-batches", type=int, default=1)
+    ap.add_argument("--compress-weight", action="store_true")
+    ap.add_argument("--compress-cache", action="store_true")
+    ap.add_argument("--no-overlap", action="store_true", help="run the lanes' work inline")
     ap.add_argument("--rows", type=int, default=15, help="operators shown per table")
     args = ap.parse_args()
+    policy = Policy(gpu_batch_size=args.batch, num_gpu_batches=args.num_gpu_batches, overlap=not args.no_overlap,
+                    compress_weight=args.compress_weight, compress_cache=args.compress_cache)
     device = torch.device("cpu")
     keep_freed_memory()  # as the stage worker does
     cfg = replace(config_by_name(args.model), num_layers=args.layers)
-    engine = StageEngine(cfg, model_layers(cfg), Policy(gpu_batch_size=args.batch), DummyWeights(), device,
-                         resolve_dtype(None, device), None)
+    engine = StageEngine(cfg, model_layers(cfg), policy, DummyWeights(), device, resolve_dtype(None, device), None)
     try:
         for phase in ("warm-up", "measured"):
             block = BlockRun(0, [Sequence([4 + (i + j) % 1000 for j in range(args.prompt_len)], args.decode_steps + 1)
-                                 for i in range(args.batch)], args.batch, cfg.pad_token_id, cfg.eos_token_id,
+                                 for i in range(policy.block_size)], args.batch, cfg.pad_token_id, cfg.eos_token_id,
                              ignore_eos=True)
             engine.start_block(0, block.batch_sizes, block.capacity)
             with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as prof:
