@@ -20,8 +20,8 @@ class Lane:
         self.cuda = device.type == "cuda"
         # On a CPU device a lane's own torch work (memory copies, cache loads) runs single-threaded: an OpenMP team
         # of its own makes libgomp count more threads than cores and stop spinning between parallel regions, for
-        # every team. Compute's threads then sleep and wake around each of its small kernels (4-bit opt-1.3b
-        # decode steps took 1.6x as long as without the lane).
+        # every team. Compute's threads then sleep and wake around each of its small kernels (docs/benchmarks.md:
+        # with the dequantization moved too, 4-bit opt-1.3b decode steps took 0.72x as long).
         single = {} if self.cuda else {"initializer": torch.set_num_threads, "initargs": (1,)}
         self._executor = ThreadPoolExecutor(1, thread_name_prefix=name, **single) if overlap else None
         self._stream = torch.cuda.Stream(device) if (self.cuda and overlap) else None
