@@ -289,17 +289,17 @@ class CostModel:
             firsts.setdefault(key, j)
             counts[key] = counts.get(key, 0) + 1
         merged = [(1, self._weight_load(self.layers[0]))]  # nothing computes while the first layer loads
-        overhead = self.hardware.layer_overhead_s + batches * self.hardware.batch_layer_overhead_s
+        hw = self.hardware
         for key, j in firsts.items():
             layer = self.layers[j]
+            overhead = hw.layer_overhead_s + batches * hw.batch_layer_overhead_s
+            if layer.kind == "attention" and self.policy.compress_cache:
+                overhead += batches * hw.cache_codec_overhead_s
             window = Window(self._compute_batch(layer, query_len, past) * batches + overhead, _zero(), _zero(), _zero())
             if layer.kind != "embed":
                 window = _sum(window, _scaled(acts, batches))
             if layer.kind == "attention":
                 window = _sum(window, _scaled(self._cache_io(query_len, past), batches))
-                if self.policy.compress_cache:
-                    window = _sum(window, Window(Linear(batches * self.hardware.cache_codec_overhead_s), _zero(),
-                                                 _zero(), _zero()))
             if key[1]:
                 window = _sum(window, self._weight_load(self.layers[j + 1]))
             merged.append((counts[key], window))

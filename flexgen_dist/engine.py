@@ -170,13 +170,11 @@ class StageEngine:
 
     def _prefetch_weights(self, j: int) -> torch.Tensor | dict[str, torch.Tensor] | None:
         """The weight lane's work for layer j. On a GPU, all of loading (its dequantization runs on the lane's
-        stream); on a CPU device only the fetch: dequantizing in the lane thread while compute ran had both contend
-        for the same cores, and decode steps of 8 layers of 4-bit opt-1.3b took 440 ms against 365 ms with the
-        dequantization between the layers' compute."""
-        staging, packed_staging, bounce = self._buffers(j)
+        stream); on a CPU device only the fetch: dequantizing in the lane thread while compute runs has both contend
+        for the same cores (docs/benchmarks.md, "Re-measured after the lane fix")."""
         if self._dequantize_inline:
-            return self.homes[j].fetch(packed_staging if self.homes[j].packed else staging, bounce)
-        return self.homes[j].load(staging, packed_staging, bounce)
+            return self.homes[j].fetch(*self._buffers(j))
+        return self.homes[j].load(*self._buffers(j))
 
     def _weights(self, j: int, prefetched: torch.Tensor | dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
         return self.homes[j].decode(prefetched, self._buffers(j)[0]) if self._dequantize_inline else prefetched

@@ -223,11 +223,14 @@ class WeightHome:
         """The layer's weights on the compute device. `staging`: flat compute-dtype buffer there (if needs_staging);
         `packed_staging`: byte buffer there to gather compressed pieces into (compressed, not stored_in_place);
         `bounce`: page-aligned pinned host buffer of stored_dtype for disk pieces when compute is a GPU."""
-        return self.decode(self.fetch(packed_staging if self.packed else staging, bounce), staging)
+        return self.decode(self.fetch(staging, packed_staging, bounce), staging)
 
-    def fetch(self, dst: torch.Tensor | None, bounce: torch.Tensor | None) -> torch.Tensor | None:
+    def fetch(self, staging: torch.Tensor | None, packed_staging: torch.Tensor | None,
+              bounce: torch.Tensor | None) -> torch.Tensor | None:
         """load's moving half: the stored buffer on the compute device (None where the kernel weights are ready)."""
-        return None if self.kernel_weights is not None else self._gather(dst, bounce)
+        if self.kernel_weights is not None:
+            return None
+        return self._gather(packed_staging if self.packed else staging, bounce)
 
     def decode(self, stored: torch.Tensor | None, staging: torch.Tensor | None) -> dict[str, torch.Tensor]:
         """load's computing half: the weights from fetch's buffer, dequantized into `staging` when compressed."""
