@@ -8,11 +8,12 @@ generated tokens over the generation time (prefill + decode; loading excluded fo
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from flexgen_dist.baselines import BaselineSpec, spec_json
@@ -42,6 +43,7 @@ class BenchSpec:
     baseline_batch_sizes: tuple[int, ...]  # () = chosen per point (see baseline_batches)
     seed: int = 0
     baseline_calls: int | None = None  # time at most this many generate calls per baseline batch size
+    disk_now: bool = False  # measure the disk around each of our runs and give the roofline at that speed too
 
 
 def parse_blocks(text: str) -> tuple[tuple[int, int], ...]:
@@ -110,15 +112,34 @@ def run_ours(spec: BenchSpec, generate_flags: list[str], block: tuple[int, int] 
         return _last_json_line(subprocess.run(cmd, capture_output=True, text=True), "our run")
 
 
-def run_baseline(spec: BaselineSpec) -> dict:
+def run_baseline(spec: BaselineSpec) -> dict | None:
+    """The baseline's result; None when its process was SIGKILLed, as the OOM killer does to a batch that does not fit
+    a cgroup's memory limit: that batch is then not the baseline's best, and the other candidates still run."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "spec.json"
         path.write_text(spec_json(spec))
         proc = subprocess.run([sys.executable, "-m", "flexgen_dist.baselines", str(path)], capture_output=True, text=True)
+        if proc.returncode == -signal.SIGKILL:
+            return None
         return _last_json_line(proc, f"baseline {spec.system}")
 
 
-def _ours_point(spec: BenchSpec, summary: dict, hardware: HardwareProfile | None, rounds: int) -> dict:
+def measure_disk_now(spec: BenchSpec) -> dict[str, float]:
+    """The disk's read and write speed through the engine's O_DIRECT path, now: 1 GiB in four files (a few seconds)."""
+    from flexgen_dist.profiler import measure_disk
+
+    read, write, _ = measure_disk(spec.offload_dir, 256 << 20, 4)
+    return {"read_bytes_per_s": read, "write_bytes_per_s": write}
+
+
+def _at_disk_now(hardware: HardwareProfile, before: dict[str, float], after: dict[str, float]) -> HardwareProfile:
+    """The profile with the disk's speeds replaced by the mean of those measured just before and after a run."""
+    return replace(hardware, disk_read_bytes_per_s=(before["read_bytes_per_s"] + after["read_bytes_per_s"]) / 2,
+                   disk_write_bytes_per_s=(before["write_bytes_per_s"] + after["write_bytes_per_s"]) / 2)
+
+
+def _ours_point(spec: BenchSpec, summary: dict, hardware: HardwareProfile | None, rounds: int,
+                disk_now: tuple[dict[str, float], dict[str, float]] | None = None) -> dict:
     policy = summary["policy"]
     block = (policy["gpu_batch_size"], policy["num_gpu_batches"])
     point = {"system": "flexgen_dist", "block": f"{block[0]}x{block[1]}", "block_size": block[0] * block[1],
@@ -132,6 +153,11 @@ def _ours_point(spec: BenchSpec, summary: dict, hardware: HardwareProfile | None
         # S stages are S devices sharing the work: S device-seconds against one device's roofs.
         point["roofline"] = roofline(spec.config, work, hardware, summary["dtype"], transfers,
                                      summary["total_s"] * spec.stages)
+        if disk_now is not None:
+            # A virtual disk's speed wanders by tens of percent over hours: the profile's may not be today's.
+            point["disk_now"] = {"before": disk_now[0], "after": disk_now[1]}
+            point["roofline_disk_now"] = roofline(spec.config, work, _at_disk_now(hardware, *disk_now),
+                                                  summary["dtype"], transfers, summary["total_s"] * spec.stages)
     return point
 
 
@@ -154,10 +180,12 @@ def run_bench(spec: BenchSpec, generate_flags: list[str], hardware: HardwareProf
         if num_prompts < 1:
             raise UserError("--num-prompts is needed when the block size is left to --policy auto")
         log(f"flexgen_dist, block {f'{block[0]}x{block[1]}' if block else 'of the policy'}, {num_prompts} prompts")
+        disk_before = measure_disk_now(spec) if spec.disk_now else None
         summary = run_ours(spec, generate_flags, block, num_prompts)
+        disk_now = (disk_before, measure_disk_now(spec)) if disk_before else None
         actual = summary["policy"]["gpu_batch_size"] * summary["policy"]["num_gpu_batches"]
         rounds = -(-num_prompts // (actual * spec.stages))
-        points.append(_ours_point(spec, summary, hardware, rounds))
+        points.append(_ours_point(spec, summary, hardware, rounds, disk_now))
         log(f"  {points[-1]['generation_throughput_tok_s']:.3f} tok/s, latency {points[-1]['latency_s']:.1f} s")
         prompts = [list(r.input_ids) for r in
                    synthetic_requests(num_prompts, spec.prompt_len, spec.config.vocab_size, spec.seed)]
@@ -174,7 +202,13 @@ def run_bench(spec: BenchSpec, generate_flags: list[str], hardware: HardwareProf
                 base = BaselineSpec(system, spec.model, sample, spec.gen_len, batch, spec.device, spec.dtype,
                                     _budget_dict(spec.budget), spec.offload_dir or tempfile.gettempdir())
                 log(f"  {system}, batch {batch}")
-                points.append(_baseline_point(spec, run_baseline(base), hardware))
+                result = run_baseline(base)
+                if result is None:
+                    why = "killed (SIGKILL: out of memory under the limit?)"
+                    points.append({"system": system, "batch_size": batch, "block_size": batch, "skipped": why})
+                    log(f"    {why}")
+                    continue
+                points.append(_baseline_point(spec, result, hardware))
                 log(f"    {points[-1]['generation_throughput_tok_s']:.3f} tok/s, latency {points[-1]['latency_s']:.1f} s")
     return {"workload": {"model": spec.config.name, "prompt_len": spec.prompt_len, "gen_len": spec.gen_len,
                          "device": spec.device, "dtype": spec.dtype, "stages": spec.stages,
@@ -256,9 +290,10 @@ def format_table(result: dict) -> str:
         if "skipped" in p:
             rows.append(f"{p['system']:<14} {at:<12} skipped: {p['skipped']}")
             continue
-        roof = p.get("roofline", {})
+        roof, now = p.get("roofline", {}), p.get("roofline_disk_now")
         rows.append(f"{p['system']:<14} {at:<12} {p['generation_throughput_tok_s']:<10.3f} {p['latency_s']:<10.2f} "
-                    f"{roof.get('bound_by', '-'):<14} {roof.get('achieved_fraction', float('nan')):.2f}")
+                    f"{roof.get('bound_by', '-'):<14} {roof.get('achieved_fraction', float('nan')):.2f}"
+                    + (f" (disk now: {now['bound_by']} {now['achieved_fraction']:.2f})" if now else ""))
     for system, best in result["best"].items():
         if "ours_over_it" in best:
             rows.append(f"flexgen_dist / {system}: {best['ours_over_it']:.2f}x")

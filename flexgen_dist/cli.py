@@ -158,6 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--no-roofline", action="store_true",
                     help="skip the roofline (it needs the hardware profile: --hardware, else this machine's, "
                          "measured once and cached)")
+    be.add_argument("--disk-now", action="store_true",
+                    help="time the disk (1 GiB, O_DIRECT) just before and after each of our runs and give the "
+                         "roofline at the mean of those speeds too: a virtual disk's speed wanders")
     _add_run_flags(be)
     be.set_defaults(func=_bench)
 
@@ -394,7 +397,9 @@ def _bench(args: argparse.Namespace) -> int:
     spec = BenchSpec(args.model, cfg, args.prompt_len, args.gen_len, args.num_prompts, blocks, args.stages,
                      device.type, dtype, parse_max_memory(args.max_memory) if args.max_memory else MemoryBudget(),
                      args.offload_dir, tuple(dict.fromkeys(args.baseline)), tuple(args.baseline_batch_size), args.seed,
-                     args.baseline_calls)
+                     args.baseline_calls, args.disk_now)
+    if args.disk_now and args.no_roofline:
+        raise UserError("--disk-now gives a roofline: drop --no-roofline")
     hardware = None
     if not args.no_roofline:
         hardware = load_profile(args.hardware) if args.hardware else machine_profile(device, DTYPES[dtype], None)

@@ -5,6 +5,7 @@ roofline FLOPs and bytes, baseline batch choice under a budget, the Pareto front
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -134,16 +135,21 @@ def test_bench_sweep_against_both_baselines(tmp_path, opt_preln_dir, capsys):
     assert not any(p.is_file() for p in (tmp_path / "offload").rglob("*")), "ours and accelerate clean up"
 
 
-def test_bench_hf_baseline_gets_its_best_batch_that_fits(tmp_path, opt_preln_dir, capsys):
-    argv = ["bench", "--model", str(opt_preln_dir), "--prompt-len", "8", "--gen-len", "4", "--gpu-batch-size", "4",
-            "--baseline", "hf", "--device", "cpu", "--dtype", "float32", "--executor", "local", "--no-roofline"]
+def _bench_with_hf(model_dir: Path, capsys, gen_len: int) -> tuple[dict, list[dict], str]:
+    """A block of 4 against HF's candidate batches; the JSON result, its HF points and stderr."""
+    argv = ["bench", "--model", str(model_dir), "--prompt-len", "8", "--gen-len", str(gen_len), "--gpu-batch-size",
+            "4", "--baseline", "hf", "--device", "cpu", "--dtype", "float32", "--executor", "local", "--no-roofline"]
     assert main(argv) == 0
     captured = capsys.readouterr()
     out = json.loads(captured.out.strip().splitlines()[-1])
-    hf = [p for p in out["points"] if p["system"] == "hf"]
+    return out, [p for p in out["points"] if p["system"] == "hf"], captured.err
+
+
+def test_bench_hf_baseline_gets_its_best_batch_that_fits(tmp_path, opt_preln_dir, capsys):
+    out, hf, err = _bench_with_hf(opt_preln_dir, capsys, gen_len=4)
     assert [p["batch_size"] for p in hf] == [4, 2] and all(p["generated_tokens"] == 16 for p in hf)
     best = max(hf, key=lambda p: p["generation_throughput_tok_s"])
-    assert out["best"]["hf"]["at"] == f"batch {best['batch_size']}" and "flexgen_dist / hf" in captured.err
+    assert out["best"]["hf"]["at"] == f"batch {best['batch_size']}" and "flexgen_dist / hf" in err
 
 
 def test_bench_measures_each_baseline_batch_once_per_sweep(tmp_path, opt_preln_dir, capsys):
@@ -166,6 +172,43 @@ def test_bench_times_a_sample_of_the_baseline_calls(opt_preln_dir, capsys):
     assert ours["sequences"] == 8 and hf["batch_size"] == 2 and hf["generated_tokens"] == 2 * 2
 
 
+def test_bench_gives_the_roofline_at_the_disk_speed_measured_around_the_run(tmp_path, opt_preln_dir, capsys):
+    """--disk-now times the real disk before and after our run; the disk roof is the same bytes at the mean speed."""
+    argv = ["bench", "--model", str(opt_preln_dir), "--prompt-len", "8", "--gen-len", "4", "--gpu-batch-size", "2",
+            "--percent", "0", "0", "100", "0", "100", "0", "--device", "cpu", "--dtype", "float32",
+            "--executor", "local", "--offload-dir", str(tmp_path / "offload"), "--hardware", str(DEV_PROFILE),
+            "--disk-now"]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    (ours,) = json.loads(captured.out.strip().splitlines()[-1])["points"]
+    speeds = ours["disk_now"]
+    assert all(speeds[when][kind] > 0 for when in ("before", "after") for kind in ("read_bytes_per_s", "write_bytes_per_s"))
+    mean_read = (speeds["before"]["read_bytes_per_s"] + speeds["after"]["read_bytes_per_s"]) / 2
+    profile_read = load_profile(DEV_PROFILE).disk_read_bytes_per_s
+    profile_disk, now_disk = ours["roofline"]["roofs_s"]["disk"], ours["roofline_disk_now"]["roofs_s"]["disk"]
+    assert profile_disk > 0 and now_disk == pytest.approx(profile_disk * profile_read / mean_read, rel=0.02, abs=2e-4)
+    assert "(disk now:" in captured.err
+    assert not any(p.is_file() for p in (tmp_path / "offload").rglob("*")), "the disk timing cleans up"
+
+
+def test_bench_reports_a_killed_baseline_batch_and_runs_the_others(opt_preln_dir, capsys, monkeypatch):
+    """The OOM killer SIGKILLs a baseline batch that does not fit a cgroup's limit: that batch is reported as
+    skipped, the smaller one still runs and is the baseline's best."""
+    import flexgen_dist.bench as bench
+
+    real_run = bench.subprocess.run
+
+    def run(cmd, **kwargs):
+        if "flexgen_dist.baselines" in cmd and json.loads(Path(cmd[-1]).read_text())["batch_size"] == 4:
+            cmd = [sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"]
+        return real_run(cmd, **kwargs)
+
+    monkeypatch.setattr(bench.subprocess, "run", run)
+    out, hf, err = _bench_with_hf(opt_preln_dir, capsys, gen_len=2)
+    assert [p["batch_size"] for p in hf] == [4, 2] and "SIGKILL" in hf[0]["skipped"] and "skipped" not in hf[1]
+    assert out["best"]["hf"]["at"] == "batch 2" and "killed" in err
+
+
 @pytest.mark.parametrize("flags,message", [
     (["--baseline", "accelerate"], "--baseline accelerate loads a checkpoint"),
     (["--prompt-len", "4000"], "exceeds the model's"),
@@ -173,6 +216,7 @@ def test_bench_times_a_sample_of_the_baseline_calls(opt_preln_dir, capsys):
     (["--policy", "auto"], "--num-prompts is needed"),
     (["--baseline-batch-size", "0"], "--baseline-batch-size must be >= 1"),
     (["--baseline-calls", "0"], "--baseline-calls must be >= 1"),
+    (["--disk-now", "--no-roofline"], "--disk-now gives a roofline"),
 ])
 def test_bench_refuses_bad_input_in_one_line(flags, message, capsys):
     argv = ["bench", "--model", "opt-125m", "--device", "cpu", "--no-roofline", "--executor", "local", *flags]
