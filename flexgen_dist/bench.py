@@ -21,6 +21,7 @@ from flexgen_dist.errors import UserError
 from flexgen_dist.hardware import HardwareProfile
 from flexgen_dist.memory.budget import MemoryBudget, format_bytes
 from flexgen_dist.models.opt import OptConfig
+from flexgen_dist.profiler import measure_disk
 from flexgen_dist.prompts import synthetic_requests
 from flexgen_dist.roofline import Workload, roofline
 from flexgen_dist.run_config import DTYPES
@@ -126,8 +127,6 @@ def run_baseline(spec: BaselineSpec) -> dict | None:
 
 def measure_disk_now(spec: BenchSpec) -> dict[str, float]:
     """The disk's read and write speed through the engine's O_DIRECT path, now: 1 GiB in four files (a few seconds)."""
-    from flexgen_dist.profiler import measure_disk
-
     read, write, _ = measure_disk(spec.offload_dir, 256 << 20, 4)
     return {"read_bytes_per_s": read, "write_bytes_per_s": write}
 
@@ -151,13 +150,13 @@ def _ours_point(spec: BenchSpec, summary: dict, hardware: HardwareProfile | None
         transfers = {k: v for s in summary["stage_stats"] for k, v in s["transfers"].items()}
         work = Workload(summary["sequences"], spec.prompt_len, spec.gen_len, block[0])
         # S stages are S devices sharing the work: S device-seconds against one device's roofs.
-        point["roofline"] = roofline(spec.config, work, hardware, summary["dtype"], transfers,
-                                     summary["total_s"] * spec.stages)
+        device_s = summary["total_s"] * spec.stages
+        point["roofline"] = roofline(spec.config, work, hardware, summary["dtype"], transfers, device_s)
         if disk_now is not None:
             # A virtual disk's speed wanders by tens of percent over hours: the profile's may not be today's.
             point["disk_now"] = {"before": disk_now[0], "after": disk_now[1]}
             point["roofline_disk_now"] = roofline(spec.config, work, _at_disk_now(hardware, *disk_now),
-                                                  summary["dtype"], transfers, summary["total_s"] * spec.stages)
+                                                  summary["dtype"], transfers, device_s)
     return point
 
 

@@ -379,6 +379,8 @@ def _bench(args: argparse.Namespace) -> int:
     _require_positive(args, ("prompt_len", "gen_len", "num_prompts", "stages", "baseline_calls"))
     if any(b < 1 for b in args.baseline_batch_size):
         raise UserError("--baseline-batch-size must be >= 1")
+    if args.disk_now and args.no_roofline:
+        raise UserError("--disk-now gives a roofline: drop --no-roofline")
     # --hardware is the roofline's profile too; only --policy auto also plans with it.
     planning = argparse.Namespace(**{**vars(args), "hardware": args.hardware if args.policy == "auto" else None})
     policy = _policy(planning)  # also refuses contradictory policy flags before anything runs
@@ -398,8 +400,6 @@ def _bench(args: argparse.Namespace) -> int:
                      device.type, dtype, parse_max_memory(args.max_memory) if args.max_memory else MemoryBudget(),
                      args.offload_dir, tuple(dict.fromkeys(args.baseline)), tuple(args.baseline_batch_size), args.seed,
                      args.baseline_calls, args.disk_now)
-    if args.disk_now and args.no_roofline:
-        raise UserError("--disk-now gives a roofline: drop --no-roofline")
     hardware = None
     if not args.no_roofline:
         hardware = load_profile(args.hardware) if args.hardware else machine_profile(device, DTYPES[dtype], None)

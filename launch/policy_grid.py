@@ -170,8 +170,8 @@ def report(args) -> None:
     print("| model | memory | policy | batch x batches | weights gpu/disk % | cache gpu/disk % | measured s | "
           "predicted s | error | error at the run's disk rate | tok/s | peak gpu+cpu GiB |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
-    within = within_own_disk = total = budgets_kept = 0
-    per_model: dict[str, list[int]] = {}  # model -> [within, total]
+    within_own_disk = budgets_kept = 0
+    per_model: dict[str, list[int]] = {}  # model -> [within ±25%, grid policies]
     settings: dict[tuple[str, str], dict] = {}
     for r in rows:
         if "error" in r:
@@ -190,8 +190,6 @@ def report(args) -> None:
         own_error = blocks * predict(cfg, model_layers(cfg), policy, own, dtype, r["prompt_len"],
                                      r["gen_len"]).block_s / r["total_s"] - 1
         if r["name"] != "auto":
-            total += 1
-            within += abs(error) <= 0.25
             within_own_disk += abs(own_error) <= 0.25
             counts = per_model.setdefault(r["model"], [0, 0])
             counts[0] += abs(error) <= 0.25
@@ -209,6 +207,7 @@ def report(args) -> None:
               f"{policy.w_gpu_percent:g}/{policy.w_disk_percent:g} | {policy.cache_gpu_percent:g}/"
               f"{policy.cache_disk_percent:g} | {r['total_s']:.1f} | {predicted:.1f} | {error:+.0%} | {own_error:+.0%} | "
               f"{r['throughput_tok_s']:.2f} | {peak:.2f} |")
+    within, total = (sum(column) for column in zip(*per_model.values())) if per_model else (0, 0)
     print(f"\nPredicted within ±25% of measured: {within} of {total} grid policies ({within / max(total, 1):.0%}); "
           f"at each run's own disk rate: {within_own_disk} of {total}. Per model: "
           + ", ".join(f"{m} {w} of {n}" for m, (w, n) in per_model.items()) + ".\n")

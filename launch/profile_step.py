@@ -26,6 +26,7 @@ from torch.profiler import ProfilerActivity, profile
 from flexgen_dist.engine import BatchInput, StageEngine
 from flexgen_dist.generation import BlockRun, Sequence
 from flexgen_dist.memory.host_heap import keep_freed_memory
+from flexgen_dist.memory.stats import TransferStats
 from flexgen_dist.models.layout import model_layers
 from flexgen_dist.models.opt import config_by_name
 from flexgen_dist.policy import Policy
@@ -74,7 +75,7 @@ def main() -> None:
                     block.advance([x.argmax(-1) for x in logits])
                     times.append(time.perf_counter() - start)
             engine.end_block(0)
-            stats, engine.tiers.stats = engine.tiers.stats.summary(), type(engine.tiers.stats)()
+            stats, engine.tiers.stats = engine.tiers.stats.summary(), TransferStats()  # per phase
             print(f"{phase}: prefill {times[0]:.3f} s, decode steps {', '.join(f'{t:.3f}' for t in times[1:])} s")
         print(json.dumps(stats))
         if prof is not None:
