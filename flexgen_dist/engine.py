@@ -3,7 +3,8 @@
 One `step` runs every GPU batch of a block through the slice in FlexGen's zig-zag order: layer by layer, and within
 a layer batch by batch, so each layer's weights are loaded once per block and reused by all its batches. While batch
 k of layer j computes, the weight lane loads layer j+1 and the cache lane loads batch k+1's KV cache and writes back
-batch k-1's new token.
+batch k-1's new token. Once layer j is done, layer j+2 starts loading into the staging slot j used, beside j+1's
+load: when loads are slower than compute, the disk never waits for a layer boundary (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -108,7 +109,8 @@ class StageEngine:
         self.homes: list[WeightHome] = []
         self.act_tier = single_tier(policy.act_percents())
         self.blocks: dict[int, _Block] = {}
-        self._weight_lane = Lane(device, policy.overlap, "flexgen-weights")
+        # Two workers: the loads of the two staging slots can run at once (step).
+        self._weight_lane = Lane(device, policy.overlap, "flexgen-weights", workers=2)
         self._dequantize_inline = device.type == "cpu"
         self._cache_lane = Lane(device, policy.overlap, "flexgen-cache")
         pack_rows = policy.gpu_batch_size if prepack.supported(device, dtype) else None
@@ -119,7 +121,7 @@ class StageEngine:
             staged = [h for h in self.homes if h.needs_staging]
             gathered = [h for h in self.homes if h.packed is not None and not h.stored_in_place]
             stored_dtype = torch.uint8 if policy.weight_quant else dtype
-            # Two slots of each: layer j computes from one while layer j+1 loads into the other.
+            # Two slots of each: layer j computes from one while layer j+1 loads into the other (then j+2 into j's).
             self._staging = self._slots(Tier.GPU, max((h.numel for h in staged), default=0), dtype, "w-staging")
             self._packed_staging = self._slots(Tier.GPU, max((h.stored_numel for h in gathered), default=0),
                                                torch.uint8, "w-packed")
@@ -202,13 +204,11 @@ class StageEngine:
 
         if past and attention_order:
             cache_loads[attention_order[0]] = load_cache(attention_order[0])
-        next_weights = self._weight_lane.submit(self._prefetch_weights, 0)
+        weight_loads = {j: self._weight_lane.submit(self._prefetch_weights, j) for j in range(min(2, len(self.layers)))}
         outputs: list[torch.Tensor] = []
         for j, layer in enumerate(self.layers):
             with self.tiers.stats.waiting("weights"):
-                prefetched = next_weights.result()
-            if j + 1 < len(self.layers):
-                next_weights = self._weight_lane.submit(self._prefetch_weights, j + 1)
+                prefetched = weight_loads.pop(j).result()
             w = self._weights(j, prefetched)
             for k, x in enumerate(inputs):
                 if layer.kind == "embed":
@@ -234,6 +234,9 @@ class StageEngine:
                     _used_by_compute(loaded)
                     acts.put(k, self._decode_attention(caches[j, k], w, hidden, loaded, masks[k], past, keep))
                     self._cache_lane.submit(caches[j, k].store_token, loaded, past)
+            if j + 2 < len(self.layers):
+                # Layer j's slot is free: its compute is done (on a GPU, queued: the lane's fence waits for it).
+                weight_loads[j + 2] = self._weight_lane.submit(self._prefetch_weights, j + 2)
         with self.tiers.stats.waiting("drain"):
             self._cache_lane.drain()
             self._weight_lane.drain()

@@ -11,7 +11,11 @@ from dataclasses import dataclass
 @dataclass
 class Flow:
     nbytes: int = 0
-    seconds: float = 0.0  # wall time inside the transfer calls
+    # Wall time during which at least one transfer of this flow ran: two loads at once (the weight lane's two
+    # workers) count their common time once, so bytes / seconds stays the flow's rate.
+    seconds: float = 0.0
+    running: int = 0  # transfers of this flow in progress
+    busy_since: float = 0.0  # when `running` last rose from 0
 
     @property
     def gbps(self) -> float:
@@ -33,13 +37,21 @@ class TransferStats:
 
     @contextmanager
     def timed(self, kind: str, src: str, dst: str, nbytes: int):
-        start = time.perf_counter()
-        yield
-        elapsed = time.perf_counter() - start
         with self._lock:
             flow = self.flows.setdefault((kind, src, dst), Flow())
-            flow.nbytes += nbytes
-            flow.seconds += elapsed
+            if flow.running == 0:
+                flow.busy_since = time.perf_counter()
+            flow.running += 1
+        moved = 0
+        try:
+            yield
+            moved = nbytes
+        finally:
+            with self._lock:
+                flow.running -= 1
+                if flow.running == 0:
+                    flow.seconds += time.perf_counter() - flow.busy_since
+                flow.nbytes += moved
 
     def copy(self) -> tuple[dict[tuple[str, str, str], Flow], dict[str, float]]:
         """Consistent copies of the flows and waits, for a reader on another thread (the metrics snapshot)."""
