@@ -4,7 +4,7 @@ One `step` runs every GPU batch of a block through the slice in FlexGen's zig-za
 a layer batch by batch, so each layer's weights are loaded once per block and reused by all its batches. While batch
 k of layer j computes, the weight lane loads layer j+1 and the cache lane loads batch k+1's KV cache and writes back
 batch k-1's new token. Once layer j is done, layer j+2 starts loading into the staging slot j used, beside j+1's
-load: when loads are slower than compute, the disk never waits for a layer boundary (docs/benchmarks.md).
+load: when loads are slower than compute, the disk's queue does not drain at each layer boundary (docs/benchmarks.md).
 """
 
 from __future__ import annotations

@@ -22,6 +22,7 @@ import sys
 import tempfile
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 
@@ -35,9 +36,9 @@ from flexgen_dist.weights import DummyWeights
 
 
 def _engine_class(path: str) -> type:
-    spec = importlib.util.spec_from_file_location("engine_before", path)
+    spec = importlib.util.spec_from_file_location("engine_before", path) if Path(path).is_file() else None
     if spec is None or spec.loader is None:
-        sys.exit(f"ab_steps: cannot import {path}")
+        sys.exit(f"ab_steps: no engine.py to import at {path}")
     module = importlib.util.module_from_spec(spec)
     sys.modules["engine_before"] = module  # dataclasses look their module up while the file executes
     spec.loader.exec_module(module)
