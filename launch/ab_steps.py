@@ -16,6 +16,7 @@ the pairs of adjacent steps.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import statistics
 import sys
@@ -26,13 +27,14 @@ from pathlib import Path
 
 import torch
 
-from flexgen_dist.engine import BatchInput, StageEngine
-from flexgen_dist.generation import BlockRun, Sequence
+from flexgen_dist.engine import StageEngine
 from flexgen_dist.memory.host_heap import keep_freed_memory
 from flexgen_dist.models.layout import model_layers
 from flexgen_dist.models.opt import config_by_name
 from flexgen_dist.policy import Policy
 from flexgen_dist.weights import DummyWeights
+
+from step_common import greedy_step, synthetic_block
 
 
 def _engine_class(path: str) -> type:
@@ -70,18 +72,14 @@ def main() -> None:
                          args.offload_dir)
     times: dict[str, list[float]] = {"before": [], "after": []}
     try:
-        block = BlockRun(0, [Sequence([4 + (i + j) % 1000 for j in range(args.prompt_len)], 2 * args.decode_steps + 1)
-                             for i in range(policy.block_size)], args.batch, cfg.pad_token_id, cfg.eos_token_id,
-                         ignore_eos=True)
+        block = synthetic_block(cfg, policy, args.prompt_len, 2 * args.decode_steps + 1)
         engine.start_block(0, block.batch_sizes, block.capacity)
         with torch.no_grad():
             for step in range(2 * args.decode_steps + 1):
                 # Pairs of steps in the order AB BA AB ...: neither side always runs first.
                 name = "before" if step % 4 in (0, 1) else "after"
                 start = time.perf_counter()
-                inputs = [BatchInput(t, v) for t, v in zip(block.tokens, block.valid)]
-                logits = before_step(engine, 0, inputs) if name == "before" else engine.step(0, inputs)
-                block.advance([x.argmax(-1) for x in logits])
+                greedy_step(functools.partial(before_step, engine) if name == "before" else engine.step, block)
                 if step:  # the prefill is not timed
                     times[name].append(time.perf_counter() - start)
     finally:

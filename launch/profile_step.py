@@ -23,8 +23,7 @@ from dataclasses import replace
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from flexgen_dist.engine import BatchInput, StageEngine
-from flexgen_dist.generation import BlockRun, Sequence
+from flexgen_dist.engine import StageEngine
 from flexgen_dist.memory.host_heap import keep_freed_memory
 from flexgen_dist.memory.stats import TransferStats
 from flexgen_dist.models.layout import model_layers
@@ -32,6 +31,8 @@ from flexgen_dist.models.opt import config_by_name
 from flexgen_dist.policy import Policy
 from flexgen_dist.run_config import resolve_dtype
 from flexgen_dist.weights import DummyWeights
+
+from step_common import greedy_step, synthetic_block
 
 
 def main() -> None:
@@ -62,17 +63,14 @@ def main() -> None:
                          args.offload_dir)
     try:
         for phase in ("warm-up", "measured"):
-            block = BlockRun(0, [Sequence([4 + (i + j) % 1000 for j in range(args.prompt_len)], args.decode_steps + 1)
-                                 for i in range(policy.block_size)], args.batch, cfg.pad_token_id, cfg.eos_token_id,
-                             ignore_eos=True)
+            block = synthetic_block(cfg, policy, args.prompt_len, args.decode_steps + 1)
             engine.start_block(0, block.batch_sizes, block.capacity)
             with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) if not args.no_profile else \
                     contextlib.nullcontext() as prof:
                 times = []
                 while not block.done:
                     start = time.perf_counter()
-                    logits = engine.step(0, [BatchInput(t, v) for t, v in zip(block.tokens, block.valid)])
-                    block.advance([x.argmax(-1) for x in logits])
+                    greedy_step(engine.step, block)
                     times.append(time.perf_counter() - start)
             engine.end_block(0)
             stats, engine.tiers.stats = engine.tiers.stats.summary(), TransferStats()  # per phase

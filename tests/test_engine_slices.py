@@ -5,24 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flexgen_dist.engine import BatchInput, StageEngine
+from engine_steps import greedy_logits
+from flexgen_dist.engine import StageEngine
 from flexgen_dist.models.layout import WeightSpec, model_layers
 from flexgen_dist.policy import Policy
 from flexgen_dist.weights import DummyWeights, open_checkpoint
-
-
-def _steps(stages, ids, valid_steps):
-    """Prefill then decode through chained stages; returns the logits of every step."""
-    for s in stages:
-        s.start_block(0, [ids.shape[0]], valid_steps[-1].shape[1])
-    logits, data = [], ids
-    for valid in valid_steps:
-        x = data
-        for s in stages:
-            (x,) = s.step(0, [BatchInput(x, valid)])
-        logits.append(x)
-        data = x.argmax(-1)[:, None]
-    return logits
 
 
 @pytest.mark.parametrize("cut", [1, 2, 4, 6])
@@ -41,8 +28,8 @@ def test_chained_slices_equal_whole_model(tmp_path, opt_postln_dir, cut):
     whole = engine(layers)
     first, second = engine(layers[:cut]), engine(layers[cut:])
     try:
-        expected = _steps([whole], ids, valids)
-        got = _steps([first, second], ids, valids)
+        expected = greedy_logits([whole], ids, valids)
+        got = greedy_logits([first, second], ids, valids)
         assert not first.has_head and not second.has_embedding
         for e, g in zip(expected, got):
             torch.testing.assert_close(g, e, rtol=0, atol=0)

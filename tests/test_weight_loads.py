@@ -8,27 +8,18 @@ import time
 
 import torch
 
-from flexgen_dist.engine import BatchInput, StageEngine
+from engine_steps import greedy_logits
+from flexgen_dist.engine import StageEngine
 from flexgen_dist.memory.weight_home import WeightHome
 from flexgen_dist.models.layout import model_layers
 from flexgen_dist.policy import Policy
 from flexgen_dist.weights import open_checkpoint
 
 
-def _logits(engine: StageEngine, ids: torch.Tensor, steps: int) -> list[torch.Tensor]:
-    engine.start_block(0, [ids.shape[0]], ids.shape[1] + steps)
-    out, data = [], ids
-    for t in range(steps):
-        valid = torch.ones(ids.shape[0], ids.shape[1] + t, dtype=torch.bool)
-        (logits,) = engine.step(0, [BatchInput(data, valid)])
-        out.append(logits)
-        data = logits.argmax(-1)[:, None]
-    return out
-
-
 def test_two_weight_loads_run_at_once_and_the_logits_equal_a_serialized_run(tmp_path, opt_postln_dir, monkeypatch):
     cfg, source = open_checkpoint(opt_postln_dir)
     ids = torch.randint(4, cfg.vocab_size, (2, 7), generator=torch.Generator().manual_seed(0))
+    valids = [torch.ones(2, 7 + t, dtype=torch.bool) for t in range(3)]
     on_disk = dict(w_gpu_percent=0, w_cpu_percent=0, cache_gpu_percent=0, cache_cpu_percent=0)
 
     def engine(overlap: bool) -> StageEngine:
@@ -37,7 +28,7 @@ def test_two_weight_loads_run_at_once_and_the_logits_equal_a_serialized_run(tmp_
 
     serial = engine(False)
     try:
-        expected = _logits(serial, ids, 3)
+        expected = greedy_logits([serial], ids, valids)
     finally:
         serial.close()
 
@@ -57,7 +48,7 @@ def test_two_weight_loads_run_at_once_and_the_logits_equal_a_serialized_run(tmp_
     monkeypatch.setattr(WeightHome, "fetch", slow_fetch)
     overlapped = engine(True)
     try:
-        got = _logits(overlapped, ids, 3)
+        got = greedy_logits([overlapped], ids, valids)
     finally:
         overlapped.close()
     assert most[0] == 2
