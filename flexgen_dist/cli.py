@@ -13,18 +13,17 @@ from pathlib import Path
 
 import torch
 
-from flexgen_dist.auto_policy import PLACEMENT, SEARCHED, AutoPolicy
-from flexgen_dist.baselines import SYSTEMS
-from flexgen_dist.errors import UserError
-from flexgen_dist.generation import Sampling
+from flexgen_dist.base.devices import DEVICES, DTYPES, dtype_name, resolve_device, resolve_dtype
+from flexgen_dist.base.errors import UserError
+from flexgen_dist.engine.generation import Sampling
+from flexgen_dist.engine.policy import Policy, load_policy_file, policy_yaml
+from flexgen_dist.io.prompts import load_prompts_file, requests_from_cli, synthetic_requests
 from flexgen_dist.memory.budget import MemoryBudget, parse_max_memory, parse_size
 from flexgen_dist.memory.disk import ALIGN
-from flexgen_dist.policy import Policy, load_policy_file, policy_yaml
-from flexgen_dist.prompts import load_prompts_file, requests_from_cli, synthetic_requests
+from flexgen_dist.policy.auto import PLACEMENT, SEARCHED, AutoPolicy
 from flexgen_dist.run import generate
+from flexgen_dist.run_config import PLACEMENT_STRATEGIES, RunConfig
 from flexgen_dist.score_run import score
-from flexgen_dist.run_config import (DEVICES, DTYPES, PLACEMENT_STRATEGIES, RunConfig, dtype_name, resolve_device,
-                                     resolve_dtype)
 
 
 class Parser(argparse.ArgumentParser):
@@ -144,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--seed", type=int, default=0, help="dummy weights and synthetic prompts (default 0)")
     be.add_argument("--sweep", metavar="BxN,…", help="block shapes (--gpu-batch-size x --num-gpu-batches) to measure, "
                                                     "e.g. 8x1,32x1,32x4: a latency/throughput curve")
-    be.add_argument("--baseline", action="append", choices=SYSTEMS, default=[],
+    be.add_argument("--baseline", action="append", default=[], metavar="SYSTEM",
                     help="also run HF transformers generate (hf, weights resident) or HF accelerate's offload "
                          "(accelerate) under the same budgets (repeatable)")
     be.add_argument("--baseline-batch-size", type=int, action="append", default=[], metavar="N",
@@ -307,8 +306,8 @@ def _score(args: argparse.Namespace) -> int:
 
 
 def _profile(args: argparse.Namespace) -> int:
-    from flexgen_dist.hardware import profile_yaml
-    from flexgen_dist.profiler import measure_profile
+    from flexgen_dist.policy.hardware import profile_yaml
+    from flexgen_dist.policy.profiler import measure_profile
 
     device = resolve_device(args.device)
     dtypes = [DTYPES[d] for d in args.dtype] if args.dtype else [resolve_dtype(None, device)]
@@ -328,9 +327,9 @@ def _profile(args: argparse.Namespace) -> int:
 
 
 def _policy_command(args: argparse.Namespace) -> int:
-    from flexgen_dist.auto_policy import choose_policy, machine_profile
-    from flexgen_dist.hardware import load_profile
-    from flexgen_dist.model_source import model_config
+    from flexgen_dist.io.model_source import model_config
+    from flexgen_dist.policy.auto import choose_policy, machine_profile
+    from flexgen_dist.policy.hardware import load_profile
 
     _require_positive(args, ("prompt_len", "gen_len", "num_prompts", "stages"))
     cfg = model_config(args.model)
@@ -371,12 +370,16 @@ _BENCH_PASSTHROUGH = (
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from flexgen_dist.auto_policy import machine_profile
-    from flexgen_dist.bench import BenchSpec, format_table, parse_blocks, plot_pareto, run_bench
-    from flexgen_dist.hardware import load_profile
-    from flexgen_dist.model_source import model_config
+    from flexgen_dist.bench.baselines import SYSTEMS
+    from flexgen_dist.bench.command import BenchSpec, format_table, parse_blocks, plot_pareto, run_bench
+    from flexgen_dist.io.model_source import model_config
+    from flexgen_dist.policy.auto import machine_profile
+    from flexgen_dist.policy.hardware import load_profile
 
     _require_positive(args, ("prompt_len", "gen_len", "num_prompts", "stages", "baseline_calls"))
+    unknown = [b for b in args.baseline if b not in SYSTEMS]
+    if unknown:  # checked here, not by argparse choices, so that the parser needs no benchmarking code
+        raise UserError(f"--baseline {unknown[0]}: unknown system (choose from {', '.join(SYSTEMS)})")
     if any(b < 1 for b in args.baseline_batch_size):
         raise UserError("--baseline-batch-size must be >= 1")
     if args.disk_now and args.no_roofline:
@@ -436,7 +439,7 @@ def _append_results(path: str, result: dict) -> None:
 
 
 def _checkpoint(args: argparse.Namespace) -> int:
-    from flexgen_dist.checkpoint_writer import write_random_checkpoint
+    from flexgen_dist.io.checkpoint_writer import write_random_checkpoint
     from flexgen_dist.models.opt import config_by_name
 
     cfg = config_by_name(args.model)
@@ -467,7 +470,7 @@ def _vocab_size(args: argparse.Namespace) -> int:
     """Synthetic prompts draw ids from the model's vocabulary; read it without loading weights."""
     if not args.synthetic:
         return 0
-    from flexgen_dist.model_source import model_config
+    from flexgen_dist.io.model_source import model_config
 
     return model_config(args.model).vocab_size
 

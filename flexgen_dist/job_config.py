@@ -16,15 +16,16 @@ from typing import Any
 
 import yaml
 
-from flexgen_dist.errors import UserError
-from flexgen_dist.generation import Sampling
+from flexgen_dist.base.devices import DEVICES, DTYPES
+from flexgen_dist.base.errors import UserError
+from flexgen_dist.base.typed_fields import dataclass_from_mapping, known_keys, mapping, typed
+from flexgen_dist.engine.generation import Sampling
+from flexgen_dist.engine.policy import Policy, load_policy_file
+from flexgen_dist.io.model_source import model_config
+from flexgen_dist.io.prompts import Request, load_prompts_file, requests_from_cli, synthetic_requests
 from flexgen_dist.memory.budget import MemoryBudget, parse_max_memory
-from flexgen_dist.model_source import model_config
-from flexgen_dist.auto_policy import AutoPolicy
-from flexgen_dist.policy import Policy, load_policy_file
-from flexgen_dist.prompts import Request, load_prompts_file, requests_from_cli, synthetic_requests
-from flexgen_dist.run_config import DEVICES, DTYPES, PLACEMENT_STRATEGIES, RunConfig
-from flexgen_dist.typed_fields import dataclass_from_mapping, known_keys, mapping, typed
+from flexgen_dist.policy.auto import AutoPolicy
+from flexgen_dist.run_config import PLACEMENT_STRATEGIES, RunConfig
 
 POLICY_DIR = Path("configs/policies")  # where `policy: NAME.yaml` is looked up, relative to the working directory
 INPUT_KINDS = ("prompts", "synthetic", "prompt")

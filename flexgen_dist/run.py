@@ -18,21 +18,22 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from flexgen_dist import auto_policy
-from flexgen_dist.errors import UserError
-from flexgen_dist.generation import BlockRun, Sequence
-from flexgen_dist.hardware import detect_capacities
+from flexgen_dist.base.devices import dtype_name, resolve_device, resolve_dtype
+from flexgen_dist.base.errors import UserError
+from flexgen_dist.engine.generation import BlockRun, Sequence
+from flexgen_dist.io.model_source import ModelSource, resolve_model
+from flexgen_dist.io.outputs import ResultWriter, read_done_ids
+from flexgen_dist.io.prompts import Request
 from flexgen_dist.memory.budget import format_bytes
-from flexgen_dist.memory.plan import TierPlan, check_budget, plan_bytes
 from flexgen_dist.memory.tiers import TIERS, Tier, ensure_offload_root, new_run_id
-from flexgen_dist.metrics import RunMetrics, serve
-from flexgen_dist.model_source import ModelSource, resolve_model
 from flexgen_dist.models.layout import model_layers
 from flexgen_dist.models.opt import OptConfig
-from flexgen_dist.outputs import ResultWriter, read_done_ids
-from flexgen_dist.progress import progress
-from flexgen_dist.prompts import Request
-from flexgen_dist.run_config import RunConfig, dtype_name, resolve_device, resolve_dtype
+from flexgen_dist.observability.metrics import RunMetrics, serve
+from flexgen_dist.observability.progress import progress
+from flexgen_dist.policy import auto as auto_policy
+from flexgen_dist.policy.hardware import detect_capacities
+from flexgen_dist.policy.memory_plan import TierPlan, check_budget, plan_bytes
+from flexgen_dist.run_config import RunConfig
 from flexgen_dist.runtime.coordinator import run_blocks
 from flexgen_dist.runtime.executor import Executor, LocalExecutor
 from flexgen_dist.runtime.partition import partition
@@ -165,8 +166,9 @@ def generate(run: RunConfig, requests: list[Request]) -> dict:
         work = [(r, s) for r, s in work if r.id not in done]
     prompt_len = max((len(s.prompt_ids) for _, s in work), default=1)
     gen_len = max((s.max_new_tokens for _, s in work), default=1)
-    run, search = auto_policy.resolve(run, cfg, dtype, device, prompt_len, gen_len, len(work))
-    policy = run.policy
+    policy, search = auto_policy.resolve(run.policy, cfg, dtype, device, prompt_len, gen_len, len(work), run.budget,
+                                         run.stages, run.offload_dir)
+    run = replace(run, policy=policy)
     stages = plan_stages(run, cfg, dtype, device, prompt_len, gen_len)
 
     # Similar lengths share a block: less padding computed and cached.

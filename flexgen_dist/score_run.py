@@ -14,16 +14,17 @@ import json
 import math
 import time
 
-from flexgen_dist.errors import UserError
-from flexgen_dist.model_source import ModelSource, resolve_model
-from flexgen_dist.outputs import ResultWriter, read_done_ids
-from flexgen_dist.policy import Policy
-from flexgen_dist.progress import progress
-from flexgen_dist.prompts import Request
+from flexgen_dist.base.devices import dtype_name, resolve_device, resolve_dtype
+from flexgen_dist.base.errors import UserError
+from flexgen_dist.engine.policy import Policy
+from flexgen_dist.engine.scoring import ScoreBlock, ScoredSequence
+from flexgen_dist.io.model_source import ModelSource, resolve_model
+from flexgen_dist.io.outputs import ResultWriter, read_done_ids
+from flexgen_dist.io.prompts import Request
+from flexgen_dist.observability.progress import progress
 from flexgen_dist.run import make_executor, plan_stages, prompt_ids, resource_summary
-from flexgen_dist.run_config import RunConfig, dtype_name, resolve_device, resolve_dtype
+from flexgen_dist.run_config import RunConfig
 from flexgen_dist.runtime.coordinator import run_blocks
-from flexgen_dist.scoring import ScoreBlock, ScoredSequence
 
 _LOGITS_COPIES = 2  # the last stage holds a GPU batch's float32 logits and their log-softmax at once
 

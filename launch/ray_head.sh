@@ -43,7 +43,7 @@ start() {
   # The dashboard agent's port is internal, and its fixed default (52365) is taken by any other Ray cluster on this
   # machine (the embedded one of a running `flexgen-dist generate` too), which leaves jobs with no agent to run them.
   agent_port=$(python -c 'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])')
-  # Ray starts workers at nice 15, under its own daemons: our stage actors are the compute (docs/benchmarks.md).
+  # Ray starts workers at nice 15, under its own daemons: our stage actors are the compute (docs/benchmark-history.md).
   RAY_worker_niceness=0 nohup ray start --head --block --node-ip-address=127.0.0.1 --port="${RAY_HEAD_PORT:-6379}" \
     --dashboard-host=127.0.0.1 --dashboard-port="${RAY_DASHBOARD_PORT:-8265}" --include-dashboard=true \
     --dashboard-agent-listen-port="$agent_port" --disable-usage-stats "$@" >"$STATE/head.log" 2>&1 &

@@ -152,13 +152,12 @@ def _free_port() -> int:
 def ray_cluster(tmp_path_factory: pytest.TempPathFactory):
     """A real local Ray head on 127.0.0.1, one per test session: `ray start --head --block` runs as our child, and
     terminating it stops every process it started. Yields {"address": GCS address, "dashboard": job API URL}."""
+    import secrets
     import subprocess
     import sys
     import time
-    import urllib.request
-
-    import secrets
     import urllib.error
+    import urllib.request
 
     gcs, dashboard = _free_port(), _free_port()
     ray_bin = str(Path(sys.executable).parent / "ray")

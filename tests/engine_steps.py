@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from flexgen_dist.engine import BatchInput, StageEngine
+from flexgen_dist.engine.stage_engine import BatchInput, StageEngine
 
 
 def greedy_logits(stages: list[StageEngine], ids: torch.Tensor, valid_steps: list[torch.Tensor]) -> list[torch.Tensor]:

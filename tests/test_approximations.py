@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from flexgen_dist.errors import UserError
-from flexgen_dist.models.opt import attend
-from flexgen_dist.policy import Policy
 from hf_oracle import hf_greedy
 from test_parity import MAX_NEW, PROMPTS, run_cli
+
+from flexgen_dist.base.errors import UserError
+from flexgen_dist.engine.policy import Policy
+from flexgen_dist.models.opt import attend
 
 CACHE_PLACEMENTS = {"cache-cpu": "100 0 0 100 100 0", "cache-mixed": "100 0 30 30 100 0",
                     "cache-disk": "100 0 0 0 100 0", "weights-offloaded-cache-cpu": "0 50 0 100 100 0"}

@@ -11,16 +11,22 @@ from pathlib import Path
 import pytest
 import torch
 
-from flexgen_dist.bench import (BenchSpec, baseline_batches, best_and_ratios, hf_resident_bytes, pareto_front,
-                                parse_blocks)
+from flexgen_dist.base.errors import UserError
+from flexgen_dist.bench.command import (
+    BenchSpec,
+    baseline_batches,
+    best_and_ratios,
+    hf_resident_bytes,
+    pareto_front,
+    parse_blocks,
+)
 from flexgen_dist.cli import main
-from flexgen_dist.errors import UserError
-from flexgen_dist.hardware import load_profile
+from flexgen_dist.io.weights import DummyWeights, open_checkpoint
 from flexgen_dist.memory.budget import MemoryBudget
 from flexgen_dist.models.layout import model_layers
 from flexgen_dist.models.opt import OptConfig, config_by_name
-from flexgen_dist.roofline import Workload, generation_flops, moved_bytes, roofline
-from flexgen_dist.weights import DummyWeights, open_checkpoint
+from flexgen_dist.policy.hardware import load_profile
+from flexgen_dist.policy.roofline import Workload, generation_flops, moved_bytes, roofline
 
 REPO = Path(__file__).resolve().parent.parent
 DEV_PROFILE = REPO / "configs" / "hardware" / "dev-epyc-2core.yaml"
@@ -86,7 +92,7 @@ def test_pareto_front_and_ratios():
 
 
 def test_checkpoint_writes_our_dummy_weights_as_hf_shards(tmp_path, capsys, monkeypatch):
-    import flexgen_dist.checkpoint_writer as writer
+    import flexgen_dist.io.checkpoint_writer as writer
 
     monkeypatch.setattr(writer, "SHARD_BYTES", 1 << 20)  # several shards from opt-125m's first tensors
     out = tmp_path / "ckpt"
@@ -194,12 +200,12 @@ def test_bench_gives_the_roofline_at_the_disk_speed_measured_around_the_run(tmp_
 def test_bench_reports_a_killed_baseline_batch_and_runs_the_others(opt_preln_dir, capsys, monkeypatch):
     """The OOM killer SIGKILLs a baseline batch that does not fit a cgroup's limit: that batch is reported as
     skipped, the smaller one still runs and is the baseline's best."""
-    import flexgen_dist.bench as bench
+    import flexgen_dist.bench.command as bench
 
     real_run = bench.subprocess.run
 
     def run(cmd, **kwargs):
-        if "flexgen_dist.baselines" in cmd and json.loads(Path(cmd[-1]).read_text())["batch_size"] == 4:
+        if "flexgen_dist.bench.baselines" in cmd and json.loads(Path(cmd[-1]).read_text())["batch_size"] == 4:
             cmd = [sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"]
         return real_run(cmd, **kwargs)
 
@@ -211,6 +217,7 @@ def test_bench_reports_a_killed_baseline_batch_and_runs_the_others(opt_preln_dir
 
 @pytest.mark.parametrize("flags,message", [
     (["--baseline", "accelerate"], "--baseline accelerate loads a checkpoint"),
+    (["--baseline", "bogus"], "--baseline bogus: unknown system (choose from hf, accelerate)"),
     (["--prompt-len", "4000"], "exceeds the model's"),
     (["--sweep", "4x"], "--sweep"),
     (["--policy", "auto"], "--num-prompts is needed"),

@@ -5,9 +5,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flexgen_dist.compression import (QuantConfig, dequantize, dequantize_into, from_records, quantize, quantized_nbytes,
-                                      record_nbytes, to_records)
-from flexgen_dist.errors import UserError
+from flexgen_dist.base.errors import UserError
+from flexgen_dist.memory.compression import (
+    QuantConfig,
+    dequantize,
+    dequantize_into,
+    from_records,
+    quantize,
+    quantized_nbytes,
+    record_nbytes,
+    to_records,
+)
 
 CONFIGS = [QuantConfig(bits=b, symmetric=s, group_size=g) for b in (4, 8) for s in (False, True) for g in (64, 32)]
 

@@ -14,12 +14,12 @@ import shutil
 
 import pytest
 import torch
+from hf_oracle import hf_greedy
+from test_parity import MAX_NEW, PROMPTS, run_cli
 from transformers import OPTForCausalLM
 
 from flexgen_dist.cli import main
-from flexgen_dist.compression import QuantConfig, dequantize, quantize
-from hf_oracle import hf_greedy
-from test_parity import MAX_NEW, PROMPTS, run_cli
+from flexgen_dist.memory.compression import QuantConfig, dequantize, quantize
 
 WEIGHT_PLACEMENTS = {"device": "100 0 100 0 100 0", "cpu": "0 100 100 0 100 0", "disk": "0 0 100 0 100 0",
                      "mixed": "30 30 100 0 100 0"}

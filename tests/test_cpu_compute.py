@@ -9,16 +9,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from flexgen_dist.engine import BatchInput, StageEngine
-from flexgen_dist.generation import BlockRun, Sequence
-from flexgen_dist.hardware import DtypeSpeeds, HardwareProfile
+from flexgen_dist.engine.generation import BlockRun, Sequence
+from flexgen_dist.engine.policy import Policy
+from flexgen_dist.engine.stage_engine import BatchInput, StageEngine
+from flexgen_dist.io.weights import DummyWeights
 from flexgen_dist.memory.host_heap import MMAP_THRESHOLD_BYTES, keep_freed_memory
 from flexgen_dist.models import prepack
 from flexgen_dist.models.layout import model_layers
 from flexgen_dist.models.opt import OPT_SIZES
-from flexgen_dist.policy import Policy
-from flexgen_dist.profiler import measure_gemm, measure_step_overhead
-from flexgen_dist.weights import DummyWeights
+from flexgen_dist.policy.hardware import DtypeSpeeds, HardwareProfile
+from flexgen_dist.policy.profiler import measure_gemm, measure_step_overhead
 
 CPU = torch.device("cpu")
 needs_bf16_kernels = pytest.mark.skipif(not prepack.supported(CPU, torch.bfloat16),

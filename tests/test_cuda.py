@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from hf_oracle import hf_greedy
 from test_parity import CASES, MAX_NEW, PROMPTS, run_cli
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from engine_steps import greedy_logits
-from flexgen_dist.engine import StageEngine
+
+from flexgen_dist.engine.policy import Policy
+from flexgen_dist.engine.stage_engine import StageEngine
+from flexgen_dist.io.weights import DummyWeights, open_checkpoint
 from flexgen_dist.models.layout import WeightSpec, model_layers
-from flexgen_dist.policy import Policy
-from flexgen_dist.weights import DummyWeights, open_checkpoint
 
 
 @pytest.mark.parametrize("cut", [1, 2, 4, 6])

@@ -7,10 +7,9 @@ import random
 from pathlib import Path
 
 import torch
+from hf_oracle import EOS_ID, hf_greedy
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoTokenizer, OPTForCausalLM
-
-from hf_oracle import EOS_ID, hf_greedy
 
 PROMPTS = [[2, 10, 20, 30, 40], [2, 100], [2, 7, 8, 9, 11, 12, 13]]
 SENTENCE = "The Software is provided \"as is\", without warranty of any kind: naïve café ☃!"

@@ -5,11 +5,10 @@ from __future__ import annotations
 import json
 
 import torch
+from test_parity import PROMPTS, run_cli
 
 from flexgen_dist.cli import main
-from flexgen_dist.generation import Sampling, sample
-
-from test_parity import PROMPTS, run_cli
+from flexgen_dist.engine.generation import Sampling, sample
 
 
 def test_top_p_keeps_the_smallest_set_reaching_p():

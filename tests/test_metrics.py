@@ -17,11 +17,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import _free_port
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import _free_port
 from flexgen_dist.memory.budget import MemoryBudget
-from flexgen_dist.metrics import RunMetrics, serve
+from flexgen_dist.observability.metrics import RunMetrics, serve
 from flexgen_dist.runtime.stage_snapshot import StageSnapshot
 
 MONITORING = Path(__file__).resolve().parent.parent / "monitoring"
@@ -111,7 +111,7 @@ def test_linger_serves_until_a_scrape_has_read_the_final_figures():
 
 
 def test_a_stalled_client_does_not_hold_the_exit(monkeypatch):
-    from flexgen_dist import metrics as metrics_module
+    from flexgen_dist.observability import metrics as metrics_module
 
     monkeypatch.setattr(metrics_module, "REQUEST_TIMEOUT_S", 1.0)
     port = _free_port()

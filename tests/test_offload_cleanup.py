@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from flexgen_dist.errors import UserError
-from flexgen_dist.memory.tiers import Tier, TierSet, new_run_id, stage_offload_dir
-from flexgen_dist.policy import Policy
-from flexgen_dist.runtime.worker import StageSpec, StageWorker
 from test_stage_restart import GPU_BATCH, PROMPTS, WAIT_S, _argv, _lines, _outputs, _stage_pid, dashboard  # noqa: F401
+
+from flexgen_dist.base.errors import UserError
+from flexgen_dist.engine.policy import Policy
+from flexgen_dist.memory.tiers import Tier, TierSet, new_run_id, stage_offload_dir
+from flexgen_dist.runtime.worker import StageSpec, StageWorker
 
 ON_DISK = ("--percent", "0", "0", "100", "0", "100", "0")  # weights on disk: every stage writes files as it loads
 

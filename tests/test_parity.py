@@ -8,10 +8,10 @@ import os
 import random
 
 import pytest
-
-from flexgen_dist import engine
-from flexgen_dist.cli import main
 from hf_oracle import hf_greedy
+
+from flexgen_dist.cli import main
+from flexgen_dist.engine import stage_engine as engine
 
 MAX_NEW = 12
 # FLEXGEN_TEST_DEVICE=cuda runs every engine test that goes through run_cli on the GPU (docs/testing on a GPU).

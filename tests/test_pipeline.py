@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from hf_oracle import hf_greedy
 from test_parity import MAX_NEW, PROMPTS, run_cli
 

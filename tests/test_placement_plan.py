@@ -5,16 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flexgen_dist.engine import StageEngine
-from flexgen_dist.engine import BatchInput
-from flexgen_dist.generation import BlockRun, Sequence
+from flexgen_dist.engine.generation import BlockRun, Sequence
+from flexgen_dist.engine.policy import Policy
+from flexgen_dist.engine.stage_engine import BatchInput, StageEngine
+from flexgen_dist.io.weights import DummyWeights
 from flexgen_dist.memory.placement import split_elements, split_heads
-from flexgen_dist.memory.plan import plan_bytes
 from flexgen_dist.memory.tiers import Tier, nbytes_of
 from flexgen_dist.models.layout import model_layers
 from flexgen_dist.models.opt import OPT_SIZES, config_by_name
-from flexgen_dist.policy import Policy
-from flexgen_dist.weights import DummyWeights
+from flexgen_dist.policy.memory_plan import plan_bytes
 
 
 @pytest.mark.parametrize("percents", [(100, 0, 0), (0, 100, 0), (0, 0, 100), (30, 30, 40), (33.3, 33.3, 33.4), (0, 1, 99)])

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from flexgen_dist.cli import main
-from flexgen_dist.hardware import load_profile, save_profile
 from hf_oracle import hf_greedy
 from test_parity import PROMPTS, run_cli
 from test_policy_search import _profile
+
+from flexgen_dist.cli import main
+from flexgen_dist.policy.hardware import load_profile, save_profile
 
 REPO = Path(__file__).resolve().parents[1]
 T4 = str(REPO / "configs" / "hardware" / "t4-paper.yaml")
@@ -109,8 +109,8 @@ def test_policy_command_refuses_a_broken_profile(tmp_path: Path, capsys) -> None
 
 
 def test_a_job_config_can_ask_for_policy_auto() -> None:
-    from flexgen_dist.auto_policy import AutoPolicy
     from flexgen_dist.job_config import parse_job_config
+    from flexgen_dist.policy.auto import AutoPolicy
 
     job = parse_job_config({"model": "opt-125m", "dummy_weights": True, "policy": "auto",
                             "input": {"synthetic": {"n": 4, "prompt_len": 8}}}, "job.yaml")

@@ -9,17 +9,32 @@ from pathlib import Path
 import pytest
 import torch
 
-from flexgen_dist.cost_model import CACHE_VARS, STAGED, WEIGHT_VARS, CostModel, Linear, Window, placement_values, predict
-from flexgen_dist.errors import UserError
-from flexgen_dist.hardware import (DtypeSpeeds, HardwareProfile, cgroup_memory_limit, load_profile,
-                                   profile_from_mapping, save_profile)
+from flexgen_dist.base.errors import UserError
+from flexgen_dist.engine.policy import Policy
 from flexgen_dist.memory.budget import MemoryBudget
-from flexgen_dist.memory.plan import plan_bytes
 from flexgen_dist.memory.tiers import TIERS, Tier
 from flexgen_dist.models.layout import model_layers
 from flexgen_dist.models.opt import OptConfig, config_by_name
-from flexgen_dist.policy import Policy
-from flexgen_dist.policy_search import SearchSpace, resolve_budgets, search_policy
+from flexgen_dist.policy.cost_model import (
+    CACHE_VARS,
+    STAGED,
+    WEIGHT_VARS,
+    CostModel,
+    Linear,
+    Window,
+    placement_values,
+    predict,
+)
+from flexgen_dist.policy.hardware import (
+    DtypeSpeeds,
+    HardwareProfile,
+    cgroup_memory_limit,
+    load_profile,
+    profile_from_mapping,
+    save_profile,
+)
+from flexgen_dist.policy.memory_plan import plan_bytes
+from flexgen_dist.policy.search import SearchSpace, resolve_budgets, search_policy
 
 REPO = Path(__file__).resolve().parents[1]
 GiB = 1 << 30

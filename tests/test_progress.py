@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from flexgen_dist.progress import Progress, progress
+from flexgen_dist.observability.progress import Progress, progress
 
 
 def test_progress_shows_blocks_and_token_rate():

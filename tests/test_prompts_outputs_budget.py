@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from flexgen_dist import outputs
-from flexgen_dist.errors import UserError
+from flexgen_dist.base.errors import UserError
+from flexgen_dist.io import outputs
+from flexgen_dist.io.outputs import ResultWriter, read_done_ids
+from flexgen_dist.io.prompts import Request, load_prompts_file, requests_from_cli, synthetic_requests
 from flexgen_dist.memory.budget import MemoryBudget, format_bytes, parse_max_memory, parse_size
-from flexgen_dist.outputs import ResultWriter, read_done_ids
-from flexgen_dist.prompts import Request, load_prompts_file, requests_from_cli, synthetic_requests
 
 
 def _user_error(fn, *args) -> str:

@@ -3,7 +3,7 @@ machine ships (0.13-0.24 s a step on a lightly loaded 2-core VM; 9 minutes in al
 perplexity through `flexgen-dist score` with 4-bit weights + KV cache within 5 % of uncompressed and 8-bit within 1 %;
 greedy output with --attn-sparsity 0.5 agrees with dense on >= 90 % of generated tokens.
 
-Longer training and more configurations: launch/quality_study.py; measured figures: docs/quality.md.
+Longer training and more configurations: benchmarks/quality_study.py; measured figures: docs/quality.md.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ DECODE_TOKENS = 32
 
 
 def _load_study():
-    spec = importlib.util.spec_from_file_location("quality_study", REPO / "launch" / "quality_study.py")
+    spec = importlib.util.spec_from_file_location("quality_study", REPO / "benchmarks" / "quality_study.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

@@ -12,14 +12,14 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from flexgen_dist.errors import UserError
-from flexgen_dist.generation import Sampling
-from flexgen_dist.job_config import load_job_config
-from flexgen_dist.memory.budget import MemoryBudget
-from flexgen_dist.policy import Policy
 from hf_oracle import hf_greedy
 from test_parity import MAX_NEW, PROMPTS
+
+from flexgen_dist.base.errors import UserError
+from flexgen_dist.engine.generation import Sampling
+from flexgen_dist.engine.policy import Policy
+from flexgen_dist.job_config import load_job_config
+from flexgen_dist.memory.budget import MemoryBudget
 
 REPO = Path(__file__).resolve().parents[1]
 JOB_CONFIGS = sorted((REPO / "configs" / "jobs").glob("*.yaml"))

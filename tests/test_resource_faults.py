@@ -20,10 +20,11 @@ from pathlib import Path
 import psutil
 import pytest
 
-from flexgen_dist import outputs, run
+from flexgen_dist import run
+from flexgen_dist.base.errors import RunFailed
 from flexgen_dist.cli import main
-from flexgen_dist.errors import RunFailed
-from flexgen_dist.outputs import ResultWriter
+from flexgen_dist.io import outputs
+from flexgen_dist.io.outputs import ResultWriter
 
 _rng = random.Random(11)
 PROMPTS = [[_rng.randrange(4, 512) for _ in range(_rng.randint(3, 10))] for _ in range(40)]

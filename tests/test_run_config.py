@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from flexgen_dist.run_config import cpu_has_native_bf16, resolve_dtype
+from flexgen_dist.base.devices import cpu_has_native_bf16, resolve_dtype
 
 
 def _cpuinfo(tmp_path, flags: str):

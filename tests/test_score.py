@@ -10,10 +10,10 @@ import random
 
 import pytest
 import torch
+from hf_oracle import hf_nll
 
 from flexgen_dist.cli import main
 from flexgen_dist.models.likelihood import NOT_SCORED, next_token_targets, summed_nll
-from hf_oracle import hf_nll
 
 _rng = random.Random(7)
 # Mixed lengths so blocks are left-padded; 2 is the shortest scorable sequence (one scored token).

@@ -15,12 +15,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-
 from conftest import _free_port
-from flexgen_dist.runtime.executor import LocalExecutor, StageLost
-from flexgen_dist.runtime.worker import StageSpec, StageWorker
 from hf_oracle import hf_greedy
 from test_metrics import _scrape
+
+from flexgen_dist.runtime.executor import LocalExecutor, StageLost
+from flexgen_dist.runtime.worker import StageSpec, StageWorker
 
 MAX_NEW = 24
 GPU_BATCH = 2  # one GPU batch per block: a block is two output lines

@@ -11,8 +11,8 @@ import weakref
 import pytest
 import torch
 
+from flexgen_dist.engine.transfer import Lane
 from flexgen_dist.memory.stats import TransferStats
-from flexgen_dist.transfer import Lane
 
 
 @pytest.mark.parametrize("overlap", [True, False])

@@ -5,7 +5,7 @@ import re
 from dataclasses import dataclass, fields
 from fractions import Fraction
 
-from flexgen_dist.errors import UserError
+from flexgen_dist.base.errors import UserError
 
 _UNITS = {
     "": 1, "b": 1,

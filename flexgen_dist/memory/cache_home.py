@@ -16,7 +16,14 @@ from dataclasses import dataclass
 
 import torch
 
-from flexgen_dist.compression import QuantConfig, dequantize_into, from_records, quantize, record_nbytes, to_records
+from flexgen_dist.memory.compression import (
+    QuantConfig,
+    dequantize_into,
+    from_records,
+    quantize,
+    record_nbytes,
+    to_records,
+)
 from flexgen_dist.memory.disk import DiskTensor
 from flexgen_dist.memory.placement import split_heads
 from flexgen_dist.memory.tiers import Tier, TierSet

@@ -18,7 +18,7 @@ from typing import Callable, TypeVar
 import torch
 
 ALIGN = 4096
-CHUNK = 8 << 20  # bytes per syscall in bulk transfers (measured with launch/bench_disk.py)
+CHUNK = 8 << 20  # bytes per syscall in bulk transfers (measured with benchmarks/bench_disk.py)
 THREADS = 4  # concurrent preadv/pwritev calls keep the device queue full; os.preadv releases the GIL
 _WINDOW = CHUNK * THREADS  # bounce-buffer size: one chunk per worker
 

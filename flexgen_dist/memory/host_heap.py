@@ -5,7 +5,7 @@ temporaries (activations, MLP outputs) are new pages every time, and each first 
 4 KiB. With blocks up to glibc's largest mmap threshold (32 MiB) served from the heap, and up to 256 MiB of freed heap
 kept, they are reused instead. Together with the engine's 512-token prefill chunks, which keep every temporary under
 the threshold, a 4-layer opt-1.3b prefill of 32 x 128 tokens went from 4.67 to 4.27 s on the 2-core AVX-512-bf16 EPYC
-(docs/benchmarks.md).
+(docs/benchmark-history.md).
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from flexgen_dist.errors import UserError
+from flexgen_dist.base.errors import UserError
 from flexgen_dist.memory.disk import DiskTensor, aligned_empty
 from flexgen_dist.memory.stats import TransferStats
 

@@ -16,13 +16,21 @@ from dataclasses import dataclass
 
 import torch
 
-from flexgen_dist.compression import META_DTYPE, QuantConfig, Quantized, code_shape, dequantize_into, meta_shape, quantize
+from flexgen_dist.io.weights import WeightSource
+from flexgen_dist.memory.compression import (
+    META_DTYPE,
+    QuantConfig,
+    Quantized,
+    code_shape,
+    dequantize_into,
+    meta_shape,
+    quantize,
+)
 from flexgen_dist.memory.disk import ALIGN, DiskTensor, aligned_empty
 from flexgen_dist.memory.placement import split_elements
 from flexgen_dist.memory.tiers import Tier, TierSet
 from flexgen_dist.models import prepack
 from flexgen_dist.models.layout import LayerSpec, WeightSpec
-from flexgen_dist.weights import WeightSource
 
 _WEIGHT_ALIGN = 32  # elements: keeps every weight view SIMD-aligned inside the flat buffer
 _FILL_CHUNK_BYTES = 64 << 20  # disk pieces are generated/copied through a bounded staging buffer

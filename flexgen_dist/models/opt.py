@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
-from flexgen_dist.errors import UserError
+from flexgen_dist.base.errors import UserError
 from flexgen_dist.models.prepack import linear
 
 POSITION_OFFSET = 2  # OPT's learned positions are shifted by 2 (a fairseq legacy)

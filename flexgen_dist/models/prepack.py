@@ -2,7 +2,7 @@
 
 torch's `F.linear` on CPU bf16 reorders the weight into oneDNN's blocked layout on every call. A layer that stays in
 compute memory for the whole run can be reordered once, when it is loaded. Measured on the 2-core AVX-512-bf16
-EPYC with launch/profile_step.py (4 layers of opt-1.3b, 32 x 128 tokens; docs/benchmarks.md): a decode step went from
+EPYC with benchmarks/profile_step.py (4 layers of opt-1.3b, 32 x 128 tokens; docs/benchmark-history.md): a decode step went from
 0.088 to 0.075 s, the prefill from 4.35 to 4.16 s. For contiguous inputs the results are bit-identical to `F.linear`.
 
 Only the math's `linear` knows about packed weights: a packed weight is a tensor with `is_mkldnn` set, and anything

@@ -19,9 +19,9 @@ from typing import Protocol, TypeVar
 
 import torch
 
-from flexgen_dist.generation import Sampling
+from flexgen_dist.engine.generation import Sampling
+from flexgen_dist.engine.scoring import Scoring
 from flexgen_dist.runtime.executor import Executor, StageLost
-from flexgen_dist.scoring import Scoring
 
 
 @dataclass

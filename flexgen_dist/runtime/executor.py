@@ -10,11 +10,11 @@ from typing import Any, Protocol
 
 import torch
 
-from flexgen_dist.errors import RunFailed
-from flexgen_dist.generation import Sampling
+from flexgen_dist.base.errors import RunFailed
+from flexgen_dist.engine.generation import Sampling
+from flexgen_dist.engine.scoring import Scoring
 from flexgen_dist.runtime.stage_snapshot import StageSnapshot
 from flexgen_dist.runtime.worker import StageSpec, StageWorker
-from flexgen_dist.scoring import Scoring
 
 
 class StageLost(RunFailed):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from flexgen_dist.errors import UserError
+from flexgen_dist.base.errors import UserError
 from flexgen_dist.models.layout import LayerSpec
 
 

@@ -17,12 +17,12 @@ from typing import Any
 
 import torch
 
-from flexgen_dist.errors import RunFailed, UserError
-from flexgen_dist.generation import Sampling
+from flexgen_dist.base.errors import RunFailed, UserError
+from flexgen_dist.engine.generation import Sampling
+from flexgen_dist.engine.scoring import Scoring
 from flexgen_dist.runtime.executor import StageLost
 from flexgen_dist.runtime.stage_snapshot import StageSnapshot
 from flexgen_dist.runtime.worker import StageSpec, StageWorker
-from flexgen_dist.scoring import Scoring
 
 READY_TIMEOUT_S = float(os.environ.get("FLEXGEN_RAY_READY_TIMEOUT_S", "600"))  # loading a big slice takes minutes
 PLACEMENT_TIMEOUT_S = float(os.environ.get("FLEXGEN_RAY_PLACEMENT_TIMEOUT_S", "60"))

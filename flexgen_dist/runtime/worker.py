@@ -15,16 +15,16 @@ from dataclasses import dataclass
 
 import torch
 
-from flexgen_dist.engine import BatchInput, StageEngine
-from flexgen_dist.generation import Sampling, sample
+from flexgen_dist.base.devices import resolve_device, resolve_dtype
+from flexgen_dist.engine.generation import Sampling, sample
+from flexgen_dist.engine.policy import Policy
+from flexgen_dist.engine.scoring import Scoring
+from flexgen_dist.engine.stage_engine import BatchInput, StageEngine
+from flexgen_dist.io.model_source import resolve_model
 from flexgen_dist.memory.host_heap import keep_freed_memory
 from flexgen_dist.memory.tiers import stage_offload_dir
-from flexgen_dist.model_source import resolve_model
 from flexgen_dist.models.layout import model_layers
-from flexgen_dist.policy import Policy
-from flexgen_dist.run_config import resolve_device, resolve_dtype
 from flexgen_dist.runtime.stage_snapshot import StageSnapshot, take_snapshot
-from flexgen_dist.scoring import Scoring
 
 
 @dataclass(frozen=True)

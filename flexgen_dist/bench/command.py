@@ -1,0 +1,299 @@
+"""`flexgen-dist bench`: our engine and the baselines on the same synthetic work, one after the other, each in its own
+process; throughput, latency, the ratios, the roofline of every run, and a latency/throughput (Pareto) plot over a
+sweep of block sizes, as the FlexGen paper's Figure 1.
+
+Latency is the time to finish one block of prompts (one `generate` call of the baselines' batch), throughput the
+generated tokens over the generation time (prefill + decode; loading excluded for every system)."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from flexgen_dist.base.devices import DTYPES
+from flexgen_dist.base.errors import UserError
+from flexgen_dist.bench.baselines import BaselineSpec, spec_json
+from flexgen_dist.io.prompts import synthetic_requests
+from flexgen_dist.memory.budget import MemoryBudget, format_bytes
+from flexgen_dist.models.opt import OptConfig
+from flexgen_dist.policy.hardware import HardwareProfile
+from flexgen_dist.policy.profiler import measure_disk
+from flexgen_dist.policy.roofline import Workload, roofline
+
+
+@dataclass(frozen=True)
+class BenchSpec:
+    model: str  # a size name (dummy weights) or a checkpoint directory (both systems read it)
+    config: OptConfig
+    prompt_len: int
+    gen_len: int
+    num_prompts: int | None  # None: one block per stage for each point
+    blocks: tuple[tuple[int, int], ...]  # (gpu_batch_size, num_gpu_batches) per point; () = the policy's own
+    stages: int
+    device: str
+    dtype: str
+    budget: MemoryBudget
+    offload_dir: str | None
+    baselines: tuple[str, ...]
+    baseline_batch_sizes: tuple[int, ...]  # () = chosen per point (see baseline_batches)
+    seed: int = 0
+    baseline_calls: int | None = None  # time at most this many generate calls per baseline batch size
+    disk_now: bool = False  # measure the disk around each of our runs and give the roofline at that speed too
+
+
+def parse_blocks(text: str) -> tuple[tuple[int, int], ...]:
+    """"8x1,32x4" -> ((8, 1), (32, 4))."""
+    blocks = []
+    for item in text.split(","):
+        parts = item.strip().lower().split("x")
+        if len(parts) != 2 or not all(p.isdigit() and int(p) >= 1 for p in parts):
+            raise UserError(f"--sweep: expected GPU_BATCHxNUM_BATCHES items like 8x1,32x4, got {item.strip()!r}")
+        blocks.append((int(parts[0]), int(parts[1])))
+    return tuple(blocks)
+
+
+def hf_resident_bytes(cfg: OptConfig, batch: int, prompt_len: int, gen_len: int, dtype_bytes: int) -> int:
+    """Memory HF `generate` needs with every weight resident: weights, the whole KV cache, the widest prefill
+    activation (attention scores or the MLP's hidden) and float32 logits of the last position."""
+    activations = batch * prompt_len * max(cfg.ffn_dim, cfg.num_heads * prompt_len) * dtype_bytes * 2
+    return (cfg.param_count() * dtype_bytes + cfg.cache_bytes(batch, prompt_len + gen_len, dtype_bytes)
+            + activations + batch * cfg.vocab_size * 4)
+
+
+def memory_budget_for_baselines(spec: BenchSpec) -> int | None:
+    """What the baselines may hold in memory: the compute device's budget on a GPU; on a CPU device both memory tiers
+    are the same RAM, so their sum. None: no budget given."""
+    tiers = [spec.budget.gpu] if spec.device == "cuda" else [spec.budget.gpu, spec.budget.cpu]
+    return None if any(t is None for t in tiers) else sum(tiers)
+
+
+def baseline_batches(spec: BenchSpec, system: str, block_size: int) -> tuple[list[int], str]:
+    """The baseline batch sizes to measure for one point (its best is reported), or none and why.
+
+    hf: the two largest powers of two up to the block size whose resident run fits the memory budget (past the
+    weights, a larger batch is not always faster on a CPU). accelerate: the block size, as its offload streams the
+    weights once per forward pass whatever the batch."""
+    if spec.baseline_batch_sizes:
+        return list(spec.baseline_batch_sizes), ""
+    if system == "accelerate":
+        return [block_size], ""
+    limit, dtype_bytes = memory_budget_for_baselines(spec), DTYPES[spec.dtype].itemsize
+    sizes = [1 << k for k in range(block_size.bit_length()) if (1 << k) <= block_size]
+    fitting = [b for b in sizes if limit is None
+               or hf_resident_bytes(spec.config, b, spec.prompt_len, spec.gen_len, dtype_bytes) <= limit]
+    if not fitting:
+        need = hf_resident_bytes(spec.config, 1, spec.prompt_len, spec.gen_len, dtype_bytes)
+        return [], f"does not fit: needs {format_bytes(need)} resident at batch 1, memory budget {format_bytes(limit)}"
+    return fitting[-2:][::-1], ""
+
+
+def _last_json_line(proc: subprocess.CompletedProcess, what: str) -> dict:
+    if proc.returncode != 0:
+        lines = [l for l in proc.stderr.strip().splitlines() if l.strip()]
+        raise UserError(f"{what} failed (exit {proc.returncode}): {lines[-1] if lines else 'no message'}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run_ours(spec: BenchSpec, generate_flags: list[str], block: tuple[int, int] | None, num_prompts: int) -> dict:
+    """`flexgen-dist generate` on the synthetic work in a subprocess; its summary."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "flexgen_dist", "generate", "--model", spec.model, "--synthetic", str(num_prompts),
+               "--prompt-len", str(spec.prompt_len), "--max-new-tokens", str(spec.gen_len), "--ignore-eos", "--quiet",
+               "--seed", str(spec.seed), "--output", str(Path(tmp) / "out.jsonl"), *generate_flags]
+        if not Path(spec.model).is_dir():
+            cmd.append("--dummy-weights")
+        if block:
+            cmd += ["--gpu-batch-size", str(block[0]), "--num-gpu-batches", str(block[1])]
+        return _last_json_line(subprocess.run(cmd, capture_output=True, text=True), "our run")
+
+
+def run_baseline(spec: BaselineSpec) -> dict | None:
+    """The baseline's result; None when its process was SIGKILLed, as the OOM killer does to a batch that does not fit
+    a cgroup's memory limit: that batch is then not the baseline's best, and the other candidates still run."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "spec.json"
+        path.write_text(spec_json(spec))
+        proc = subprocess.run([sys.executable, "-m", "flexgen_dist.bench.baselines", str(path)], capture_output=True, text=True)
+        if proc.returncode == -signal.SIGKILL:
+            return None
+        return _last_json_line(proc, f"baseline {spec.system}")
+
+
+def measure_disk_now(spec: BenchSpec) -> dict[str, float]:
+    """The disk's read and write speed through the engine's O_DIRECT path, now: 1 GiB in four files (a few seconds)."""
+    read, write, _ = measure_disk(spec.offload_dir, 256 << 20, 4)
+    return {"read_bytes_per_s": read, "write_bytes_per_s": write}
+
+
+def _at_disk_now(hardware: HardwareProfile, before: dict[str, float], after: dict[str, float]) -> HardwareProfile:
+    """The profile with the disk's speeds replaced by the mean of those measured just before and after a run."""
+    return replace(hardware, disk_read_bytes_per_s=(before["read_bytes_per_s"] + after["read_bytes_per_s"]) / 2,
+                   disk_write_bytes_per_s=(before["write_bytes_per_s"] + after["write_bytes_per_s"]) / 2)
+
+
+def _ours_point(spec: BenchSpec, summary: dict, hardware: HardwareProfile | None, rounds: int,
+                disk_now: tuple[dict[str, float], dict[str, float]] | None = None) -> dict:
+    policy = summary["policy"]
+    block = (policy["gpu_batch_size"], policy["num_gpu_batches"])
+    point = {"system": "flexgen_dist", "block": f"{block[0]}x{block[1]}", "block_size": block[0] * block[1],
+             "sequences": summary["sequences"], "total_s": summary["total_s"], "prefill_s": summary["prefill_s"],
+             "decode_s": summary["decode_s"], "latency_s": summary["total_s"] / rounds,
+             "generation_throughput_tok_s": summary["generation_throughput_tok_s"], "policy": policy,
+             "peak_bytes": summary["peak_bytes"]}
+    if hardware is not None:
+        transfers = {k: v for s in summary["stage_stats"] for k, v in s["transfers"].items()}
+        work = Workload(summary["sequences"], spec.prompt_len, spec.gen_len, block[0])
+        # S stages are S devices sharing the work: S device-seconds against one device's roofs.
+        device_s = summary["total_s"] * spec.stages
+        point["roofline"] = roofline(spec.config, work, hardware, summary["dtype"], transfers, device_s)
+        if disk_now is not None:
+            # A virtual disk's speed wanders by tens of percent over hours: the profile's may not be today's.
+            point["disk_now"] = {"before": disk_now[0], "after": disk_now[1]}
+            point["roofline_disk_now"] = roofline(spec.config, work, _at_disk_now(hardware, *disk_now),
+                                                  summary["dtype"], transfers, device_s)
+    return point
+
+
+def _baseline_point(spec: BenchSpec, result: dict, hardware: HardwareProfile | None) -> dict:
+    point = {**result, "block_size": result["batch_size"]}
+    if hardware is not None:  # baselines report no transfers: their compute and memory roofs only
+        work = Workload(result["generated_tokens"] // spec.gen_len, spec.prompt_len, spec.gen_len, result["batch_size"])
+        point["roofline"] = roofline(spec.config, work, hardware, spec.dtype, {}, result["total_s"])
+    return point
+
+
+def run_bench(spec: BenchSpec, generate_flags: list[str], hardware: HardwareProfile | None,
+              log: Callable[[str], None]) -> dict:
+    """Every point of the sweep: ours, then each baseline on the same prompts; the best of each system compared."""
+    points: list[dict] = []
+    measured: set[tuple[str, int, int]] = set()  # (system, batch, prompts): a baseline run ignores our block
+    for block in spec.blocks or (None,):
+        block_size = block[0] * block[1] if block else None
+        num_prompts = spec.num_prompts or (block_size or 0) * spec.stages
+        if num_prompts < 1:
+            raise UserError("--num-prompts is needed when the block size is left to --policy auto")
+        log(f"flexgen_dist, block {f'{block[0]}x{block[1]}' if block else 'of the policy'}, {num_prompts} prompts")
+        disk_before = measure_disk_now(spec) if spec.disk_now else None
+        summary = run_ours(spec, generate_flags, block, num_prompts)
+        disk_now = (disk_before, measure_disk_now(spec)) if disk_before else None
+        actual = summary["policy"]["gpu_batch_size"] * summary["policy"]["num_gpu_batches"]
+        rounds = -(-num_prompts // (actual * spec.stages))
+        points.append(_ours_point(spec, summary, hardware, rounds, disk_now))
+        log(f"  {points[-1]['generation_throughput_tok_s']:.3f} tok/s, latency {points[-1]['latency_s']:.1f} s")
+        prompts = [list(r.input_ids) for r in
+                   synthetic_requests(num_prompts, spec.prompt_len, spec.config.vocab_size, spec.seed)]
+        for system in spec.baselines:
+            batches, why = baseline_batches(spec, system, min(actual, num_prompts))
+            if not batches:
+                points.append({"system": system, "block_size": actual, "skipped": why})
+                log(f"  {system}: {why}")
+            for batch in batches:
+                if (system, batch, num_prompts) in measured:
+                    continue
+                measured.add((system, batch, num_prompts))
+                sample = prompts[: batch * spec.baseline_calls] if spec.baseline_calls else prompts
+                base = BaselineSpec(system, spec.model, sample, spec.gen_len, batch, spec.device, spec.dtype,
+                                    _budget_dict(spec.budget), spec.offload_dir or tempfile.gettempdir())
+                log(f"  {system}, batch {batch}")
+                result = run_baseline(base)
+                if result is None:
+                    why = "killed (SIGKILL: out of memory under the limit?)"
+                    points.append({"system": system, "batch_size": batch, "block_size": batch, "skipped": why})
+                    log(f"    {why}")
+                    continue
+                points.append(_baseline_point(spec, result, hardware))
+                log(f"    {points[-1]['generation_throughput_tok_s']:.3f} tok/s, latency {points[-1]['latency_s']:.1f} s")
+    return {"workload": {"model": spec.config.name, "prompt_len": spec.prompt_len, "gen_len": spec.gen_len,
+                         "device": spec.device, "dtype": spec.dtype, "stages": spec.stages,
+                         "max_memory": str(spec.budget)},
+            "points": points, "best": best_and_ratios(points)}
+
+
+def _budget_dict(budget: MemoryBudget) -> dict[str, int]:
+    return {tier: size for tier, size in (("gpu", budget.gpu), ("cpu", budget.cpu)) if size is not None}
+
+
+def best_and_ratios(points: list[dict]) -> dict:
+    """Each system's highest throughput, and ours over each baseline's."""
+    best: dict[str, dict] = {}
+    for p in points:
+        if "skipped" not in p and p["generation_throughput_tok_s"] > best.get(p["system"], {}).get(
+                "generation_throughput_tok_s", -1.0):
+            best[p["system"]] = p
+    out = {system: {"generation_throughput_tok_s": p["generation_throughput_tok_s"],
+                    "at": p.get("block") or f"batch {p['batch_size']}"} for system, p in best.items()}
+    ours = best.get("flexgen_dist")
+    if ours:
+        for system, p in best.items():
+            if system != "flexgen_dist":
+                out[system]["ours_over_it"] = round(ours["generation_throughput_tok_s"] / p["generation_throughput_tok_s"], 3)
+    return out
+
+
+def pareto_front(points: list[dict]) -> list[dict]:
+    """Points no other point beats on both latency (lower) and throughput (higher)."""
+    done = [p for p in points if "skipped" not in p]
+    return [p for p in done if not any(q["latency_s"] <= p["latency_s"] and q["generation_throughput_tok_s"]
+                                       >= p["generation_throughput_tok_s"] and q is not p and
+                                       (q["latency_s"], q["generation_throughput_tok_s"]) !=
+                                       (p["latency_s"], p["generation_throughput_tok_s"]) for q in done)]
+
+
+def plot_pareto(result: dict, path: str) -> None:
+    try:
+        import matplotlib
+    except ImportError:
+        raise UserError("--plot needs matplotlib: pip install 'flexgen_dist[bench]'") from None
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    for system in dict.fromkeys(p["system"] for p in result["points"]):
+        mine = sorted((p for p in result["points"] if p["system"] == system and "skipped" not in p),
+                      key=lambda p: p["latency_s"])
+        if not mine:
+            continue
+        front = pareto_front(mine)
+        line, = ax.plot([p["latency_s"] for p in front], [p["generation_throughput_tok_s"] for p in front], "-",
+                        label=system)
+        ax.plot([p["latency_s"] for p in mine], [p["generation_throughput_tok_s"] for p in mine], "o",
+                color=line.get_color())
+        for p in mine:
+            ax.annotate(p.get("block") or str(p["batch_size"]), (p["latency_s"], p["generation_throughput_tok_s"]),
+                        fontsize=7, xytext=(3, 3), textcoords="offset points")
+    w = result["workload"]
+    ax.set(xscale="log", yscale="log", xlabel="latency per block (s)", ylabel="generation throughput (token/s)")
+    ax.set_title(f"{w['model']} {w['dtype']}, prompt {w['prompt_len']}, gen {w['gen_len']}\n{w['max_memory']}",
+                 fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    try:
+        fig.savefig(path, dpi=120)
+    except OSError as e:
+        raise UserError(f"cannot write {path}: {e.strerror}") from None
+    finally:
+        plt.close(fig)
+
+
+def format_table(result: dict) -> str:
+    rows = ["system         block/batch  tok/s      latency s  bound by       achieved"]
+    for p in result["points"]:
+        at = p.get("block") or str(p.get("batch_size", p.get("block_size")))
+        if "skipped" in p:
+            rows.append(f"{p['system']:<14} {at:<12} skipped: {p['skipped']}")
+            continue
+        roof, now = p.get("roofline", {}), p.get("roofline_disk_now")
+        rows.append(f"{p['system']:<14} {at:<12} {p['generation_throughput_tok_s']:<10.3f} {p['latency_s']:<10.2f} "
+                    f"{roof.get('bound_by', '-'):<14} {roof.get('achieved_fraction', float('nan')):.2f}"
+                    + (f" (disk now: {now['bound_by']} {now['achieved_fraction']:.2f})" if now else ""))
+    for system, best in result["best"].items():
+        if "ours_over_it" in best:
+            rows.append(f"flexgen_dist / {system}: {best['ours_over_it']:.2f}x")
+    return "\n".join(rows)

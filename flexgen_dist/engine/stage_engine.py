@@ -1,0 +1,295 @@
+"""The offloading engine over a contiguous slice of layers (one pipeline stage; the whole model is one slice).
+
+One `step` runs every GPU batch of a block through the slice in FlexGen's zig-zag order: layer by layer, and within
+a layer batch by batch, so each layer's weights are loaded once per block and reused by all its batches. While batch
+k of layer j computes, the weight lane loads layer j+1 and the cache lane loads batch k+1's KV cache and writes back
+batch k-1's new token. Once layer j is done, layer j+2 starts loading into the staging slot j used, beside j+1's
+load: when loads are slower than compute, the disk's queue does not drain at each layer boundary (docs/benchmark-history.md).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from flexgen_dist.engine.policy import Policy
+from flexgen_dist.engine.transfer import Lane
+from flexgen_dist.io.weights import WeightSource
+from flexgen_dist.memory.cache_home import CacheHome, LoadedPiece
+from flexgen_dist.memory.disk import DiskTensor, aligned_empty
+from flexgen_dist.memory.placement import single_tier
+from flexgen_dist.memory.tiers import Tier, TierSet
+from flexgen_dist.memory.weight_home import WeightHome
+from flexgen_dist.models import opt, prepack
+from flexgen_dist.models.layout import LayerSpec
+from flexgen_dist.models.likelihood import summed_nll
+
+# On a CPU device a step runs each GPU batch in chunks of whole sequences of about this many tokens (in practice the
+# prefill: a decode step has one token per sequence). A chunk's temporaries stay in cache and in malloc's heap (larger
+# ones are fresh mmaps that page-fault on first touch). With memory/host_heap.py, a 4-layer opt-1.3b prefill of
+# 32 x 128 tokens went from 4.67 to 4.27 s on the 2-core AVX-512-bf16 EPYC (docs/benchmark-history.md). Exact: every row's
+# result is the same either way.
+_CPU_CHUNK_TOKENS = 512
+
+
+def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+@dataclass
+class BatchInput:
+    """One GPU batch's input to a stage for one step."""
+
+    data: torch.Tensor  # token ids [B, S] for a stage holding the embedding, else hidden states [B, S, H]
+    valid: torch.Tensor  # [B, T] bool, T = cached + S positions: which are real tokens (False = left padding)
+
+
+class ActivationStore:
+    """Hidden states between layers, per GPU batch, kept on the policy's activation tier."""
+
+    def __init__(self, tiers: TierSet, tier: Tier) -> None:
+        self.tiers, self.tier = tiers, tier
+        self._items: dict[int, torch.Tensor | DiskTensor] = {}
+
+    def put(self, k: int, hidden: torch.Tensor) -> None:
+        if self.tiers.addressable(self.tier):
+            self._items[k] = hidden
+            return
+        self._drop(k)
+        stored = self.tiers.empty(self.tier, tuple(hidden.shape), hidden.dtype, name=f"act{k}")
+        if isinstance(stored, DiskTensor):
+            stored.write_rows(hidden.contiguous().cpu())
+        else:
+            stored.copy_(hidden)
+        self._items[k] = stored
+
+    def get(self, k: int) -> torch.Tensor:
+        stored = self._items[k]
+        if isinstance(stored, DiskTensor):
+            host = aligned_empty(stored.shape, stored.dtype)
+            stored.read_rows_into(host)
+            return host.to(self.tiers.device)
+        return stored.to(self.tiers.device)
+
+    def _drop(self, k: int) -> None:
+        old = self._items.pop(k, None)
+        if old is not None and not self.tiers.addressable(self.tier):
+            self.tiers.release(self.tier, old)
+
+    def clear(self) -> None:
+        for k in list(self._items):
+            self._drop(k)
+
+
+@dataclass
+class _Block:
+    caches: dict[tuple[int, int], CacheHome]  # (layer index, GPU batch) -> KV cache
+    acts: ActivationStore
+
+
+def _used_by_compute(loaded: list[LoadedPiece]) -> None:
+    """Staged cache copies were allocated on a lane's CUDA stream; keep the allocator from reusing them while the
+    compute stream still reads them. Sparse attention stages keys only (v is None until the kept rows are fetched)."""
+    for lp in loaded:
+        if lp.staged and lp.k.is_cuda:
+            for staged in (lp.k, lp.v):
+                if staged is not None:
+                    staged.record_stream(torch.cuda.current_stream())
+
+
+class StageEngine:
+    def __init__(self, cfg: opt.OptConfig, layers: list[LayerSpec], policy: Policy, source: WeightSource,
+                 device: torch.device, dtype: torch.dtype, offload_dir: str | None = None) -> None:
+        self.cfg, self.layers, self.policy, self.device, self.dtype = cfg, layers, policy, device, dtype
+        self.tiers = TierSet(device, offload_dir)
+        self.homes: list[WeightHome] = []
+        self.act_tier = single_tier(policy.act_percents())
+        self.blocks: dict[int, _Block] = {}
+        # Two workers: the loads of the two staging slots can run at once (step).
+        self._weight_lane = Lane(device, policy.overlap, "flexgen-weights", workers=2)
+        self._dequantize_inline = device.type == "cpu"
+        self._cache_lane = Lane(device, policy.overlap, "flexgen-cache")
+        pack_rows = policy.gpu_batch_size if prepack.supported(device, dtype) else None
+        try:
+            for layer in layers:
+                self.homes.append(WeightHome(layer, self.tiers, policy.weight_percents(), dtype, source,
+                                             policy.weight_quant, pack_rows))
+            staged = [h for h in self.homes if h.needs_staging]
+            gathered = [h for h in self.homes if h.packed is not None and not h.stored_in_place]
+            stored_dtype = torch.uint8 if policy.weight_quant else dtype
+            # Two slots of each: layer j computes from one while layer j+1 loads into the other (then j+2 into j's).
+            self._staging = self._slots(Tier.GPU, max((h.numel for h in staged), default=0), dtype, "w-staging")
+            self._packed_staging = self._slots(Tier.GPU, max((h.stored_numel for h in gathered), default=0),
+                                               torch.uint8, "w-packed")
+            disk = max((h.nbytes(Tier.DISK) for h in self.homes if not h.stored_in_place), default=0)
+            self._bounce = self._slots(Tier.CPU, disk // stored_dtype.itemsize if device.type == "cuda" else 0,
+                                       stored_dtype, "w-bounce")
+        except BaseException:
+            self.close()
+            raise
+
+    def _slots(self, tier: Tier, numel: int, dtype: torch.dtype, name: str) -> list:
+        return [self.tiers.empty(tier, (numel,), dtype, name, lasting=True) for _ in range(2)] if numel else []
+
+    @property
+    def has_embedding(self) -> bool:
+        return self.layers[0].kind == "embed"
+
+    @property
+    def has_head(self) -> bool:
+        return self.layers[-1].kind == "head"
+
+    # ---- block lifetime: a block's KV cache lives from its prefill to its last decode step. A pipeline stage holds
+    # several blocks at once (one per stage in flight), each under its own id. ----
+
+    def start_block(self, block_id: int, batch_sizes: list[int], capacity: int) -> None:
+        self.end_block(block_id)
+        caches = {}
+        for j, layer in enumerate(self.layers):
+            if layer.kind == "attention":
+                for k, b in enumerate(batch_sizes):
+                    caches[j, k] = CacheHome(self.tiers, b, self.cfg.num_heads, self.cfg.head_dim, capacity,
+                                             self.dtype, self.policy.cache_percents(), f"{layer.label}-blk{block_id}-b{k}",
+                                             self.policy.cache_quant(self.cfg.head_dim))
+        self.blocks[block_id] = _Block(caches, ActivationStore(self.tiers, self.act_tier))
+
+    def end_block(self, block_id: int) -> None:
+        block = self.blocks.pop(block_id, None)
+        if block is not None:
+            for home in block.caches.values():
+                home.release()
+            block.acts.clear()
+
+    # ---- one step (prefill when nothing is cached yet, else one decode token) ----
+
+    def _buffers(self, j: int) -> tuple[torch.Tensor | None, ...]:
+        """Layer j's staging, packed staging and bounce buffers (two of each, alternating by layer)."""
+        return tuple(slots[j % 2] if slots else None for slots in (self._staging, self._packed_staging, self._bounce))
+
+    def _prefetch_weights(self, j: int) -> torch.Tensor | dict[str, torch.Tensor] | None:
+        """The weight lane's work for layer j. On a GPU, all of loading (its dequantization runs on the lane's
+        stream); on a CPU device only the fetch: dequantizing in the lane thread while compute runs has both contend
+        for the same cores (docs/benchmark-history.md, "Re-measured after the lane fix")."""
+        if self._dequantize_inline:
+            return self.homes[j].fetch(*self._buffers(j))
+        return self.homes[j].load(*self._buffers(j))
+
+    def _weights(self, j: int, prefetched: torch.Tensor | dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+        return self.homes[j].decode(prefetched, self._buffers(j)[0]) if self._dequantize_inline else prefetched
+
+    def step(self, block_id: int, inputs: list[BatchInput],
+             score_targets: tuple[torch.Tensor, ...] | None = None) -> list[torch.Tensor]:
+        """Run all GPU batches of a block through the slice. Returns per batch the last position's float32 logits
+        [B, V] when the slice ends with the head, else the hidden states [B, S, H]. Scoring (`score_targets`: per batch
+        the token each position predicts, [B, S]): the head returns each row's summed NLL of them, [B] float64."""
+        caches, acts = self.blocks[block_id].caches, self.blocks[block_id].acts
+        query_len = inputs[0].data.shape[1]
+        past = inputs[0].valid.shape[1] - query_len
+        valid = [x.valid.to(self.device) for x in inputs]
+        masks = [opt.attention_mask(v, query_len) for v in valid]
+        if not self.has_embedding:
+            for k, x in enumerate(inputs):
+                acts.put(k, x.data.to(self.device, self.dtype))
+        attention_order = [(j, k) for j, l in enumerate(self.layers) if l.kind == "attention" for k in range(len(inputs))]
+        cache_loads = {}
+        keep = math.ceil(self.policy.attn_sparsity * (past + 1)) if past and self.policy.attn_sparsity < 1 else None
+
+        def load_cache(at: tuple[int, int]):
+            # Sparse decode stages keys only; the value rows top-k keeps are fetched from the home after scoring.
+            return self._cache_lane.submit(caches[at].load, past, self.policy.cpu_cache_compute, keep is None)
+
+        if past and attention_order:
+            cache_loads[attention_order[0]] = load_cache(attention_order[0])
+        weight_loads = {j: self._weight_lane.submit(self._prefetch_weights, j) for j in range(min(2, len(self.layers)))}
+        outputs: list[torch.Tensor] = []
+        for j, layer in enumerate(self.layers):
+            with self.tiers.stats.waiting("weights"):
+                prefetched = weight_loads.pop(j).result()
+            w = self._weights(j, prefetched)
+            for k, x in enumerate(inputs):
+                if layer.kind == "embed":
+                    acts.put(k, opt.embed(w, x.data.to(self.device), opt.position_ids(valid[k], query_len)))
+                    continue
+                hidden = acts.get(k)
+                if layer.kind == "head" and score_targets is not None:
+                    # Per GPU batch, so the [B, S, V] float32 logits never exist for the whole block at once.
+                    outputs.append(summed_nll(opt.lm_head(self.cfg, w, hidden), score_targets[k].to(self.device)))
+                elif layer.kind == "head":
+                    outputs.append(opt.lm_head(self.cfg, w, hidden[:, -1]))
+                elif layer.kind == "mlp":
+                    acts.put(k, _cat([opt.mlp(self.cfg, w, hidden[c]) for c in self._chunks(hidden)]))
+                elif past == 0:
+                    acts.put(k, self._prefill_attention(caches[j, k], w, hidden, masks[k]))
+                else:
+                    pos = attention_order.index((j, k))
+                    if pos + 1 < len(attention_order):
+                        nxt = attention_order[pos + 1]
+                        cache_loads[nxt] = load_cache(nxt)
+                    with self.tiers.stats.waiting("cache"):
+                        loaded = cache_loads.pop((j, k)).result()
+                    _used_by_compute(loaded)
+                    acts.put(k, self._decode_attention(caches[j, k], w, hidden, loaded, masks[k], past, keep))
+                    self._cache_lane.submit(caches[j, k].store_token, loaded, past)
+            if j + 2 < len(self.layers):
+                # Layer j's slot is free: its compute is done (on a GPU, queued: the lane's fence waits for it).
+                weight_loads[j + 2] = self._weight_lane.submit(self._prefetch_weights, j + 2)
+        with self.tiers.stats.waiting("drain"):
+            self._cache_lane.drain()
+            self._weight_lane.drain()
+        if self.has_head:
+            return outputs
+        return [acts.get(k) for k in range(len(inputs))]
+
+    def _chunks(self, hidden: torch.Tensor) -> list[slice]:
+        """The sequence ranges a step computes [B, S, H] hidden states in: the whole batch, or on a CPU device chunks
+        of about _CPU_CHUNK_TOKENS tokens."""
+        batch, tokens = hidden.shape[:2]
+        per = batch if self.device.type != "cpu" else max(1, _CPU_CHUNK_TOKENS // tokens)
+        return [slice(i, min(batch, i + per)) for i in range(0, batch, per)]
+
+    def _prefill_attention(self, cache: CacheHome, w, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        outs, keys, values = [], [], []
+        for c in self._chunks(hidden):  # attention is per sequence: chunks of sequences are independent
+            q, key, value = opt.attention_input(self.cfg, w, hidden[c])  # [b, N, S, D] each
+            outs.append(opt.attention_output(self.cfg, w, hidden[c], opt.attend(q, key, value, mask[c])))
+            keys.append(key)
+            values.append(value)
+        self._cache_lane.submit(cache.store_prefill, _cat(keys), _cat(values))
+        return _cat(outs)
+
+    def _decode_attention(self, cache: CacheHome, w, hidden: torch.Tensor, loaded: list[LoadedPiece],
+                          mask: torch.Tensor, past: int, keep: int | None) -> torch.Tensor:
+        q, key, value = opt.attention_input(self.cfg, w, hidden)  # [B, N, 1, D] each
+        contexts = []
+        for lp in loaded:  # one piece per tier holding a range of heads; attention is independent per head
+            h0, h1 = lp.piece.head_start, lp.piece.head_stop
+            where = lp.k.device  # the compute device, or the CPU for --cpu-cache-compute: only q and the output move
+            lp.k[:, :, past] = key[:, h0:h1, 0].to(where)
+            # Attend over the whole contiguous buffer (a strided prefix view makes bf16 bmm copy it); the
+            # positions past this token are masked out.
+            span_mask = F.pad(mask, (0, lp.k.shape[2] - mask.shape[-1]), value=False).to(where)
+            q_piece = q[:, h0:h1].to(where)
+            if lp.v is None:  # values not staged: fetch only the rows top-k keeps
+                lp.new_v = value[:, h0:h1, 0].to(where)
+                top, index = opt.top_probabilities(q_piece, lp.k, span_mask, keep)
+                context = opt.attend_rows(top, cache.value_rows(lp, index.squeeze(2), past))
+            else:
+                lp.v[:, :, past] = value[:, h0:h1, 0].to(where)
+                context = opt.attend(q_piece, lp.k, lp.v, span_mask, keep)
+            contexts.append(context.to(self.device))
+        context = contexts[0] if len(contexts) == 1 else torch.cat(contexts, dim=1)
+        return opt.attention_output(self.cfg, w, hidden, context)
+
+    def close(self) -> None:
+        """Free every tier allocation and delete this engine's offload files."""
+        for lane in (self._weight_lane, self._cache_lane):
+            lane.close()
+        for block_id in list(self.blocks):
+            self.end_block(block_id)
+        for home in self.homes:
+            home.release()
+        self.homes = []
+        self.tiers.close()
