@@ -78,21 +78,43 @@ def _add_resource_flags(p: argparse.ArgumentParser) -> None:
     r.add_argument("--offload-dir", help="where the disk tier's files go (default: the system temp dir)")
 
 
-def _add_distribution_flags(p: argparse.ArgumentParser) -> None:
+def _stage_counts(text: str) -> tuple[int, ...]:
+    try:
+        counts = tuple(int(s) for s in text.split(","))
+    except ValueError:
+        counts = ()
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"expected stage counts >= 1 separated by commas, e.g. 1,2,4; got {text!r}")
+    return tuple(dict.fromkeys(counts))
+
+
+def _add_distribution_flags(p: argparse.ArgumentParser, stage_counts: bool = False) -> None:
     dist = p.add_argument_group("distribution")
-    dist.add_argument("--stages", type=int, default=1, help="pipeline stages, one device each (default 1)")
+    if stage_counts:  # bench: a scaling table over several pipeline lengths
+        dist.add_argument("--stages", type=_stage_counts, default=(1,), metavar="S[,S…]",
+                          help="pipeline stages, one device each; several (e.g. 1,2,4) give a scaling table: "
+                               "throughput, speedup over the first, each stage's busy and idle time (default 1)")
+    else:
+        dist.add_argument("--stages", type=int, default=1, help="pipeline stages, one device each (default 1)")
     dist.add_argument("--ray-address", help="join this Ray cluster (default: RAY_ADDRESS, else an embedded local one)")
     dist.add_argument("--placement-strategy", default="PACK", choices=PLACEMENT_STRATEGIES,
                       help="how stages' bundles land on nodes (default PACK)")
+    dist.add_argument("--cpus-per-stage", type=float, metavar="N",
+                      help="Ray CPUs per stage, and its compute threads: on CPU-only nodes one stage per N cores "
+                           "models one device per stage (default: an equal share of a node's CPUs)")
+    dist.add_argument("--prefill-chunks", type=int, metavar="N",
+                      help="cut each block's prefill into about N pipeline steps of a few sequences, so the next "
+                           "stage starts early and other blocks' decode steps are not held up behind it (exact; "
+                           "default: 2 per stage with --stages > 1 and no KV cache on disk, else 1)")
     dist.add_argument("--executor", default="ray", choices=("ray", "local"),
                       help="ray: one actor per stage (default); local: the same stage workers in this process")
 
 
-def _add_run_flags(p: argparse.ArgumentParser) -> None:
+def _add_run_flags(p: argparse.ArgumentParser, stage_counts: bool = False) -> None:
     """What every command that runs the engine takes: the policy, the resources, the distribution."""
     _add_policy_flags(p)
     _add_resource_flags(p)
-    _add_distribution_flags(p)
+    _add_distribution_flags(p, stage_counts)
 
 
 def _add_output_flags(p: argparse.ArgumentParser) -> None:
@@ -153,14 +175,18 @@ def build_parser() -> argparse.ArgumentParser:
                     help="time at most N generate calls of each baseline batch size (default: all the prompts): its "
                          "calls are the same work, so a slow baseline can be measured on a sample")
     be.add_argument("--results", metavar="FILE.jsonl", help="append every measured point here")
-    be.add_argument("--plot", metavar="FILE.png", help="latency/throughput plot of every system (needs matplotlib)")
+    be.add_argument("--plot", metavar="FILE.png", help="latency/throughput plot of every system, or with several "
+                                                       "--stages throughput against stages (needs matplotlib)")
     be.add_argument("--no-roofline", action="store_true",
                     help="skip the roofline (it needs the hardware profile: --hardware, else this machine's, "
                          "measured once and cached)")
     be.add_argument("--disk-now", action="store_true",
                     help="time the disk (1 GiB, O_DIRECT) just before and after each of our runs and give the "
                          "roofline at the mean of those speeds too: a virtual disk's speed wanders")
-    _add_run_flags(be)
+    be.add_argument("--dummy-weights", action="store_true",
+                    help="seeded random weights of a size name's shapes, as `generate --dummy-weights` (a size name "
+                         "implies it)")
+    _add_run_flags(be, stage_counts=True)
     be.set_defaults(func=_bench)
 
     ck = sub.add_parser("checkpoint", help="write a random OPT checkpoint of a real size (HF safetensors shards), "
@@ -284,6 +310,8 @@ def _run_config(args: argparse.Namespace, sampling: Sampling, **fields) -> RunCo
         executor=args.executor,
         ray_address=args.ray_address,
         placement_strategy=args.placement_strategy,
+        cpus_per_stage=args.cpus_per_stage,
+        prefill_chunks=args.prefill_chunks,
         **fields,
     )
 
@@ -353,7 +381,17 @@ def _policy_command(args: argparse.Namespace) -> int:
     workload = {"model": cfg.name, "prompt_len": args.prompt_len, "gen_len": args.gen_len,
                 "num_prompts": args.num_prompts, "stages": args.stages, "dtype": dtype_name(dtype),
                 "hardware": hardware.name}
-    _write_text(args.output, policy_yaml(result.policy, {"workload": workload, **result.to_dict()}))
+    report = {"workload": workload, **result.to_dict()}
+    if args.stages > 1:  # every stage's plan, and the pipeline's throughput and bubble, from the pipeline model
+        from flexgen_dist.policy.pipeline_model import pipeline_plan
+        from flexgen_dist.runtime.coordinator import prefill_chunks
+
+        # Without --num-prompts: four blocks per stage, enough for the pipeline's steady state to dominate.
+        prompts = args.num_prompts or 4 * args.stages * result.policy.block_size
+        report["pipeline"] = pipeline_plan(cfg, result.policy, hardware, dtype, args.prompt_len, args.gen_len, prompts,
+                                           args.stages, prefill_chunks(None, args.stages, result.policy),
+                                           result.budgets)
+    _write_text(args.output, policy_yaml(result.policy, report))
     return 0
 
 
@@ -364,19 +402,20 @@ _BENCH_PASSTHROUGH = (
     ("attn_sparsity", "--attn-sparsity"), ("compress_weight", "--compress-weight"), ("compress_cache", "--compress-cache"),
     ("compress_bits", "--compress-bits"), ("compress_group_size", "--compress-group-size"),
     ("compress_symmetric", "--compress-symmetric"), ("no_compression", "--no-compression"), ("device", "--device"),
-    ("dtype", "--dtype"), ("max_memory", "--max-memory"), ("offload_dir", "--offload-dir"), ("stages", "--stages"),
+    ("dtype", "--dtype"), ("max_memory", "--max-memory"), ("offload_dir", "--offload-dir"),
     ("ray_address", "--ray-address"), ("placement_strategy", "--placement-strategy"), ("executor", "--executor"),
-)
+    ("cpus_per_stage", "--cpus-per-stage"), ("prefill_chunks", "--prefill-chunks"),
+)  # --stages: per point
 
 
 def _bench(args: argparse.Namespace) -> int:
     from flexgen_dist.bench.baselines import SYSTEMS
-    from flexgen_dist.bench.command import BenchSpec, format_table, parse_blocks, plot_pareto, run_bench
+    from flexgen_dist.bench.command import BenchSpec, format_table, parse_blocks, plot_pareto, plot_scaling, run_bench
     from flexgen_dist.io.model_source import model_config
     from flexgen_dist.policy.auto import machine_profile
     from flexgen_dist.policy.hardware import load_profile
 
-    _require_positive(args, ("prompt_len", "gen_len", "num_prompts", "stages", "baseline_calls"))
+    _require_positive(args, ("prompt_len", "gen_len", "num_prompts", "baseline_calls", "prefill_chunks"))
     unknown = [b for b in args.baseline if b not in SYSTEMS]
     if unknown:  # checked here, not by argparse choices, so that the parser needs no benchmarking code
         raise UserError(f"--baseline {unknown[0]}: unknown system (choose from {', '.join(SYSTEMS)})")
@@ -388,6 +427,8 @@ def _bench(args: argparse.Namespace) -> int:
     planning = argparse.Namespace(**{**vars(args), "hardware": args.hardware if args.policy == "auto" else None})
     policy = _policy(planning)  # also refuses contradictory policy flags before anything runs
     cfg = model_config(args.model)
+    if args.dummy_weights and Path(args.model).is_dir():
+        raise UserError("--dummy-weights takes a size name (opt-125m … opt-175b); bench reads a checkpoint dir as it is")
     if "accelerate" in args.baseline and not Path(args.model).is_dir():
         raise UserError("--baseline accelerate loads a checkpoint: pass a checkpoint dir as --model, e.g. one written "
                         f"by `flexgen-dist checkpoint --model {args.model} --output DIR`")
@@ -423,8 +464,8 @@ def _bench(args: argparse.Namespace) -> int:
     print(format_table(result), file=sys.stderr)
     if args.results:
         _append_results(args.results, result)
-    if args.plot:
-        plot_pareto(result, args.plot)
+    if args.plot:  # several pipeline lengths: the scaling curve; else the latency/throughput front
+        (plot_scaling if result["scaling"] else plot_pareto)(result, args.plot)
     print(json.dumps(result), flush=True)
     return 0
 

@@ -34,9 +34,9 @@ from flexgen_dist.policy import auto as auto_policy
 from flexgen_dist.policy.hardware import detect_capacities
 from flexgen_dist.policy.memory_plan import TierPlan, check_budget, plan_bytes
 from flexgen_dist.run_config import RunConfig
-from flexgen_dist.runtime.coordinator import run_blocks
+from flexgen_dist.runtime.coordinator import prefill_chunks, run_blocks
 from flexgen_dist.runtime.executor import Executor, LocalExecutor
-from flexgen_dist.runtime.partition import partition
+from flexgen_dist.runtime.partition import embedding_resident, partition
 from flexgen_dist.runtime.worker import StageSpec
 
 
@@ -89,7 +89,7 @@ def plan_stages(run: RunConfig, cfg: OptConfig, dtype: torch.dtype, device: torc
     """Cut the model into stages and refuse, before any loading, a policy that does not fit the budgets.
     `head_workspace`: compute-device bytes the last stage needs beyond a generation step's (scoring's logits)."""
     layers = model_layers(cfg)
-    ranges = partition(layers, run.stages)
+    ranges = partition(layers, run.stages, embedding_resident(run.policy.w_gpu_percent))
     # Each stage holds the KV cache of every block in flight (one per stage) on its own device, CPU and disk.
     plans = [plan_bytes(cfg, layers[a:b], run.policy, dtype, device, prompt_len, gen_len, blocks_in_flight=run.stages)
              for a, b in ranges]
@@ -149,7 +149,7 @@ def make_executor(run: RunConfig, specs: list[StageSpec]) -> Executor:
         return LocalExecutor(specs)
     from flexgen_dist.runtime.ray_executor import RayExecutor
 
-    return RayExecutor(specs, run.ray_address, run.placement_strategy)
+    return RayExecutor(specs, run.ray_address, run.placement_strategy, run.cpus_per_stage)
 
 
 def generate(run: RunConfig, requests: list[Request]) -> dict:
@@ -169,6 +169,7 @@ def generate(run: RunConfig, requests: list[Request]) -> dict:
     policy, search = auto_policy.resolve(run.policy, cfg, dtype, device, prompt_len, gen_len, len(work), run.budget,
                                          run.stages, run.offload_dir)
     run = replace(run, policy=policy)
+    chunks = prefill_chunks(run.prefill_chunks, run.stages, policy)
     stages = plan_stages(run, cfg, dtype, device, prompt_len, gen_len)
 
     # Similar lengths share a block: less padding computed and cached.
@@ -232,7 +233,7 @@ def generate(run: RunConfig, requests: list[Request]) -> dict:
 
             metrics.run_started(summary["sequences"])
             timing = run_blocks(executor, block_runs(), lambda _: run.sampling, max_in_flight=run.stages,
-                                on_block_done=finished, on_step=stepped, on_restart=restarted)
+                                on_block_done=finished, on_step=stepped, on_restart=restarted, prefill_chunks=chunks)
             metrics.finish()
             stage_stats = executor.stats()
     total = timing.total_s if timing else 0.0

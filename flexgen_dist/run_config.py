@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from flexgen_dist.base.errors import UserError
 from flexgen_dist.engine.generation import Sampling
 from flexgen_dist.engine.policy import Policy
 from flexgen_dist.memory.budget import MemoryBudget
@@ -29,6 +30,14 @@ class RunConfig:
     executor: str = "ray"  # "ray" (actors, the product path) or "local" (same workers in-process)
     ray_address: str | None = None  # None: RAY_ADDRESS if set (ray job submit), else an embedded local cluster
     placement_strategy: str = "PACK"
+    cpus_per_stage: float | None = None  # Ray CPUs (compute threads) per stage; None: an equal share of a node's CPUs
+    prefill_chunks: int | None = None  # pipeline steps a block's prefill is cut into; None: chosen (run.py)
     metrics_port: int = 0  # 0: no metrics server
     metrics_host: str = "127.0.0.1"
     metrics_linger_s: float = 0.0  # after the run, serve until a scrape has read the final figures, at most this long
+
+    def __post_init__(self) -> None:
+        if self.cpus_per_stage is not None and self.cpus_per_stage <= 0:
+            raise UserError(f"--cpus-per-stage must be > 0, got {self.cpus_per_stage:g}")
+        if self.prefill_chunks is not None and self.prefill_chunks < 1:
+            raise UserError(f"--prefill-chunks must be >= 1, got {self.prefill_chunks}")

@@ -224,9 +224,49 @@ def test_bench_reports_a_killed_baseline_batch_and_runs_the_others(opt_preln_dir
     (["--baseline-batch-size", "0"], "--baseline-batch-size must be >= 1"),
     (["--baseline-calls", "0"], "--baseline-calls must be >= 1"),
     (["--disk-now", "--no-roofline"], "--disk-now gives a roofline"),
+    (["--prefill-chunks", "0"], "--prefill-chunks must be >= 1"),
 ])
 def test_bench_refuses_bad_input_in_one_line(flags, message, capsys):
     argv = ["bench", "--model", "opt-125m", "--device", "cpu", "--no-roofline", "--executor", "local", *flags]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1, err
+
+
+def test_bench_scaling_table_over_pipeline_lengths(tmp_path, ray_cluster, opt_preln_dir, capsys):
+    """--stages 1,2: the same prompts at each length through Ray, the speedup over one stage, each stage's busy and
+    idle seconds from the pipeline's own counters, and the scaling plot."""
+    plot = tmp_path / "scaling.png"
+    argv = ["bench", "--model", str(opt_preln_dir), "--prompt-len", "8", "--gen-len", "4", "--gpu-batch-size", "2",
+            "--stages", "1,2", "--cpus-per-stage", "0.5", "--device", "cpu", "--dtype", "float32", "--no-roofline",
+            "--ray-address", ray_cluster["address"], "--plot", str(plot)]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    out = json.loads(captured.out.strip().splitlines()[-1])
+    ours = [p for p in out["points"] if p["system"] == "flexgen_dist"]
+    assert [(p["stages"], p["sequences"]) for p in ours] == [(1, 4), (2, 4)]  # one block per stage of the longest
+    assert [len(p["stage_stats"]) for p in ours] == [1, 2]
+    one, two = out["scaling"]
+    assert (one["stages"], one["speedup"], two["stages"]) == (1, 1.0, 2)
+    assert two["speedup"] == pytest.approx(two["generation_throughput_tok_s"] / one["generation_throughput_tok_s"],
+                                           rel=1e-2)
+    assert len(two["stage_idle_s"]) == 2 and all(b > 0 for b in two["stage_busy_s"])
+    assert two["stage_layers"][0][0] == 0 and two["stage_layers"][0][1] == two["stage_layers"][1][0]
+    assert "speedup" in captured.err and plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("stages", ["0", "1,x", ""])
+def test_bench_refuses_bad_stage_counts(stages, capsys):
+    with pytest.raises(SystemExit) as exited:
+        main(["bench", "--model", "opt-125m", "--stages", stages])
+    assert exited.value.code == 2 and "expected stage counts >= 1" in capsys.readouterr().err
+
+
+def test_bench_takes_dummy_weights_as_generate_does(opt_preln_dir, capsys):
+    argv = ["bench", "--model", "opt-125m", "--dummy-weights", "--prompt-len", "4", "--gen-len", "2",
+            "--gpu-batch-size", "2", "--device", "cpu", "--dtype", "float32", "--executor", "local", "--no-roofline"]
+    assert main(argv) == 0
+    (ours,) = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["points"]
+    assert ours["sequences"] == 2 and ours["generation_throughput_tok_s"] > 0
+    assert main(["bench", "--model", str(opt_preln_dir), "--dummy-weights", "--no-roofline"]) == 2
+    assert "--dummy-weights takes a size name" in capsys.readouterr().err

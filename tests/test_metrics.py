@@ -16,13 +16,15 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from conftest import _free_port
 from prometheus_client.parser import text_string_to_metric_families
 
 from flexgen_dist.memory.budget import MemoryBudget
+from flexgen_dist.memory.tiers import TierSet
 from flexgen_dist.observability.metrics import RunMetrics, serve
-from flexgen_dist.runtime.stage_snapshot import StageSnapshot
+from flexgen_dist.runtime.stage_snapshot import StageSnapshot, take_snapshot
 
 MONITORING = Path(__file__).resolve().parent.parent / "monitoring"
 STAGE_SAMPLES = ("flexgen_stage_compute_seconds_total", "flexgen_stage_idle_seconds_total",
@@ -334,3 +336,17 @@ def test_prometheus_scrapes_a_run(tmp_path, opt_preln_dir):
         if run is not None:
             _stop(run)
         _stop(prometheus)
+
+
+def test_known_kinds_are_exported_at_zero_before_any_transfer():
+    """A resident run moves nothing between tiers; its stages still show every transfer and stall kind, at 0."""
+    tiers = TierSet(torch.device("cpu"), None)
+    metrics = RunMetrics()
+    with serve(metrics, "127.0.0.1", _free_port()) as url, \
+            metrics.stages.reading(lambda: [take_snapshot(tiers, busy_s=1.0, span_s=1.5, overlap=True)]):
+        samples = _scrape(url)
+    assert samples["flexgen_stage_io_seconds_total"] == {(("kind", k), ("stage", "0")): 0.0
+                                                         for k in ("weights", "cache", "dequantize")}
+    assert samples["flexgen_stage_io_wait_seconds_total"] == {(("kind", k), ("stage", "0")): 0.0
+                                                              for k in ("weights", "cache", "drain")}
+    assert samples["flexgen_stage_compute_seconds_total"] == {(("stage", "0"),): 1.0}

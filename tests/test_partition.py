@@ -38,3 +38,14 @@ def test_too_many_stages_is_a_user_error():
         partition(layers, len(layers) + 1)
     with pytest.raises(UserError, match="--stages"):
         partition(layers, 0)
+
+
+def test_a_resident_embedding_is_a_lookup_so_stage_zero_takes_more_layers():
+    """A resident table costs only the rows looked up; streamed, its bytes count. opt-1.3b at S=2: the resident cut
+    gives stage 0 more of the decoder layers than the streamed one."""
+    layers = model_layers(config_by_name("opt-1.3b"))
+    (_, streamed_cut), _ = partition(layers, 2)
+    (_, resident_cut), _ = partition(layers, 2, embedding_resident=True)
+    assert resident_cut > streamed_cut
+    costs = [sum(layer_cost(l, embedding_resident=True) for l in part) for part in (layers[:resident_cut], layers[resident_cut:])]
+    assert abs(costs[0] - costs[1]) <= max(layer_cost(l) for l in layers[1:-1])  # within one half-layer

@@ -318,3 +318,13 @@ def test_paper_profile_plans_opt_175b_like_the_paper() -> None:
     assert p.w_gpu_percent < 10 and p.block_size >= 64
     assert result.prediction.peak_bytes["gpu"] <= hw.device_memory_bytes
     assert dataclasses.asdict(result.budgets)["shared_memory"] is None
+
+
+@pytest.mark.parametrize("stages", [1, 2, 4])
+def test_auto_plans_at_least_one_block_per_stage(stages):
+    """A pipeline needs a block per stage in flight: with the prompts for it, the search never makes fewer blocks."""
+    from flexgen_dist.policy.auto import AutoPolicy, choose_policy
+
+    cfg = config_by_name("opt-1.3b")
+    result = choose_policy(AutoPolicy(), cfg, _profile(), torch.float32, 64, 16, MemoryBudget(), stages, 128)
+    assert 128 // result.policy.block_size >= stages

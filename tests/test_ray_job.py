@@ -30,6 +30,8 @@ VALID = {
     "max_memory": "cpu=8GiB",
     "stages": 2,
     "placement_strategy": "SPREAD",
+    "cpus_per_stage": 1,
+    "prefill_chunks": 3,
     "device": "cpu",
     "dtype": "float32",
     "input": {"synthetic": {"n": 3, "prompt_len": 5}},
@@ -72,6 +74,7 @@ def test_config_maps_onto_run_config(tmp_path, monkeypatch):
     run = job.run
     assert (run.model, run.dummy_weights, run.stages, run.placement_strategy) == ("opt-125m", True, 2, "SPREAD")
     assert (run.device, run.dtype, run.max_new_tokens, run.executor) == ("cpu", "float32", 4, "ray")
+    assert (run.cpus_per_stage, run.prefill_chunks) == (1.0, 3)
     assert run.policy == Policy(gpu_batch_size=4, num_gpu_batches=2, w_gpu_percent=0, w_cpu_percent=50)
     assert run.budget == MemoryBudget(cpu=8 * 2**30)
     assert run.sampling == Sampling(temperature=0.7, top_p=0.9, seed=7, ignore_eos=True)
@@ -105,6 +108,8 @@ def test_defaults_named_policy_and_overrides(tmp_path, monkeypatch):
     ({"metrics_port": 70000}, [], "metrics_port 70000: expected a TCP port 0-65535"),
     ({"metrics_linger_s": -1}, [], "metrics_linger_s -1.0: expected seconds >= 0"),
     ({"model": None}, [], "missing 'model'"),
+    ({"cpus_per_stage": 0}, [], "--cpus-per-stage must be > 0"),
+    ({"prefill_chunks": 0}, [], "--prefill-chunks must be >= 1"),
     ({"input": {"synthetic": {"n": 2, "prompt_len": 3}, "prompt": ["hi"]}}, [], "exactly one of prompts, synthetic"),
     ({"input": None}, [], "input: missing"),
     ({"input": {"synthetic": {"n": 2}}}, [], "synthetic: give both n and prompt_len"),

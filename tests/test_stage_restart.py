@@ -219,14 +219,18 @@ class LosingExecutor(LocalExecutor):
         return [self.num_stages - 1]
 
 
+# Lost at the first result: the blocks in flight are replayed from their prefill, sent in parts (2 stages: the
+# default cuts each prefill, here into one part per sequence); at the 30th: mid-decode.
+@pytest.mark.parametrize("lose_at", [1, 30], ids=["at-prefill", "mid-decode"])
 @pytest.mark.parametrize("sampling", [(), SAMPLED], ids=["greedy", "sampled"])
-def test_replayed_blocks_generate_what_an_undisturbed_run_does(tmp_path, opt_preln_dir, monkeypatch, sampling, capsys):
+def test_replayed_blocks_generate_what_an_undisturbed_run_does(tmp_path, opt_preln_dir, monkeypatch, sampling, lose_at,
+                                                               capsys):
     from flexgen_dist import run
     from flexgen_dist.cli import main
 
     assert main(_argv(opt_preln_dir, tmp_path / "clean", None, *sampling)) == 0
     capsys.readouterr()
-    monkeypatch.setattr(run, "make_executor", lambda _, specs: LosingExecutor(specs, lose_at=30))  # mid-decode
+    monkeypatch.setattr(run, "make_executor", lambda _, specs: LosingExecutor(specs, lose_at=lose_at))
     assert main(_argv(opt_preln_dir, tmp_path / "lost", None, *sampling)) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["stage_restarts"] == 1
     assert _records(tmp_path / "lost" / "out.jsonl") == _records(tmp_path / "clean" / "out.jsonl")

@@ -35,7 +35,7 @@ class BenchSpec:
     gen_len: int
     num_prompts: int | None  # None: one block per stage for each point
     blocks: tuple[tuple[int, int], ...]  # (gpu_batch_size, num_gpu_batches) per point; () = the policy's own
-    stages: int
+    stages: tuple[int, ...]  # pipeline lengths to measure, each point at each
     device: str
     dtype: str
     budget: MemoryBudget
@@ -100,12 +100,14 @@ def _last_json_line(proc: subprocess.CompletedProcess, what: str) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def run_ours(spec: BenchSpec, generate_flags: list[str], block: tuple[int, int] | None, num_prompts: int) -> dict:
+def run_ours(spec: BenchSpec, generate_flags: list[str], block: tuple[int, int] | None, num_prompts: int,
+             stages: int) -> dict:
     """`flexgen-dist generate` on the synthetic work in a subprocess; its summary."""
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, "-m", "flexgen_dist", "generate", "--model", spec.model, "--synthetic", str(num_prompts),
                "--prompt-len", str(spec.prompt_len), "--max-new-tokens", str(spec.gen_len), "--ignore-eos", "--quiet",
-               "--seed", str(spec.seed), "--output", str(Path(tmp) / "out.jsonl"), *generate_flags]
+               "--seed", str(spec.seed), "--output", str(Path(tmp) / "out.jsonl"), "--stages", str(stages),
+               *generate_flags]
         if not Path(spec.model).is_dir():
             cmd.append("--dummy-weights")
         if block:
@@ -142,15 +144,19 @@ def _ours_point(spec: BenchSpec, summary: dict, hardware: HardwareProfile | None
     policy = summary["policy"]
     block = (policy["gpu_batch_size"], policy["num_gpu_batches"])
     point = {"system": "flexgen_dist", "block": f"{block[0]}x{block[1]}", "block_size": block[0] * block[1],
-             "sequences": summary["sequences"], "total_s": summary["total_s"], "prefill_s": summary["prefill_s"],
-             "decode_s": summary["decode_s"], "latency_s": summary["total_s"] / rounds,
+             "stages": summary["stages"], "sequences": summary["sequences"], "total_s": summary["total_s"],
+             "prefill_s": summary["prefill_s"], "decode_s": summary["decode_s"], "latency_s": summary["total_s"] / rounds,
              "generation_throughput_tok_s": summary["generation_throughput_tok_s"], "policy": policy,
-             "peak_bytes": summary["peak_bytes"]}
+             "peak_bytes": summary["peak_bytes"],
+             # the pipeline's own counters: what each stage holds, and how long it computed and waited
+             "stage_stats": [{"stage": s["stage"], "layers": s["layers"], "busy_s": round(s["busy_s"], 3),
+                              "idle_s": round(s["idle_s"], 3), "peak_bytes": s["peak_bytes"]}
+                             for s in summary["stage_stats"]]}
     if hardware is not None:
         transfers = {k: v for s in summary["stage_stats"] for k, v in s["transfers"].items()}
         work = Workload(summary["sequences"], spec.prompt_len, spec.gen_len, block[0])
         # S stages are S devices sharing the work: S device-seconds against one device's roofs.
-        device_s = summary["total_s"] * spec.stages
+        device_s = summary["total_s"] * summary["stages"]
         point["roofline"] = roofline(spec.config, work, hardware, summary["dtype"], transfers, device_s)
         if disk_now is not None:
             # A virtual disk's speed wanders by tens of percent over hours: the profile's may not be today's.
@@ -175,17 +181,21 @@ def run_bench(spec: BenchSpec, generate_flags: list[str], hardware: HardwareProf
     measured: set[tuple[str, int, int]] = set()  # (system, batch, prompts): a baseline run ignores our block
     for block in spec.blocks or (None,):
         block_size = block[0] * block[1] if block else None
-        num_prompts = spec.num_prompts or (block_size or 0) * spec.stages
+        # The same prompts at every pipeline length: one block per stage of the longest, unless given.
+        num_prompts = spec.num_prompts or (block_size or 0) * max(spec.stages)
         if num_prompts < 1:
             raise UserError("--num-prompts is needed when the block size is left to --policy auto")
-        log(f"flexgen_dist, block {f'{block[0]}x{block[1]}' if block else 'of the policy'}, {num_prompts} prompts")
-        disk_before = measure_disk_now(spec) if spec.disk_now else None
-        summary = run_ours(spec, generate_flags, block, num_prompts)
-        disk_now = (disk_before, measure_disk_now(spec)) if disk_before else None
-        actual = summary["policy"]["gpu_batch_size"] * summary["policy"]["num_gpu_batches"]
-        rounds = -(-num_prompts // (actual * spec.stages))
-        points.append(_ours_point(spec, summary, hardware, rounds, disk_now))
-        log(f"  {points[-1]['generation_throughput_tok_s']:.3f} tok/s, latency {points[-1]['latency_s']:.1f} s")
+        for stages in spec.stages:
+            log(f"flexgen_dist, block {f'{block[0]}x{block[1]}' if block else 'of the policy'}, {num_prompts} prompts, "
+                f"{stages} stage{'s' if stages > 1 else ''}")
+            disk_before = measure_disk_now(spec) if spec.disk_now else None
+            summary = run_ours(spec, generate_flags, block, num_prompts, stages)
+            disk_now = (disk_before, measure_disk_now(spec)) if disk_before else None
+            actual = summary["policy"]["gpu_batch_size"] * summary["policy"]["num_gpu_batches"]
+            rounds = -(-num_prompts // (actual * stages))
+            points.append({**_ours_point(spec, summary, hardware, rounds, disk_now),
+                           "requested": f"{block[0]}x{block[1]}" if block else "policy"})
+            log(f"  {points[-1]['generation_throughput_tok_s']:.3f} tok/s, latency {points[-1]['latency_s']:.1f} s")
         prompts = [list(r.input_ids) for r in
                    synthetic_requests(num_prompts, spec.prompt_len, spec.config.vocab_size, spec.seed)]
         for system in spec.baselines:
@@ -212,7 +222,7 @@ def run_bench(spec: BenchSpec, generate_flags: list[str], hardware: HardwareProf
     return {"workload": {"model": spec.config.name, "prompt_len": spec.prompt_len, "gen_len": spec.gen_len,
                          "device": spec.device, "dtype": spec.dtype, "stages": spec.stages,
                          "max_memory": str(spec.budget)},
-            "points": points, "best": best_and_ratios(points)}
+            "points": points, "best": best_and_ratios(points), "scaling": scaling(points)}
 
 
 def _budget_dict(budget: MemoryBudget) -> dict[str, int]:
@@ -236,6 +246,27 @@ def best_and_ratios(points: list[dict]) -> dict:
     return out
 
 
+def scaling(points: list[dict]) -> list[dict]:
+    """Per block shape measured at several pipeline lengths: each length's throughput, its speedup over the shortest,
+    and each stage's busy and idle seconds (the bubble) and layers; [] with one length only."""
+    ours = [p for p in points if p["system"] == "flexgen_dist"]
+    rows = []
+    for requested in dict.fromkeys(p["requested"] for p in ours):  # a sweep point: --policy auto may pick per length
+        runs = sorted((p for p in ours if p["requested"] == requested), key=lambda p: p["stages"])
+        if len(runs) < 2:
+            continue
+        base = runs[0]
+        for p in runs:
+            rows.append({"block": p["block"], "stages": p["stages"], "generation_throughput_tok_s": p["generation_throughput_tok_s"],
+                         "speedup": round(p["generation_throughput_tok_s"] / base["generation_throughput_tok_s"], 3),
+                         "over_stages": base["stages"],
+                         "stage_busy_s": [s["busy_s"] for s in p["stage_stats"]],
+                         "stage_idle_s": [s["idle_s"] for s in p["stage_stats"]],
+                         "stage_idle_fraction": [round(s["idle_s"] / p["total_s"], 3) for s in p["stage_stats"]],
+                         "stage_layers": [s["layers"] for s in p["stage_stats"]]})
+    return rows
+
+
 def pareto_front(points: list[dict]) -> list[dict]:
     """Points no other point beats on both latency (lower) and throughput (higher)."""
     done = [p for p in points if "skipped" not in p]
@@ -245,7 +276,7 @@ def pareto_front(points: list[dict]) -> list[dict]:
                                        (p["latency_s"], p["generation_throughput_tok_s"]) for q in done)]
 
 
-def plot_pareto(result: dict, path: str) -> None:
+def _pyplot():
     try:
         import matplotlib
     except ImportError:
@@ -253,6 +284,26 @@ def plot_pareto(result: dict, path: str) -> None:
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _title(result: dict) -> str:
+    w = result["workload"]
+    return f"{w['model']} {w['dtype']}, prompt {w['prompt_len']}, gen {w['gen_len']}\n{w['max_memory']}"
+
+
+def _save(plt, fig, path: str) -> None:
+    fig.tight_layout()
+    try:
+        fig.savefig(path, dpi=120)
+    except OSError as e:
+        raise UserError(f"cannot write {path}: {e.strerror}") from None
+    finally:
+        plt.close(fig)
+
+
+def plot_pareto(result: dict, path: str) -> None:
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4.2))
     for system in dict.fromkeys(p["system"] for p in result["points"]):
         mine = sorted((p for p in result["points"] if p["system"] == system and "skipped" not in p),
@@ -267,33 +318,51 @@ def plot_pareto(result: dict, path: str) -> None:
         for p in mine:
             ax.annotate(p.get("block") or str(p["batch_size"]), (p["latency_s"], p["generation_throughput_tok_s"]),
                         fontsize=7, xytext=(3, 3), textcoords="offset points")
-    w = result["workload"]
     ax.set(xscale="log", yscale="log", xlabel="latency per block (s)", ylabel="generation throughput (token/s)")
-    ax.set_title(f"{w['model']} {w['dtype']}, prompt {w['prompt_len']}, gen {w['gen_len']}\n{w['max_memory']}",
-                 fontsize=10)
+    ax.set_title(_title(result), fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    try:
-        fig.savefig(path, dpi=120)
-    except OSError as e:
-        raise UserError(f"cannot write {path}: {e.strerror}") from None
-    finally:
-        plt.close(fig)
+    _save(plt, fig, path)
+
+
+def plot_scaling(result: dict, path: str) -> None:
+    """Throughput against pipeline length, per block shape, next to linear scaling from the shortest."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    rows = result["scaling"]
+    for block in dict.fromkeys(r["block"] for r in rows):
+        mine = [r for r in rows if r["block"] == block]
+        stages = [r["stages"] for r in mine]
+        line, = ax.plot(stages, [r["generation_throughput_tok_s"] for r in mine], "o-", label=f"block {block}")
+        base = mine[0]["generation_throughput_tok_s"] / mine[0]["stages"]
+        ax.plot(stages, [base * s for s in stages], ":", color=line.get_color(), label=f"linear ({block})")
+    ax.set(xlabel="pipeline stages (devices)", ylabel="generation throughput (token/s)")
+    ax.set_xticks(sorted({r["stages"] for r in rows}))
+    ax.set_title(_title(result), fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    _save(plt, fig, path)
 
 
 def format_table(result: dict) -> str:
-    rows = ["system         block/batch  tok/s      latency s  bound by       achieved"]
+    rows = ["system         block/batch  stages  tok/s      latency s  bound by       achieved"]
     for p in result["points"]:
         at = p.get("block") or str(p.get("batch_size", p.get("block_size")))
         if "skipped" in p:
-            rows.append(f"{p['system']:<14} {at:<12} skipped: {p['skipped']}")
+            rows.append(f"{p['system']:<14} {at:<12} {'':<7} skipped: {p['skipped']}")
             continue
         roof, now = p.get("roofline", {}), p.get("roofline_disk_now")
-        rows.append(f"{p['system']:<14} {at:<12} {p['generation_throughput_tok_s']:<10.3f} {p['latency_s']:<10.2f} "
-                    f"{roof.get('bound_by', '-'):<14} {roof.get('achieved_fraction', float('nan')):.2f}"
+        rows.append(f"{p['system']:<14} {at:<12} {p.get('stages', 1):<7} {p['generation_throughput_tok_s']:<10.3f} "
+                    f"{p['latency_s']:<10.2f} {roof.get('bound_by', '-'):<14} "
+                    f"{roof.get('achieved_fraction', float('nan')):.2f}"
                     + (f" (disk now: {now['bound_by']} {now['achieved_fraction']:.2f})" if now else ""))
     for system, best in result["best"].items():
         if "ours_over_it" in best:
             rows.append(f"flexgen_dist / {system}: {best['ours_over_it']:.2f}x")
+    if result.get("scaling"):
+        rows.append("scaling        block        stages  tok/s      speedup    idle per stage (share of the run)")
+        for r in result["scaling"]:
+            idle = ", ".join(f"{s:.1f} s ({f:.0%})" for s, f in zip(r["stage_idle_s"], r["stage_idle_fraction"]))
+            rows.append(f"{'':<14} {r['block']:<12} {r['stages']:<7} {r['generation_throughput_tok_s']:<10.3f} "
+                        f"{r['speedup']:<10.2f} {idle}")
     return "\n".join(rows)

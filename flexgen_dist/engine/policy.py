@@ -105,7 +105,8 @@ def load_policy_file(path: Path) -> Policy:
     return dataclass_from_mapping(Policy, data, f"policy file {path}")
 
 
-REPORT_KEYS = ("workload", "predicted", "budgets", "linear_programs", "candidates", "search_s")  # `policy` writes them
+REPORT_KEYS = ("workload", "predicted", "budgets", "linear_programs", "candidates", "search_s",
+               "pipeline")  # `policy` writes them (`pipeline` with --stages > 1)
 
 
 def policy_yaml(policy: Policy, report: dict) -> str:

@@ -47,6 +47,16 @@ class BatchInput:
     valid: torch.Tensor  # [B, T] bool, T = cached + S positions: which are real tokens (False = left padding)
 
 
+@dataclass(frozen=True)
+class PrefillPart:
+    """Sequences [start, stop) of GPU batch `batch`: one pipeline step of a prefill cut into parts. A prompt's
+    prefill reads no other sequence, so the parts compute exactly what one whole step would."""
+
+    batch: int
+    start: int
+    stop: int
+
+
 class ActivationStore:
     """Hidden states between layers, per GPU batch, kept on the policy's activation tier."""
 
@@ -180,14 +190,19 @@ class StageEngine:
     def _weights(self, j: int, prefetched: torch.Tensor | dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
         return self.homes[j].decode(prefetched, self._buffers(j)[0]) if self._dequantize_inline else prefetched
 
-    def step(self, block_id: int, inputs: list[BatchInput],
-             score_targets: tuple[torch.Tensor, ...] | None = None) -> list[torch.Tensor]:
+    def step(self, block_id: int, inputs: list[BatchInput], score_targets: tuple[torch.Tensor, ...] | None = None,
+             part: PrefillPart | None = None) -> list[torch.Tensor]:
         """Run all GPU batches of a block through the slice. Returns per batch the last position's float32 logits
         [B, V] when the slice ends with the head, else the hidden states [B, S, H]. Scoring (`score_targets`: per batch
-        the token each position predicts, [B, S]): the head returns each row's summed NLL of them, [B] float64."""
+        the token each position predicts, [B, S]): the head returns each row's summed NLL of them, [B] float64.
+        `part`: `inputs` is that part of a prefill, its sequences alone (one BatchInput)."""
         caches, acts = self.blocks[block_id].caches, self.blocks[block_id].acts
         query_len = inputs[0].data.shape[1]
         past = inputs[0].valid.shape[1] - query_len
+        if part is not None and (past or len(inputs) != 1):
+            raise ValueError("a prefill part is one GPU batch's sequences, before anything is cached")
+        batch_of = [part.batch] if part else list(range(len(inputs)))  # input k -> the block's GPU batch
+        rows = slice(part.start, part.stop) if part else slice(None)
         valid = [x.valid.to(self.device) for x in inputs]
         masks = [opt.attention_mask(v, query_len) for v in valid]
         if not self.has_embedding:
@@ -222,7 +237,7 @@ class StageEngine:
                 elif layer.kind == "mlp":
                     acts.put(k, _cat([opt.mlp(self.cfg, w, hidden[c]) for c in self._chunks(hidden)]))
                 elif past == 0:
-                    acts.put(k, self._prefill_attention(caches[j, k], w, hidden, masks[k]))
+                    acts.put(k, self._prefill_attention(caches[j, batch_of[k]], w, hidden, masks[k], rows))
                 else:
                     pos = attention_order.index((j, k))
                     if pos + 1 < len(attention_order):
@@ -250,14 +265,15 @@ class StageEngine:
         per = batch if self.device.type != "cpu" else max(1, _CPU_CHUNK_TOKENS // tokens)
         return [slice(i, min(batch, i + per)) for i in range(0, batch, per)]
 
-    def _prefill_attention(self, cache: CacheHome, w, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def _prefill_attention(self, cache: CacheHome, w, hidden: torch.Tensor, mask: torch.Tensor,
+                           rows: slice) -> torch.Tensor:
         outs, keys, values = [], [], []
         for c in self._chunks(hidden):  # attention is per sequence: chunks of sequences are independent
             q, key, value = opt.attention_input(self.cfg, w, hidden[c])  # [b, N, S, D] each
             outs.append(opt.attention_output(self.cfg, w, hidden[c], opt.attend(q, key, value, mask[c])))
             keys.append(key)
             values.append(value)
-        self._cache_lane.submit(cache.store_prefill, _cat(keys), _cat(values))
+        self._cache_lane.submit(cache.store_prefill, _cat(keys), _cat(values), rows)
         return _cat(outs)
 
     def _decode_attention(self, cache: CacheHome, w, hidden: torch.Tensor, loaded: list[LoadedPiece],

@@ -74,11 +74,14 @@ class CacheHome:
                 v.zero_()
             self.pieces.append(CachePiece(tier, h0, h1, k, v))
 
-    def store_prefill(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Write the prompt's keys/values. k, v: [B, N, S, D] on the compute device."""
+    def store_prefill(self, k: torch.Tensor, v: torch.Tensor, rows: slice = slice(None)) -> None:
+        """Write the prompt's keys/values of sequences `rows` of the batch (all by default: a prefill cut into parts
+        writes each part's rows). k, v: [b, N, S, D] on the compute device."""
         for p in self.pieces:
+            if rows != slice(None) and isinstance(p.k, DiskTensor):
+                raise ValueError("a disk-tier KV cache takes whole prefills: its positions are rows of every sequence")
             for home, new in ((p.k, k), (p.v, v)):
-                self._write_positions(home, new[:, p.head_start : p.head_stop].permute(2, 0, 1, 3), 0)
+                self._write_positions(home, new[:, p.head_start : p.head_stop].permute(2, 0, 1, 3), 0, rows)
 
     def load(self, length: int, cpu_attention: bool = False, stage_values: bool = True) -> list[LoadedPiece]:
         """Each piece with its first `length` positions valid, where attention will read it: on the compute device,
@@ -146,23 +149,25 @@ class CacheHome:
         assert isinstance(staged, torch.Tensor)
         return staged
 
-    def _write_positions(self, home: torch.Tensor | DiskTensor, values: torch.Tensor, pos: int) -> None:
-        """Write position-major values [S, B, h, D] at positions [pos, pos + S) of a home, in its own layout:
-        quantized records, disk rows, or a [B, h, capacity, D] memory piece."""
+    def _write_positions(self, home: torch.Tensor | DiskTensor, values: torch.Tensor, pos: int,
+                         rows: slice = slice(None)) -> None:
+        """Write position-major values [S, b, h, D] at positions [pos, pos + S) of sequences `rows` of a home, in its
+        own layout: quantized records, disk rows (every sequence), or a [B, h, capacity, D] memory piece."""
         if self.quant is not None:
             values = to_records(quantize(values, self.quant))
         if isinstance(home, DiskTensor):
             home.write_rows(values.contiguous().cpu(), pos)
         elif self.quant is not None:
-            home[pos : pos + len(values)].copy_(values, non_blocking=True)
+            home[pos : pos + len(values), rows].copy_(values, non_blocking=True)
         elif pos == 0 and values.is_cuda and home.device.type == "cpu":
             # The prompt into a CPU home: a strided device->host copy lands through a pageable bounce at ~1 GB/s (9 s
             # of an opt-6.7b prefill on an H100 host); laid out whole on the device, it crosses the link contiguously.
-            whole = torch.zeros(home.shape, dtype=home.dtype, device=values.device)
+            target = home[rows]  # leading sequences: contiguous
+            whole = torch.zeros(target.shape, dtype=home.dtype, device=values.device)
             whole[:, :, : len(values)] = values.permute(1, 2, 0, 3)
-            home.copy_(whole, non_blocking=True)
+            target.copy_(whole, non_blocking=True)
         else:
-            home[:, :, pos : pos + len(values)].copy_(values.permute(1, 2, 0, 3), non_blocking=True)
+            home[rows, :, pos : pos + len(values)].copy_(values.permute(1, 2, 0, 3), non_blocking=True)
 
     def _stage_position_major(self, home: torch.Tensor | DiskTensor, length: int, where: Tier) -> torch.Tensor:
         """A staged [B, h, length + 1, D] copy of the first `length` positions of a position-major home (a disk

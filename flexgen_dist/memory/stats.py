@@ -7,6 +7,11 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+# The kinds of transfer the engine times (TransferStats.timed) and of stall it counts (waiting): known in advance, so
+# the metrics export every one from the start, at 0 where a run has none (a resident run still shows them).
+TRANSFER_KINDS = ("weights", "cache", "dequantize")
+WAIT_KINDS = ("weights", "cache", "drain")
+
 
 @dataclass
 class Flow:

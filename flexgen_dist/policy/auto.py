@@ -90,17 +90,22 @@ def hardware_for(auto: AutoPolicy, device: torch.device, dtype: torch.dtype, off
 
 
 def stage_layers(cfg: OptConfig, stages: int) -> list[LayerSpec]:
-    """The layers of the heaviest pipeline stage: every stage runs the same policy, the heaviest bounds it."""
+    """The layers of the heaviest pipeline stage: every stage runs the same policy, the heaviest bounds it. The run
+    cuts the model one way when the policy keeps every weight on the device, another otherwise
+    (partition.layer_cost), so the heaviest stage of either cut."""
     layers = model_layers(cfg)
-    ranges = partition(layers, stages)
+    ranges = partition(layers, stages) + partition(layers, stages, embedding_resident=True)
     a, b = max(ranges, key=lambda r: sum(layer.numel for layer in layers[r[0]:r[1]]))
     return layers[a:b]
 
 
 def choose_policy(auto: AutoPolicy, cfg: OptConfig, hardware: HardwareProfile, dtype: torch.dtype, prompt_len: int,
                   gen_len: int, budget: MemoryBudget, stages: int = 1, num_sequences: int | None = None) -> SearchResult:
+    # Never fewer blocks than stages where the prompts allow: one block of every prompt leaves all but one stage
+    # idle (issue 19: S=2 chose one block of 128, and ran at 0.95x one stage).
+    max_block = max(1, num_sequences // stages) if num_sequences is not None else None
     return search_policy(cfg, stage_layers(cfg, stages), hardware, dtype, prompt_len, gen_len, budget, auto.base,
-                         auto.space(num_sequences), blocks_in_flight=stages)
+                         auto.space(max_block), blocks_in_flight=stages)
 
 
 def resolve(policy: Policy | AutoPolicy, cfg: OptConfig, dtype: torch.dtype, device: torch.device, prompt_len: int,

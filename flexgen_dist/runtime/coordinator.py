@@ -5,6 +5,11 @@ complete. Generation and scoring share it.
 With S stages and S blocks in flight, stage s works on one block while stage s+1 works on the block submitted before
 it: Ray runs each actor's calls in order, and object refs flow actor to actor without visiting the coordinator.
 
+A block's prefill costs many decode steps (~20x for opt-1.3b at prompt 64, batch 16). Sent whole, it holds up the
+next stage, and the decode steps of the other blocks behind it, for that long: with S=2 the stages sat idle 14.4 and
+8.1 s of a 63.5 s run (issue 19). Cut into parts of a few sequences each (`prefill_chunks`), the parts flow through
+the stages one behind the other like blocks of their own, and the bubble shrinks to about one part.
+
 A stage that loses its process loses the KV caches (and sampling generators) of every block in flight. Once the
 executor has it back (`recover`), each block in flight is replayed on every stage from a fresh start (see `_replay`),
 so the run's output is the one an undisturbed run gives.
@@ -19,8 +24,11 @@ from typing import Protocol, TypeVar
 
 import torch
 
+from flexgen_dist.base.errors import UserError
 from flexgen_dist.engine.generation import Sampling
+from flexgen_dist.engine.policy import Policy
 from flexgen_dist.engine.scoring import Scoring
+from flexgen_dist.engine.stage_engine import PrefillPart
 from flexgen_dist.runtime.executor import Executor, StageLost
 
 
@@ -51,8 +59,58 @@ class Block(Protocol):
 
 
 B = TypeVar("B", bound=Block)
-# The inputs of one step sent: tokens per GPU batch, and the width of its `valid` (the positions seen so far).
-SentStep = tuple[list[torch.Tensor], int]
+# The inputs of one step sent: tokens per GPU batch, the width of its `valid` (the positions seen so far), and the
+# parts it was cut into (none: sent whole).
+SentStep = tuple[list[torch.Tensor], int, list[PrefillPart]]
+
+
+def prefill_parts(batch_sizes: list[int], chunks: int) -> list[PrefillPart]:
+    """A prefill cut into about `chunks` parts of near-equal sequence counts, none across two GPU batches; [] when
+    it stays whole."""
+    total = sum(batch_sizes)
+    if chunks <= 1 or total <= 1:
+        return []
+    parts = []
+    for k, size in enumerate(batch_sizes):
+        n = max(1, min(size, round(chunks * size / total)))
+        bounds = [size * i // n for i in range(n + 1)]
+        parts += [PrefillPart(k, a, b) for a, b in zip(bounds, bounds[1:])]
+    return parts
+
+
+# One step to send: block id, tokens and valid per GPU batch, and the parts it is cut into.
+Outgoing = tuple[int, list[torch.Tensor], list[torch.Tensor], list[PrefillPart]]
+
+
+def prefill_chunks(requested: int | None, stages: int, policy: Policy) -> int:
+    """How many parts each block's prefill is cut into (`requested`: --prefill-chunks, None for the default). Cut
+    only where it pays: with several stages (one stage has no next stage to start early; 2 per stage measured best,
+    docs/benchmark-history.md), and with no KV cache on disk (a disk home's positions hold every sequence's row, so a
+    part's rows cannot be written alone)."""
+    if policy.cache_disk_percent > 0:
+        if requested is not None and requested > 1:
+            raise UserError("--prefill-chunks needs the KV cache in memory: this policy keeps "
+                            f"{policy.cache_disk_percent:g}% of it on disk")
+        return 1
+    if requested is not None:
+        return requested
+    return 2 * stages if stages > 1 else 1
+
+
+def _send(executor: Executor, steps: list[Outgoing]) -> list[object]:
+    """Submit steps, each whole or as its parts, the parts of several steps taken in turn (blocks that start
+    together: stage 1 then finishes the first block's prefill about one part after stage 0 is done with them all,
+    instead of holding stage 0 idle through the second block's whole prefill). Per step, the handle of its last part,
+    which carries the step's output (the stages run their calls in order, so it resolves after the others)."""
+    queues = [[(block_id, tokens, valid, None)] if not parts else
+              [(block_id, [tokens[p.batch][p.start : p.stop]], [valid[p.batch][p.start : p.stop]], p) for p in parts]
+              for block_id, tokens, valid, parts in steps]
+    handles: list[object] = [None] * len(steps)
+    for turn in range(max((len(q) for q in queues), default=0)):
+        for i, queue in enumerate(queues):
+            if turn < len(queue):
+                handles[i] = executor.submit_step(*queue[turn])
+    return handles
 
 
 def _replay(executor: Executor, block: Block, head: Sampling | Scoring, sent: list[SentStep]) -> object:
@@ -63,28 +121,33 @@ def _replay(executor: Executor, block: Block, head: Sampling | Scoring, sent: li
     block and are dropped. A step's `valid` is a prefix of the block's current one, as the cache only grows."""
     executor.start_block(block.block_id, block.batch_sizes, block.capacity, head)  # also drops a stage's stale state
     valid = block.valid
-    handle = None
-    for tokens, width in sent:
-        handle = executor.submit_step(block.block_id, tokens, [v[:, :width] for v in valid])
-    return handle
+    handles = [_send(executor, [(block.block_id, tokens, [v[:, :width] for v in valid], parts)])[0]
+               for tokens, width, parts in sent]
+    return handles[-1]
 
 
 def run_blocks(executor: Executor, blocks: Iterator[B], head: Callable[[B], Sampling | Scoring], max_in_flight: int,
                on_block_done: Callable[[B], None], on_step: Callable[[B, float], None] | None = None,
-               on_restart: Callable[[int], None] | None = None) -> PipelineTiming:
-    """`head(block)`: what the last stage does with the block's logits (sample, or score). `on_step(block, latency_s)`
-    runs after each step's output is recorded (`block.steps_done == 1` after its prefill), before `on_block_done`.
+               on_restart: Callable[[int], None] | None = None, prefill_chunks: int = 1) -> PipelineTiming:
+    """`head(block)`: what the last stage does with the block's logits (sample, or score); `prefill_chunks`: cut each
+    generation prefill into about this many parts (scoring's steps are all prefills of one size, sent whole).
+    `on_step(block, latency_s)` runs after each step's output is recorded (`block.steps_done == 1` after its prefill), before `on_block_done`.
     `on_restart(stage)`: a stage's process was lost and restarted; the blocks in flight are being replayed."""
     timing = PipelineTiming()
     in_flight: list[tuple[B, object, float]] = []  # (block, handle of its current step, submit time)
     sent: dict[int, list[SentStep]] = {}  # block id -> the steps sent for a block in flight, to replay it
     start = time.perf_counter()
 
-    def submit(block: B) -> None:
+    def submit(batch: list[B]) -> None:
         submitted = time.perf_counter()  # before the call: the in-process executor runs the whole step inside it
-        # A copy of the list: a block may replace its items as it advances (the tensors themselves stay as sent).
-        sent.setdefault(block.block_id, []).append((list(block.tokens), block.valid[0].shape[1]))
-        in_flight.append((block, executor.submit_step(block.block_id, block.tokens, block.valid), submitted))
+        steps: list[Outgoing] = []
+        for block in batch:
+            cut = block.steps_done == 0 and isinstance(head(block), Sampling)
+            parts = prefill_parts(block.batch_sizes, prefill_chunks) if cut else []
+            # A copy of the list: a block may replace its items as it advances (the tensors stay as sent).
+            sent.setdefault(block.block_id, []).append((list(block.tokens), block.valid[0].shape[1], parts))
+            steps.append((block.block_id, block.tokens, block.valid, parts))
+        in_flight.extend((block, handle, submitted) for block, handle in zip(batch, _send(executor, steps)))
 
     def recover() -> None:
         for stage in executor.recover():
@@ -99,13 +162,15 @@ def run_blocks(executor: Executor, blocks: Iterator[B], head: Callable[[B], Samp
     exhausted = False
     try:
         while True:
-            while not exhausted and len(in_flight) < max_in_flight:
+            starting: list[B] = []
+            while not exhausted and len(in_flight) + len(starting) < max_in_flight:
                 block = next(pending, None)
                 if block is None:
                     exhausted = True
                     break
                 executor.start_block(block.block_id, block.batch_sizes, block.capacity, head(block))
-                submit(block)
+                starting.append(block)
+            submit(starting)
             if not in_flight:
                 break
             i = executor.wait_any([h for _, h, _ in in_flight])
@@ -129,7 +194,7 @@ def run_blocks(executor: Executor, blocks: Iterator[B], head: Callable[[B], Samp
                 del sent[block.block_id]
                 on_block_done(block)
             else:
-                submit(block)
+                submit([block])
     finally:
         timing.total_s = time.perf_counter() - start
     return timing

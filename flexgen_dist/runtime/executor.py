@@ -13,6 +13,7 @@ import torch
 from flexgen_dist.base.errors import RunFailed
 from flexgen_dist.engine.generation import Sampling
 from flexgen_dist.engine.scoring import Scoring
+from flexgen_dist.engine.stage_engine import PrefillPart
 from flexgen_dist.runtime.stage_snapshot import StageSnapshot
 from flexgen_dist.runtime.worker import StageSpec, StageWorker
 
@@ -26,7 +27,9 @@ class Executor(Protocol):
     num_stages: int
 
     def start_block(self, block_id: int, batch_sizes: list[int], capacity: int, head: Sampling | Scoring) -> None: ...
-    def submit_step(self, block_id: int, tokens: list[torch.Tensor], valid: list[torch.Tensor]) -> Any: ...
+    # `part`: the step is that part of the block's prefill (its sequences alone); None: every GPU batch.
+    def submit_step(self, block_id: int, tokens: list[torch.Tensor], valid: list[torch.Tensor],
+                    part: PrefillPart | None = None) -> Any: ...
     def wait_any(self, handles: list[Any]) -> int: ...
     def result(self, handle: Any) -> list[torch.Tensor]: ...  # raises StageLost
     # After StageLost: once every stage answers again, the stages that were restarted (they hold no blocks now).
@@ -56,10 +59,11 @@ class LocalExecutor:
         for w in self.workers:
             w.start_block(block_id, batch_sizes, capacity, head)
 
-    def submit_step(self, block_id: int, tokens: list[torch.Tensor], valid: list[torch.Tensor]) -> list[torch.Tensor]:
+    def submit_step(self, block_id: int, tokens: list[torch.Tensor], valid: list[torch.Tensor],
+                    part: PrefillPart | None = None) -> list[torch.Tensor]:
         data = tokens
         for w in self.workers:
-            data = w.step(block_id, data, valid)
+            data = w.step(block_id, data, valid, part)
         return data
 
     def wait_any(self, handles: list[Any]) -> int:

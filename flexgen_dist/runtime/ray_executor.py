@@ -20,6 +20,7 @@ import torch
 from flexgen_dist.base.errors import RunFailed, UserError
 from flexgen_dist.engine.generation import Sampling
 from flexgen_dist.engine.scoring import Scoring
+from flexgen_dist.engine.stage_engine import PrefillPart
 from flexgen_dist.runtime.executor import StageLost
 from flexgen_dist.runtime.stage_snapshot import StageSnapshot
 from flexgen_dist.runtime.worker import StageSpec, StageWorker
@@ -104,12 +105,16 @@ def _unwrap(e: Exception) -> Exception:
 
 
 class RayExecutor:
-    def __init__(self, specs: list[StageSpec], address: str | None, placement_strategy: str = "PACK") -> None:
+    def __init__(self, specs: list[StageSpec], address: str | None, placement_strategy: str = "PACK",
+                 cpus_per_stage: float | None = None) -> None:
         import ray
         from ray.util.placement_group import placement_group, remove_placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         self.num_stages = len(specs)
+        # Joined here (not by the caller beforehand): leave at the end, or Ray's forwarded worker and raylet log lines
+        # may print after the summary, which must stay the last stdout line (seen when a node was lost mid-run).
+        self._joined = not ray.is_initialized()
         self._owns_cluster = _connect(address)
         self._remove_pg = remove_placement_group
         self.actors: list[Any] = []
@@ -119,11 +124,12 @@ class RayExecutor:
         self._pg = None
         try:
             gpu = specs[0].device != "cpu" and _cluster_has_gpus()
-            # A CPU-only stage gets an equal share of one node's cores (fractional shares are fine for Ray); a share
-            # of the whole cluster could exceed every node. Spread over several nodes this under-asks, never over-asks.
+            # Without --cpus-per-stage a CPU-only stage gets an equal share of one node's cores (fractional shares
+            # are fine for Ray); a share of the whole cluster could exceed every node. Spread over several nodes this
+            # under-asks, never over-asks.
             node_cpus = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]), default=1)
-            cpu_share = 1.0 if gpu else max(node_cpus / self.num_stages, 0.01)
-            bundles = [{"GPU": 1, "CPU": 1} if gpu else {"CPU": cpu_share} for _ in specs]
+            cpu_share = cpus_per_stage or (1.0 if gpu else max(node_cpus / self.num_stages, 0.01))
+            bundles = [{"GPU": 1, "CPU": cpu_share} if gpu else {"CPU": cpu_share} for _ in specs]
             self._pg = placement_group(bundles, strategy=placement_strategy)
             ready, _ = ray.wait([self._pg.ready()], timeout=PLACEMENT_TIMEOUT_S)
             if not ready:
@@ -167,10 +173,11 @@ class RayExecutor:
         for a in self.actors:  # no wait: each actor runs its calls in order, so this precedes the block's first step
             a.start_block.remote(block_id, batch_sizes, capacity, head)
 
-    def submit_step(self, block_id: int, tokens: list[torch.Tensor], valid: list[torch.Tensor]):
-        ref = self.actors[0].step.remote(block_id, tokens, valid)
+    def submit_step(self, block_id: int, tokens: list[torch.Tensor], valid: list[torch.Tensor],
+                    part: PrefillPart | None = None):
+        ref = self.actors[0].step.remote(block_id, tokens, valid, part)
         for a in self.actors[1:]:
-            ref = a.step.remote(block_id, ref, valid)  # a top-level ref: Ray hands the value actor to actor
+            ref = a.step.remote(block_id, ref, valid, part)  # a top-level ref: Ray hands the value actor to actor
         return ref
 
     def wait_any(self, handles: list[Any]) -> int:
@@ -222,7 +229,13 @@ class RayExecutor:
             a.end_block.remote(block_id)
 
     def stats(self) -> list[dict]:
-        return self._get([a.stats.remote() for a in self.actors], timeout=60, what="stage statistics")
+        """Each stage's figures, with the Ray node it ran on last (its placement group bundle's: a stage restarted
+        after its node was lost runs on another)."""
+        from ray.util import placement_group_table
+
+        stats = self._get([a.stats.remote() for a in self.actors], timeout=60, what="stage statistics")
+        nodes = placement_group_table(self._pg).get("bundles_to_node_id", {})
+        return [{**s, "node_id": nodes.get(i)} for i, s in enumerate(stats)]
 
     def stage_snapshots(self) -> list[StageSnapshot | None]:
         import ray
@@ -261,8 +274,8 @@ class RayExecutor:
         if self._pg is not None:
             self._remove_pg(self._pg)
             self._pg = None
-        if self._owns_cluster:
-            ray.shutdown()
+        if self._owns_cluster or self._joined:
+            ray.shutdown()  # stops an embedded cluster; from a joined one, only disconnects
 
 
 def _resources(resources: dict) -> str:

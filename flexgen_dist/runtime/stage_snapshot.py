@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from flexgen_dist.memory.stats import TRANSFER_KINDS, WAIT_KINDS
 from flexgen_dist.memory.tiers import TIERS, TierSet
 
 
@@ -24,13 +25,13 @@ class StageSnapshot:
 def take_snapshot(tiers: TierSet, busy_s: float, span_s: float, overlap: bool) -> StageSnapshot:
     """`busy_s`: seconds inside steps (a running step included); `span_s`: seconds since the first step."""
     flows, waits = tiers.stats.copy()
-    io_s: dict[str, float] = {}
+    io_s = dict.fromkeys(TRANSFER_KINDS, 0.0)
     io_bytes: dict[tuple[str, str], int] = {}
     for (kind, src, dst), flow in flows.items():
         io_s[kind] = io_s.get(kind, 0.0) + flow.seconds
         io_bytes[src, dst] = io_bytes.get((src, dst), 0) + flow.nbytes
     # Without overlap the transfers run inline in the step: all of their time is a stall, and no lane is waited on.
-    io_wait_s = dict(waits if overlap else io_s)
+    io_wait_s = {**dict.fromkeys(WAIT_KINDS, 0.0), **(waits if overlap else io_s)}
     # A stall is added when it ends, but a running step's busy time grows all along, so mid-step this can overshoot
     # by the stall in progress; the exporter keeps counters from going back down.
     compute_s = max(0.0, busy_s - sum(io_wait_s.values()))

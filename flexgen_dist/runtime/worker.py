@@ -19,7 +19,7 @@ from flexgen_dist.base.devices import resolve_device, resolve_dtype
 from flexgen_dist.engine.generation import Sampling, sample
 from flexgen_dist.engine.policy import Policy
 from flexgen_dist.engine.scoring import Scoring
-from flexgen_dist.engine.stage_engine import BatchInput, StageEngine
+from flexgen_dist.engine.stage_engine import BatchInput, PrefillPart, StageEngine
 from flexgen_dist.io.model_source import resolve_model
 from flexgen_dist.memory.host_heap import keep_freed_memory
 from flexgen_dist.memory.tiers import stage_offload_dir
@@ -45,6 +45,11 @@ class StageSpec:
     stage: int = 0
 
 
+def _cat_rows(parts: dict[int, torch.Tensor]) -> torch.Tensor:
+    """Parts keyed by their first sequence, in sequence order."""
+    return torch.cat([parts[start] for start in sorted(parts)])
+
+
 class StageWorker:
     def __init__(self, spec: StageSpec) -> None:
         if spec.threads:
@@ -65,6 +70,9 @@ class StageWorker:
             raise
         self._sampling: dict[int, tuple[Sampling, torch.Generator]] = {}
         self._scoring: dict[int, Scoring] = {}  # blocks whose head sums log-likelihoods instead of sampling
+        # Last stage, a prefill cut into parts: per block, per GPU batch, the logits of the parts seen so far.
+        self._part_logits: dict[int, list[dict[int, torch.Tensor]]] = {}
+        self._batch_sizes: dict[int, list[int]] = {}
         self.busy_s = 0.0
         self._first_step: float | None = None
         self._step_start: float | None = None  # while a step runs
@@ -81,14 +89,19 @@ class StageWorker:
     def start_block(self, block_id: int, batch_sizes: list[int], capacity: int, head: Sampling | Scoring) -> None:
         """`head`: what the last stage does with the logits — sample the next tokens, or score the block's tokens."""
         self.engine.start_block(block_id, batch_sizes, capacity)
+        self._batch_sizes[block_id] = list(batch_sizes)
+        self._part_logits.pop(block_id, None)
         if self.engine.has_head and isinstance(head, Scoring):
             self._scoring[block_id] = head
         elif self.engine.has_head:
             self._sampling[block_id] = (head, head.generator(block_id))
 
-    def step(self, block_id: int, data: list[torch.Tensor], valid: list[torch.Tensor]) -> list[torch.Tensor]:
+    def step(self, block_id: int, data: list[torch.Tensor], valid: list[torch.Tensor],
+             part: PrefillPart | None = None) -> list[torch.Tensor]:
         """Token ids (first stage) or hidden states in; hidden states, or per sequence [B] the sampled next token or
-        (scoring) the summed NLL (last stage), out."""
+        (scoring) the summed NLL (last stage), out. `part`: one part of a prefill cut into several steps; the last
+        stage answers [] until the block's last part, then samples every GPU batch at once, so the generator draws
+        as for a whole prefill."""
         start = time.perf_counter()
         with self._clock:
             if self._first_step is None:
@@ -96,11 +109,15 @@ class StageWorker:
             self._step_start = start
         try:
             scoring = self._scoring.get(block_id)
+            if part is not None and scoring is not None:
+                raise ValueError("scoring takes whole prefills")
             out = self.engine.step(block_id, [BatchInput(d, v) for d, v in zip(data, valid)],
-                                   scoring.step_targets(valid, data[0].shape[1]) if scoring else None)
+                                   scoring.step_targets(valid, data[0].shape[1]) if scoring else None, part)
             if scoring is not None:
                 out = [nll.cpu() for nll in out]  # summed NLL per sequence [B]
             elif self.engine.has_head:
+                if part is not None:
+                    out = self._whole_prefill(block_id, part, out[0])
                 sampling, generator = self._sampling[block_id]
                 out = [sample(logits, sampling, generator).cpu() for logits in out]
             elif self.device.type != "cpu":
@@ -111,8 +128,20 @@ class StageWorker:
                 self._step_start = None
         return out
 
+    def _whole_prefill(self, block_id: int, part: PrefillPart, logits: torch.Tensor) -> list[torch.Tensor]:
+        """Keep a part's logits; once every sequence of the block has its part, per GPU batch all its logits."""
+        sizes = self._batch_sizes[block_id]
+        seen = self._part_logits.setdefault(block_id, [{} for _ in sizes])
+        seen[part.batch][part.start] = logits
+        if any(sum(len(x) for x in parts.values()) < size for parts, size in zip(seen, sizes)):
+            return []
+        del self._part_logits[block_id]
+        return [_cat_rows(parts) for parts in seen]
+
     def end_block(self, block_id: int) -> None:
         self.engine.end_block(block_id)
+        self._batch_sizes.pop(block_id, None)
+        self._part_logits.pop(block_id, None)
         self._sampling.pop(block_id, None)
         self._scoring.pop(block_id, None)
 
