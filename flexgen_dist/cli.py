@@ -382,15 +382,18 @@ def _policy_command(args: argparse.Namespace) -> int:
                 "num_prompts": args.num_prompts, "stages": args.stages, "dtype": dtype_name(dtype),
                 "hardware": hardware.name}
     report = {"workload": workload, **result.to_dict()}
-    if args.stages > 1:  # every stage's plan, and the pipeline's throughput and bubble, from the pipeline model
+    if args.stages > 1:  # every stage's own plan, and the pipeline's throughput and bubble (the pipeline model)
+        from flexgen_dist.policy.auto import stage_policies
         from flexgen_dist.policy.pipeline_model import pipeline_plan
         from flexgen_dist.runtime.coordinator import prefill_chunks
 
+        policies = [r.policy for r in stage_policies(result, cfg, hardware, dtype, args.prompt_len, args.gen_len,
+                                                      budget, args.stages)]
         # Without --num-prompts: four blocks per stage, enough for the pipeline's steady state to dominate.
         prompts = args.num_prompts or 4 * args.stages * result.policy.block_size
-        report["pipeline"] = pipeline_plan(cfg, result.policy, hardware, dtype, args.prompt_len, args.gen_len, prompts,
-                                           args.stages, prefill_chunks(None, args.stages, result.policy),
-                                           result.budgets)
+        chunks = min(prefill_chunks(None, args.stages, p) for p in policies)
+        report["pipeline"] = pipeline_plan(cfg, policies, hardware, dtype, args.prompt_len, args.gen_len, prompts,
+                                           chunks, result.budgets)
     _write_text(args.output, policy_yaml(result.policy, report))
     return 0
 

@@ -21,6 +21,7 @@ import torch
 from flexgen_dist.base.devices import dtype_name, resolve_device, resolve_dtype
 from flexgen_dist.base.errors import UserError
 from flexgen_dist.engine.generation import BlockRun, Sequence
+from flexgen_dist.engine.policy import Policy
 from flexgen_dist.io.model_source import ModelSource, resolve_model
 from flexgen_dist.io.outputs import ResultWriter, read_done_ids
 from flexgen_dist.io.prompts import Request
@@ -85,14 +86,16 @@ class StagePlan:
 
 
 def plan_stages(run: RunConfig, cfg: OptConfig, dtype: torch.dtype, device: torch.device, prompt_len: int,
-                gen_len: int, head_workspace: int = 0) -> StagePlan:
+                gen_len: int, head_workspace: int = 0, policies: list[Policy] | None = None) -> StagePlan:
     """Cut the model into stages and refuse, before any loading, a policy that does not fit the budgets.
-    `head_workspace`: compute-device bytes the last stage needs beyond a generation step's (scoring's logits)."""
+    `head_workspace`: compute-device bytes the last stage needs beyond a generation step's (scoring's logits);
+    `policies`: each stage's (default: the run's for every stage)."""
     layers = model_layers(cfg)
-    ranges = partition(layers, run.stages, embedding_resident(run.policy.w_gpu_percent))
+    policies = policies or [run.policy] * run.stages
+    ranges = partition(layers, run.stages, embedding_resident(policies[0].w_gpu_percent))  # stage 0 holds it
     # Each stage holds the KV cache of every block in flight (one per stage) on its own device, CPU and disk.
-    plans = [plan_bytes(cfg, layers[a:b], run.policy, dtype, device, prompt_len, gen_len, blocks_in_flight=run.stages)
-             for a, b in ranges]
+    plans = [plan_bytes(cfg, layers[a:b], policy, dtype, device, prompt_len, gen_len, blocks_in_flight=run.stages)
+             for (a, b), policy in zip(ranges, policies)]
     last = plans[-1]
     plans[-1] = replace(last, buffers={**last.buffers, Tier.GPU: last.buffers[Tier.GPU] + head_workspace})
     for plan in plans:
@@ -102,8 +105,9 @@ def plan_stages(run: RunConfig, cfg: OptConfig, dtype: torch.dtype, device: torc
     if stages_on_this_machine(run):
         check_capacity(run, plans, device)
     run_id = new_run_id()
-    specs = [StageSpec(run.model, run.dummy_weights, run.sampling.seed, a, b, run.policy, run.device, run.dtype,
-                       run.offload_dir, run_id=run_id, stage=i) for i, (a, b) in enumerate(ranges)]
+    specs = [StageSpec(run.model, run.dummy_weights, run.sampling.seed, a, b, policy, run.device, run.dtype,
+                       run.offload_dir, run_id=run_id, stage=i)
+             for i, ((a, b), policy) in enumerate(zip(ranges, policies))]
     return StagePlan(ranges, plans, specs)
 
 
@@ -166,11 +170,12 @@ def generate(run: RunConfig, requests: list[Request]) -> dict:
         work = [(r, s) for r, s in work if r.id not in done]
     prompt_len = max((len(s.prompt_ids) for _, s in work), default=1)
     gen_len = max((s.max_new_tokens for _, s in work), default=1)
-    policy, search = auto_policy.resolve(run.policy, cfg, dtype, device, prompt_len, gen_len, len(work), run.budget,
-                                         run.stages, run.offload_dir)
+    policies, search = auto_policy.resolve(run.policy, cfg, dtype, device, prompt_len, gen_len, len(work),
+                                           run.budget, run.stages, run.offload_dir)
+    policy = policies[0]  # every stage's has the same block shape
     run = replace(run, policy=policy)
-    chunks = prefill_chunks(run.prefill_chunks, run.stages, policy)
-    stages = plan_stages(run, cfg, dtype, device, prompt_len, gen_len)
+    chunks = min(prefill_chunks(run.prefill_chunks, run.stages, p) for p in policies)
+    stages = plan_stages(run, cfg, dtype, device, prompt_len, gen_len, policies=policies)
 
     # Similar lengths share a block: less padding computed and cached.
     work.sort(key=lambda rs: len(rs[1].prompt_ids), reverse=True)
@@ -242,6 +247,8 @@ def generate(run: RunConfig, requests: list[Request]) -> dict:
                    generation_throughput_tok_s=summary["generated_tokens"] / total if total else 0.0)
     summary.update(resource_summary(stages, stage_stats))
     summary["policy"] = policy.to_dict()
+    if run.stages > 1:  # each stage's own placement (--policy auto plans each on its own layers and budget)
+        summary["stage_policies"] = [spec.policy.to_dict() for spec in stages.specs]
     if search is not None:
         summary["policy_search"] = search
     return summary

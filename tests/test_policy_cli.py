@@ -74,6 +74,32 @@ def test_generate_with_policy_auto_equals_hf_and_fits_the_budget(tmp_path: Path,
     assert summary["peak_bytes"]["gpu"] + summary["peak_bytes"]["cpu"] <= 700 << 10
 
 
+def test_generate_policy_auto_plans_each_stage_on_its_own(tmp_path: Path, capsys, opt_preln_dir) -> None:
+    """Two stages: one block shape, each stage's placement searched on its own layers under its own budget, which
+    each stage's peak stays within; output still HF's."""
+    hw = tmp_path / "hw.yaml"
+    save_profile(_profile(disk_read=1e8), hw)
+    outputs, _ = run_cli(tmp_path / "run", opt_preln_dir, "--policy", "auto", "--hardware", str(hw),
+                         "--max-memory", "cpu=700KiB", "--no-compression", "--stages", "2")
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert outputs == hf_greedy(opt_preln_dir, PROMPTS, 12)
+    stages = summary["policy_search"]["stages"]
+    assert len(stages) == 2 == len(summary["stage_policies"])
+    shapes = {(p["gpu_batch_size"], p["num_gpu_batches"]) for p in summary["stage_policies"]}
+    assert len(shapes) == 1 and summary["policy"] == summary["stage_policies"][0]
+    for stage in summary["stage_stats"]:
+        assert stage["peak_bytes"]["gpu"] + stage["peak_bytes"]["cpu"] <= 700 << 10
+
+
+def test_policy_command_plans_every_stage_within_its_budget(capsys) -> None:
+    """One policy for all four stages put one of opt-30b's 4xT4 stages over its budget; each stage's own fits."""
+    assert main(["policy", "--model", "opt-30b", "--hardware", T4, "--stages", "4", "--max-memory",
+                 "gpu=16GB,cpu=52GB", "--num-prompts", "1024"]) == 0
+    pipe = yaml.safe_load(capsys.readouterr().out)["pipeline"]
+    assert [s["over_budget"] for s in pipe["stages"]] == [None] * 4
+    assert len({s["placement"]["w_gpu_percent"] for s in pipe["stages"]}) > 1  # placed stage by stage
+
+
 def test_generate_policy_auto_keeps_pinned_flags(tmp_path: Path, capsys, opt_preln_dir) -> None:
     hw = tmp_path / "hw.yaml"
     save_profile(_profile(), hw)

@@ -21,7 +21,7 @@ from flexgen_dist.models.layout import LayerSpec, model_layers
 from flexgen_dist.models.opt import OptConfig
 from flexgen_dist.policy.hardware import HardwareProfile, detect_capacities, load_profile, save_profile
 from flexgen_dist.policy.search import SearchResult, SearchSpace, search_policy
-from flexgen_dist.runtime.partition import partition
+from flexgen_dist.runtime.partition import embedding_resident, partition
 
 # The fields the search chooses; a user may pin any of them next to --policy auto (e.g. --gpu-batch-size 8).
 SEARCHED = ("gpu_batch_size", "num_gpu_batches", "compress_weight", "compress_cache", "cpu_cache_compute")
@@ -108,13 +108,39 @@ def choose_policy(auto: AutoPolicy, cfg: OptConfig, hardware: HardwareProfile, d
                          auto.space(max_block), blocks_in_flight=stages)
 
 
+def stage_policies(result: SearchResult, cfg: OptConfig, hardware: HardwareProfile, dtype: torch.dtype,
+                   prompt_len: int, gen_len: int, budget: MemoryBudget, stages: int) -> list[SearchResult]:
+    """Each stage's own placement, searched on its own layers (the first holds the embedding, the last the head)
+    under its own budget, with the block shape and compression `result` chose for the heaviest stage: blocks flow
+    through every stage, so their shape is one. A policy planned for one stage and applied to all can overflow
+    another's budget (opt-30b on 4xT4: stage 2 over its GPU or CPU budget, `policy --stages 4`)."""
+    shape = result.policy
+    space = SearchSpace(gpu_batch_sizes=(shape.gpu_batch_size,), num_gpu_batches=(shape.num_gpu_batches,),
+                        compress_weight=(shape.compress_weight,), compress_cache=(shape.compress_cache,),
+                        cpu_cache_compute=(shape.cpu_cache_compute,))
+    layers = model_layers(cfg)
+    resident = embedding_resident(shape.w_gpu_percent)
+    for _ in range(2):  # the cut counts the embedding by stage 0's placement: search again if that moved it
+        ranges = partition(layers, stages, resident)
+        results = [search_policy(cfg, layers[a:b], hardware, dtype, prompt_len, gen_len, budget, shape, space,
+                                 blocks_in_flight=stages) for a, b in ranges]
+        if embedding_resident(results[0].policy.w_gpu_percent) == resident:
+            break
+        resident = not resident
+    return results
+
+
 def resolve(policy: Policy | AutoPolicy, cfg: OptConfig, dtype: torch.dtype, device: torch.device, prompt_len: int,
             gen_len: int, num_sequences: int, budget: MemoryBudget, stages: int,
-            offload_dir: str | None) -> tuple[Policy, dict | None]:
-    """The policy chosen when the run asked for --policy auto (else `policy` itself), and the search's report for the
-    summary."""
+            offload_dir: str | None) -> tuple[list[Policy], dict | None]:
+    """Each stage's policy: searched per stage when the run asked for --policy auto (else `policy` for every
+    stage), and the search's report for the summary."""
     if not isinstance(policy, AutoPolicy):
-        return policy, None
+        return [policy] * stages, None
     hardware = hardware_for(policy, device, dtype, offload_dir)
     result = choose_policy(policy, cfg, hardware, dtype, prompt_len, gen_len, budget, stages, num_sequences)
-    return result.policy, {"hardware": hardware.name, **result.to_dict()}
+    if stages == 1:
+        return [result.policy], {"hardware": hardware.name, **result.to_dict()}
+    per_stage = stage_policies(result, cfg, hardware, dtype, prompt_len, gen_len, budget, stages)
+    return [r.policy for r in per_stage], {"hardware": hardware.name, **result.to_dict(),
+                                           "stages": [r.to_dict() for r in per_stage]}

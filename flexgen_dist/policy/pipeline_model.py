@@ -169,33 +169,39 @@ def stage_times(cfg: OptConfig, layers, policy: Policy, hardware: HardwareProfil
     return StageTimes(tuple(prefill), decode, hops)
 
 
-def predict_pipeline(cfg: OptConfig, policy: Policy, hardware: HardwareProfile, dtype: torch.dtype, prompt_len: int,
-                     gen_len: int, num_prompts: int, stages: int, prefill_chunks: int = 1) -> PipelinePrediction:
-    """A generation run of `num_prompts` prompts through `stages` stages cut as `run.plan_stages` cuts them."""
+def predict_pipeline(cfg: OptConfig, policies: list[Policy], hardware: HardwareProfile, dtype: torch.dtype,
+                     prompt_len: int, gen_len: int, num_prompts: int, prefill_chunks: int = 1) -> PipelinePrediction:
+    """A generation run of `num_prompts` prompts through one stage per policy (each stage's own placement, one block
+    shape), cut as `run.plan_stages` cuts them."""
     layers = model_layers(cfg)
-    ranges = partition(layers, stages, embedding_resident(policy.w_gpu_percent))
-    num_blocks = math.ceil(num_prompts / policy.block_size)
+    stages = len(policies)
+    ranges = partition(layers, stages, embedding_resident(policies[0].w_gpu_percent))
+    num_blocks = math.ceil(num_prompts / policies[0].block_size)
     times = [stage_times(cfg, layers[a:b], policy, hardware, dtype, prompt_len, gen_len, prefill_chunks,
-                         i == stages - 1) for i, (a, b) in enumerate(ranges)]
+                         i == stages - 1) for i, ((a, b), policy) in enumerate(zip(ranges, policies))]
     total, busy, idle = simulate(times, num_blocks, len(times[0].prefill_parts_s), stages)
     return PipelinePrediction(total, num_prompts * gen_len, tuple(busy), tuple(idle), tuple(ranges))
 
 
-def pipeline_plan(cfg: OptConfig, policy: Policy, hardware: HardwareProfile, dtype: torch.dtype, prompt_len: int,
-                  gen_len: int, num_prompts: int, stages: int, prefill_chunks: int, budgets: Budgets) -> dict:
-    """Every stage's plan (its layers, predicted step times, peak bytes per tier, and the tier it overflows if
-    any: the search plans one stage for all) and the pipeline's predicted throughput and bubble, for
-    `flexgen-dist policy --stages S`."""
+PLACEMENT_FIELDS = ("w_gpu_percent", "w_cpu_percent", "cache_gpu_percent", "cache_cpu_percent", "act_gpu_percent",
+                    "act_cpu_percent")
+
+
+def pipeline_plan(cfg: OptConfig, policies: list[Policy], hardware: HardwareProfile, dtype: torch.dtype,
+                  prompt_len: int, gen_len: int, num_prompts: int, prefill_chunks: int, budgets: Budgets) -> dict:
+    """Every stage's plan (its layers and placement, predicted step times, peak bytes per tier, and the tier it
+    overflows if any) and the pipeline's predicted throughput and bubble, for `flexgen-dist policy --stages S`."""
     layers = model_layers(cfg)
-    prediction = predict_pipeline(cfg, policy, hardware, dtype, prompt_len, gen_len, num_prompts, stages,
-                                  prefill_chunks)
+    stages = len(policies)
+    prediction = predict_pipeline(cfg, policies, hardware, dtype, prompt_len, gen_len, num_prompts, prefill_chunks)
     plans = []
-    for i, (a, b) in enumerate(prediction.stage_layers):
+    for i, ((a, b), policy) in enumerate(zip(prediction.stage_layers, policies)):
         one = predict(cfg, layers[a:b], policy, hardware, dtype, prompt_len, gen_len, blocks_in_flight=stages)
         plan = plan_bytes(cfg, layers[a:b], policy, dtype, torch.device(hardware.device), prompt_len, gen_len, stages)
         overflow = budgets.fits(plan)
-        plans.append({"stage": i, "layers": [a, b], "prefill_s": one.prefill_s, "decode_s": one.decode_s,
-                      "peak_bytes": plan.as_dict(), "over_budget": overflow.value if overflow else None,
+        plans.append({"stage": i, "layers": [a, b], "placement": {f: getattr(policy, f) for f in PLACEMENT_FIELDS},
+                      "prefill_s": one.prefill_s, "decode_s": one.decode_s, "peak_bytes": plan.as_dict(),
+                      "over_budget": overflow.value if overflow else None,
                       "busy_s": prediction.stage_busy_s[i], "idle_s": prediction.stage_idle_s[i]})
     return {"num_prompts": num_prompts, "prefill_chunks": prefill_chunks, "stages": plans,
             "predicted": {"throughput_tok_s": prediction.throughput_tok_s, "total_s": prediction.total_s,
