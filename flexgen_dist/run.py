@@ -111,6 +111,11 @@ def plan_stages(run: RunConfig, cfg: OptConfig, dtype: torch.dtype, device: torc
     return StagePlan(ranges, plans, specs)
 
 
+def _placement(policy: Policy) -> dict[str, tuple[float, float, float]]:
+    """A stage's placement: tensor kind -> (gpu, cpu, disk) percent."""
+    return {"weights": policy.weight_percents(), "cache": policy.cache_percents(), "activations": policy.act_percents()}
+
+
 def stages_on_this_machine(run: RunConfig) -> bool:
     """In process, or on the embedded Ray cluster: no cluster address to join (ray_executor._connect)."""
     return run.executor == "local" or not (run.ray_address or os.environ.get("RAY_ADDRESS"))
@@ -187,6 +192,8 @@ def generate(run: RunConfig, requests: list[Request]) -> dict:
     stage_stats: list[dict] = []
     metrics = RunMetrics()
     metrics.set_budget(run.budget)
+    for i, spec in enumerate(stages.specs):
+        metrics.set_stage_placement(i, _placement(spec.policy))
     with contextlib.ExitStack() as stack:
         # Before the output and the stages: a port in use fails at once, and scrapes see the job while it loads.
         if run.metrics_port:
@@ -202,6 +209,11 @@ def generate(run: RunConfig, requests: list[Request]) -> dict:
             stack.callback(executor.shutdown)  # frees tiers, deletes offload files, stops what the run started
             summary["load_s"] = time.perf_counter() - load_start
             stack.enter_context(metrics.stages.reading(executor.stage_snapshots))
+            if run.progress and run.stages > 1:  # each stage's own placement, once the stages are up
+                for i, spec in enumerate(stages.specs):
+                    shares = ", ".join(f"{k} {'/'.join(f'{p:g}' for p in v)}" for k, v in _placement(spec.policy).items())
+                    print(f"flexgen-dist: stage {i}: layers {spec.layer_start}-{spec.layer_stop}, {shares} % "
+                          "(gpu/cpu/disk)", file=sys.stderr, flush=True)
             bar = stack.enter_context(progress(summary["sequences"], len(blocks), run.progress))
 
             def block_runs() -> Iterator[BlockRun]:

@@ -350,3 +350,14 @@ def test_known_kinds_are_exported_at_zero_before_any_transfer():
     assert samples["flexgen_stage_io_wait_seconds_total"] == {(("kind", k), ("stage", "0")): 0.0
                                                               for k in ("weights", "cache", "drain")}
     assert samples["flexgen_stage_compute_seconds_total"] == {(("stage", "0"),): 1.0}
+
+
+def test_each_stage_placement_is_a_gauge_per_tensor_and_tier():
+    metrics = RunMetrics()
+    metrics.set_stage_placement(0, {"weights": (100.0, 0.0, 0.0), "cache": (50.0, 25.0, 25.0)})
+    metrics.set_stage_placement(1, {"weights": (40.0, 60.0, 0.0)})
+    with serve(metrics, "127.0.0.1", _free_port()) as url:
+        samples = _scrape(url)["flexgen_stage_placement_percent"]
+    assert samples[(("stage", "0"), ("tensor", "cache"), ("tier", "disk"))] == 25.0
+    assert samples[(("stage", "1"), ("tensor", "weights"), ("tier", "cpu"))] == 60.0
+    assert len(samples) == 9

@@ -57,3 +57,16 @@ def test_unplaceable_stages_fail_with_an_actionable_line(tmp_path, ray_cluster, 
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1, err
     assert "cannot place 2 stages" in err and "STRICT_SPREAD" in err and "ray status" in err
+
+
+@pytest.mark.parametrize("gpus,stages,share", [(0, 2, None), (1, 2, 0.5), (1, 1, 1.0), (4, 4, 1.0), (8, 2, 1.0),
+                                               (2, 3, 0.5), (2, 4, 0.5), (3, 4, 0.5), (1, 3, 1 / 3)])
+def test_stages_share_gpus_in_whole_numbers_per_gpu(gpus, stages, share):
+    """Fewer GPUs than stages: every stage the same fraction of one, so each GPU holds a whole number of stages."""
+    from flexgen_dist.runtime.ray_executor import stage_bundle
+
+    bundle = stage_bundle(gpus, stages, 1.0)
+    assert bundle.get("GPU") == (pytest.approx(share) if share else None) and bundle["CPU"] == 1.0
+    if share:
+        per_gpu = round(1 / share)
+        assert per_gpu * max(1, gpus) >= stages  # every stage finds room

@@ -109,3 +109,15 @@ def test_blocks_that_start_together_send_their_parts_in_turn():
                prefill_chunks=2)
     parts = [PrefillPart(0, 0, 2), PrefillPart(0, 2, 4)]
     assert executor.order == [(0, parts[0]), (1, parts[0]), (0, parts[1]), (1, parts[1])]
+
+
+def test_progress_output_names_each_stage_placement(tmp_path, opt_preln_dir, capsys):
+    from flexgen_dist.cli import main
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"id": 1, "input_ids": [5, 6, 7]}\n')
+    assert main(["generate", "--model", str(opt_preln_dir), "--prompts", str(prompts), "--max-new-tokens", "2",
+                 "--dtype", "float32", "--device", "cpu", "--stages", "2", "--executor", "local",
+                 "--percent", "100", "0", "50", "50", "100", "0"]) == 0
+    err = capsys.readouterr().err
+    assert "stage 0: layers 0-" in err and "cache 50/50/0" in err and "stage 1: layers " in err

@@ -143,6 +143,9 @@ class RunMetrics:
         self._pending = Gauge("flexgen_pending_sequences", "Sequences of this run not finished yet", registry=r)
         self._budget = Gauge("flexgen_memory_budget_bytes", "Each stage's --max-memory budget per tier", ["tier"],
                              registry=r)
+        self._placement = Gauge("flexgen_stage_placement_percent", "Each stage's placement: the percent of a tensor "
+                                "kind (weights, cache, activations) it keeps on each tier", ["stage", "tensor", "tier"],
+                                registry=r)
         self._restarts = Counter("flexgen_stage_restarts", "Stage processes lost and restarted (the blocks in flight "
                                  "replayed)", ["stage"], registry=r)
         self.stages = StageFamilies()
@@ -156,6 +159,12 @@ class RunMetrics:
             limit = getattr(budget, field.name)
             if limit is not None:
                 self._budget.labels(field.name).set(limit)
+
+    def set_stage_placement(self, stage: int, percents: dict[str, tuple[float, float, float]]) -> None:
+        """`percents`: tensor kind -> (gpu, cpu, disk) percent, as the stage's policy places it."""
+        for tensor, shares in percents.items():
+            for tier, percent in zip(("gpu", "cpu", "disk"), shares):
+                self._placement.labels(str(stage), tensor, tier).set(percent)
 
     def run_started(self, sequences: int) -> None:
         self._pending.set(sequences)

@@ -9,6 +9,7 @@ on a stage that lost the block's cache would be wrong, so the coordinator replay
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import signal
 import threading
@@ -123,13 +124,14 @@ class RayExecutor:
         self._recoveries = 0
         self._pg = None
         try:
-            gpu = specs[0].device != "cpu" and _cluster_has_gpus()
+            cluster_gpus = ray.cluster_resources().get("GPU", 0) if specs[0].device != "cpu" else 0
+            gpu = cluster_gpus >= 1
             # Without --cpus-per-stage a CPU-only stage gets an equal share of one node's cores (fractional shares
             # are fine for Ray); a share of the whole cluster could exceed every node. Spread over several nodes this
             # under-asks, never over-asks.
             node_cpus = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]), default=1)
             cpu_share = cpus_per_stage or (1.0 if gpu else max(node_cpus / self.num_stages, 0.01))
-            bundles = [{"GPU": 1, "CPU": cpu_share} if gpu else {"CPU": cpu_share} for _ in specs]
+            bundles = [stage_bundle(cluster_gpus, self.num_stages, cpu_share) for _ in specs]
             self._pg = placement_group(bundles, strategy=placement_strategy)
             ready, _ = ray.wait([self._pg.ready()], timeout=PLACEMENT_TIMEOUT_S)
             if not ready:
@@ -282,10 +284,14 @@ def _resources(resources: dict) -> str:
     return ", ".join(f"{k} {v:g}" for k, v in sorted(resources.items()) if not k.startswith("node:"))
 
 
-def _cluster_has_gpus() -> bool:
-    import ray
-
-    return ray.cluster_resources().get("GPU", 0) >= 1
+def stage_bundle(cluster_gpus: float, stages: int, cpus: float) -> dict[str, float]:
+    """One stage's placement-group bundle: a GPU each where the cluster has one per stage; where it has fewer, the
+    same fraction of one for every stage, so that whole numbers of stages share each GPU (two stages on one GPU:
+    half each, within their own --max-memory gpu budgets; three on two: half each too, as 2/3 + 2/3 fits no GPU);
+    none on a CPU-only cluster."""
+    if cluster_gpus < 1:
+        return {"CPU": cpus}
+    return {"GPU": 1 / math.ceil(stages / int(cluster_gpus)), "CPU": cpus}
 
 
 def _with_threads(spec: StageSpec, threads: int) -> StageSpec:
