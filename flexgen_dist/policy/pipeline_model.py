@@ -74,6 +74,7 @@ def simulate(stages: list[StageTimes], num_blocks: int, parts_per_prefill: int, 
     queues: list[deque] = [deque() for _ in range(n)]  # per stage: (task id) in submission order
     task_info: list[tuple[int, int, bool]] = []  # task id -> (block, step: -1-part for a prefill part, last of step)
     done_on: list[list[float | None]] = []  # task id -> per stage, when it finished there
+    submitted: list[float] = []  # task id -> when the driver submitted it
     free_at, busy, first = [0.0] * n, [0.0] * n, [math.inf] * n
     events: list[tuple[float, int, int]] = []  # (time, order, block): the driver resubmits a block's next step
     order = 0
@@ -100,7 +101,6 @@ def simulate(stages: list[StageTimes], num_blocks: int, parts_per_prefill: int, 
                     for q in queues:
                         q.append(len(task_info) - 1)
 
-    submitted: list[float] = []
     started = min(in_flight, num_blocks)
     submit(0.0, [(b, 0) for b in range(started)])
     next_block, finished, end = started, 0, 0.0
