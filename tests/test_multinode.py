@@ -57,10 +57,12 @@ class Cluster:
             wanted = node_id(node)
         except (StopIteration, psutil.Error):  # its raylet has not started yet
             return False
-        code = ("import json, ray; ray.init(address='%s', logging_level='ERROR'); "
-                "print(json.dumps([n['NodeID'] for n in ray.nodes() if n['Alive']]))" % self.address)
+        # Ray may forward a raylet's log line (a node just lost) to this probe's stdout: read only the marked line.
+        code = ("import json, ray; ray.init(address='%s', logging_level='ERROR', log_to_driver=False); "
+                "print('NODES ' + json.dumps([n['NodeID'] for n in ray.nodes() if n['Alive']]))" % self.address)
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=self.env, timeout=120)
-        return out.returncode == 0 and wanted in json.loads(out.stdout.strip().splitlines()[-1])
+        lines = [line for line in out.stdout.splitlines() if line.startswith("NODES ")]
+        return out.returncode == 0 and bool(lines) and wanted in json.loads(lines[-1].removeprefix("NODES "))
 
     def stop(self) -> None:
         for proc in [*self.nodes, self.head]:
