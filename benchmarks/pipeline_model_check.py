@@ -45,7 +45,7 @@ def main() -> None:
     rows = []
     for stages in args.stages:
         pred = predict_pipeline(cfg, [policy] * stages, hardware, DTYPES[args.dtype], args.prompt_len, args.gen_len,
-                                args.num_prompts, prefill_chunks(None, stages, policy))
+                                args.num_prompts, prefill_chunks(None, [policy] * stages))
         row = {"stages": stages, "predicted_tok_s": round(pred.throughput_tok_s, 2),
                "predicted_idle_s": [round(x, 2) for x in pred.stage_idle_s], "predicted_bubble": round(pred.bubble, 3)}
         if stages in measured:

@@ -391,7 +391,7 @@ def _policy_command(args: argparse.Namespace) -> int:
                                                       budget, args.stages)]
         # Without --num-prompts: four blocks per stage, enough for the pipeline's steady state to dominate.
         prompts = args.num_prompts or 4 * args.stages * result.policy.block_size
-        chunks = min(prefill_chunks(None, args.stages, p) for p in policies)
+        chunks = prefill_chunks(None, policies)
         report["pipeline"] = pipeline_plan(cfg, policies, hardware, dtype, args.prompt_len, args.gen_len, prompts,
                                            chunks, result.budgets)
     _write_text(args.output, policy_yaml(result.policy, report))

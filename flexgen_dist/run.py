@@ -111,11 +111,6 @@ def plan_stages(run: RunConfig, cfg: OptConfig, dtype: torch.dtype, device: torc
     return StagePlan(ranges, plans, specs)
 
 
-def _placement(policy: Policy) -> dict[str, tuple[float, float, float]]:
-    """A stage's placement: tensor kind -> (gpu, cpu, disk) percent."""
-    return {"weights": policy.weight_percents(), "cache": policy.cache_percents(), "activations": policy.act_percents()}
-
-
 def stages_on_this_machine(run: RunConfig) -> bool:
     """In process, or on the embedded Ray cluster: no cluster address to join (ray_executor._connect)."""
     return run.executor == "local" or not (run.ray_address or os.environ.get("RAY_ADDRESS"))
@@ -179,7 +174,7 @@ def generate(run: RunConfig, requests: list[Request]) -> dict:
                                            run.budget, run.stages, run.offload_dir)
     policy = policies[0]  # every stage's has the same block shape
     run = replace(run, policy=policy)
-    chunks = min(prefill_chunks(run.prefill_chunks, run.stages, p) for p in policies)
+    chunks = prefill_chunks(run.prefill_chunks, policies)
     stages = plan_stages(run, cfg, dtype, device, prompt_len, gen_len, policies=policies)
 
     # Similar lengths share a block: less padding computed and cached.
@@ -193,7 +188,7 @@ def generate(run: RunConfig, requests: list[Request]) -> dict:
     metrics = RunMetrics()
     metrics.set_budget(run.budget)
     for i, spec in enumerate(stages.specs):
-        metrics.set_stage_placement(i, _placement(spec.policy))
+        metrics.set_stage_placement(i, spec.policy.placement())
     with contextlib.ExitStack() as stack:
         # Before the output and the stages: a port in use fails at once, and scrapes see the job while it loads.
         if run.metrics_port:
@@ -211,7 +206,7 @@ def generate(run: RunConfig, requests: list[Request]) -> dict:
             stack.enter_context(metrics.stages.reading(executor.stage_snapshots))
             if run.progress and run.stages > 1:  # each stage's own placement, once the stages are up
                 for i, spec in enumerate(stages.specs):
-                    shares = ", ".join(f"{k} {'/'.join(f'{p:g}' for p in v)}" for k, v in _placement(spec.policy).items())
+                    shares = ", ".join(f"{k} {'/'.join(f'{p:g}' for p in v)}" for k, v in spec.policy.placement().items())
                     print(f"flexgen-dist: stage {i}: layers {spec.layer_start}-{spec.layer_stop}, {shares} % "
                           "(gpu/cpu/disk)", file=sys.stderr, flush=True)
             bar = stack.enter_context(progress(summary["sequences"], len(blocks), run.progress))

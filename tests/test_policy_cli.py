@@ -97,7 +97,7 @@ def test_policy_command_plans_every_stage_within_its_budget(capsys) -> None:
                  "gpu=16GB,cpu=52GB", "--num-prompts", "1024"]) == 0
     pipe = yaml.safe_load(capsys.readouterr().out)["pipeline"]
     assert [s["over_budget"] for s in pipe["stages"]] == [None] * 4
-    assert len({s["placement"]["w_gpu_percent"] for s in pipe["stages"]}) > 1  # placed stage by stage
+    assert len({s["placement"]["weights"][0] for s in pipe["stages"]}) > 1  # placed stage by stage
 
 
 def test_generate_policy_auto_keeps_pinned_flags(tmp_path: Path, capsys, opt_preln_dir) -> None:

@@ -33,12 +33,12 @@ def test_parts_cover_every_sequence_once_within_its_gpu_batch():
 def test_chunks_default_to_two_per_stage_and_never_cut_a_disk_cache():
     resident = Policy()
     disk_cache = Policy(cache_gpu_percent=50, cache_cpu_percent=0)
-    assert prefill_chunks(None, 1, resident) == 1
-    assert prefill_chunks(None, 3, resident) == 6
-    assert prefill_chunks(1, 3, resident) == 1
-    assert prefill_chunks(None, 3, disk_cache) == 1
+    assert prefill_chunks(None, [resident]) == 1
+    assert prefill_chunks(None, [resident] * 3) == 6
+    assert prefill_chunks(1, [resident] * 3) == 1
+    assert prefill_chunks(None, [resident, disk_cache, resident]) == 1  # any stage's disk cache
     with pytest.raises(UserError, match="needs the KV cache in memory"):
-        prefill_chunks(4, 2, disk_cache)
+        prefill_chunks(4, [resident, disk_cache])
     with pytest.raises(UserError, match="--prefill-chunks must be >= 1"):
         RunConfig("m", resident, prefill_chunks=0)
     with pytest.raises(UserError, match="--cpus-per-stage must be > 0"):

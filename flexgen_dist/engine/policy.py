@@ -83,6 +83,10 @@ class Policy:
     def act_percents(self) -> tuple[float, float, float]:
         return self.act_gpu_percent, self.act_cpu_percent, self.act_disk_percent
 
+    def placement(self) -> dict[str, tuple[float, float, float]]:
+        """Tensor kind -> its (gpu, cpu, disk) percent."""
+        return {"weights": self.weight_percents(), "cache": self.cache_percents(), "activations": self.act_percents()}
+
     def to_dict(self) -> dict:
         return asdict(self)
 

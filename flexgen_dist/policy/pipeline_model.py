@@ -183,10 +183,6 @@ def predict_pipeline(cfg: OptConfig, policies: list[Policy], hardware: HardwareP
     return PipelinePrediction(total, num_prompts * gen_len, tuple(busy), tuple(idle), tuple(ranges))
 
 
-PLACEMENT_FIELDS = ("w_gpu_percent", "w_cpu_percent", "cache_gpu_percent", "cache_cpu_percent", "act_gpu_percent",
-                    "act_cpu_percent")
-
-
 def pipeline_plan(cfg: OptConfig, policies: list[Policy], hardware: HardwareProfile, dtype: torch.dtype,
                   prompt_len: int, gen_len: int, num_prompts: int, prefill_chunks: int, budgets: Budgets) -> dict:
     """Every stage's plan (its layers and placement, predicted step times, peak bytes per tier, and the tier it
@@ -199,7 +195,7 @@ def pipeline_plan(cfg: OptConfig, policies: list[Policy], hardware: HardwareProf
         one = predict(cfg, layers[a:b], policy, hardware, dtype, prompt_len, gen_len, blocks_in_flight=stages)
         plan = plan_bytes(cfg, layers[a:b], policy, dtype, torch.device(hardware.device), prompt_len, gen_len, stages)
         overflow = budgets.fits(plan)
-        plans.append({"stage": i, "layers": [a, b], "placement": {f: getattr(policy, f) for f in PLACEMENT_FIELDS},
+        plans.append({"stage": i, "layers": [a, b], "placement": policy.placement(),
                       "prefill_s": one.prefill_s, "decode_s": one.decode_s, "peak_bytes": plan.as_dict(),
                       "over_budget": overflow.value if overflow else None,
                       "busy_s": prediction.stage_busy_s[i], "idle_s": prediction.stage_idle_s[i]})

@@ -82,19 +82,19 @@ def prefill_parts(batch_sizes: list[int], chunks: int) -> list[PrefillPart]:
 Outgoing = tuple[int, list[torch.Tensor], list[torch.Tensor], list[PrefillPart]]
 
 
-def prefill_chunks(requested: int | None, stages: int, policy: Policy) -> int:
-    """How many parts each block's prefill is cut into (`requested`: --prefill-chunks, None for the default). Cut
-    only where it pays: with several stages (one stage has no next stage to start early; 2 per stage measured best,
-    docs/benchmark-history.md), and with no KV cache on disk (a disk home's positions hold every sequence's row, so a
-    part's rows cannot be written alone)."""
-    if policy.cache_disk_percent > 0:
+def prefill_chunks(requested: int | None, policies: list[Policy]) -> int:
+    """How many parts each block's prefill is cut into, for stages running `policies` (one each; `requested`:
+    --prefill-chunks, None for the default). Cut only where it pays: with several stages (one stage has no next stage
+    to start early; 2 per stage measured best, docs/benchmark-history.md), and with no stage keeping KV cache on disk
+    (a disk home's positions hold every sequence's row, so a part's rows cannot be written alone)."""
+    on_disk = max(policy.cache_disk_percent for policy in policies)
+    if on_disk > 0:
         if requested is not None and requested > 1:
-            raise UserError("--prefill-chunks needs the KV cache in memory: this policy keeps "
-                            f"{policy.cache_disk_percent:g}% of it on disk")
+            raise UserError(f"--prefill-chunks needs the KV cache in memory: a stage keeps {on_disk:g}% of it on disk")
         return 1
     if requested is not None:
         return requested
-    return 2 * stages if stages > 1 else 1
+    return 2 * len(policies) if len(policies) > 1 else 1
 
 
 def _send(executor: Executor, steps: list[Outgoing]) -> list[object]:
@@ -131,7 +131,8 @@ def run_blocks(executor: Executor, blocks: Iterator[B], head: Callable[[B], Samp
                on_restart: Callable[[int], None] | None = None, prefill_chunks: int = 1) -> PipelineTiming:
     """`head(block)`: what the last stage does with the block's logits (sample, or score); `prefill_chunks`: cut each
     generation prefill into about this many parts (scoring's steps are all prefills of one size, sent whole).
-    `on_step(block, latency_s)` runs after each step's output is recorded (`block.steps_done == 1` after its prefill), before `on_block_done`.
+    `on_step(block, latency_s)` runs after each step's output is recorded (`block.steps_done == 1` after its
+    prefill), before `on_block_done`.
     `on_restart(stage)`: a stage's process was lost and restarted; the blocks in flight are being replayed."""
     timing = PipelineTiming()
     in_flight: list[tuple[B, object, float]] = []  # (block, handle of its current step, submit time)
