@@ -44,8 +44,8 @@ def main() -> None:
     policy = Policy(gpu_batch_size=args.gpu_batch_size, num_gpu_batches=args.num_gpu_batches)  # every tier resident
     rows = []
     for stages in args.stages:
-        pred = predict_pipeline(cfg, [policy] * stages, hardware, DTYPES[args.dtype], args.prompt_len, args.gen_len,
-                                args.num_prompts, prefill_chunks(None, [policy] * stages))
+        pred = predict_pipeline(cfg, [policy] * stages, [hardware] * stages, DTYPES[args.dtype], args.prompt_len,
+                                args.gen_len, args.num_prompts, prefill_chunks(None, [policy] * stages))
         row = {"stages": stages, "predicted_tok_s": round(pred.throughput_tok_s, 2),
                "predicted_idle_s": [round(x, 2) for x in pred.stage_idle_s], "predicted_bubble": round(pred.bubble, 3)}
         if stages in measured:

@@ -17,9 +17,11 @@ from flexgen_dist.base.devices import DEVICES, DTYPES, dtype_name, resolve_devic
 from flexgen_dist.base.errors import UserError
 from flexgen_dist.engine.generation import Sampling
 from flexgen_dist.engine.policy import Policy, load_policy_file, policy_yaml
+from flexgen_dist.io.openai_batch import FORMATS
 from flexgen_dist.io.prompts import load_prompts_file, requests_from_cli, synthetic_requests
 from flexgen_dist.memory.budget import MemoryBudget, parse_max_memory, parse_size
 from flexgen_dist.memory.disk import ALIGN
+from flexgen_dist.openai_output import batch_input
 from flexgen_dist.policy.auto import PLACEMENT, SEARCHED, AutoPolicy
 from flexgen_dist.run import generate
 from flexgen_dist.run_config import PLACEMENT_STRATEGIES, RunConfig
@@ -64,7 +66,10 @@ def _add_model_and_input_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dummy-weights", action="store_true", help="seeded random weights of the model's size")
     p.add_argument("--seed", type=int, default=0, help="dummy weights, synthetic prompts and sampling (default 0)")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--prompts", metavar="FILE.jsonl", help='lines {"id", "prompt"|"input_ids", ["max_new_tokens"]}')
+    src.add_argument("--prompts", metavar="FILE.jsonl",
+                     help='lines {"id", "prompt"|"input_ids"} with optional "max_new_tokens", "stop", "temperature", '
+                          '"top_p", "seed", "logprobs", "echo" (generate); generate also reads OpenAI batch files '
+                          '(--prompts-format)')
     src.add_argument("--prompt", action="append", metavar="TEXT", help="a prompt (repeatable)")
     src.add_argument("--synthetic", type=int, metavar="N", help="N random prompts of --prompt-len tokens")
     p.add_argument("--prompt-len", type=int, default=128, help="with --synthetic (default 128)")
@@ -133,6 +138,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     d.add_argument("--top-p", type=float, default=1.0)
     d.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens tokens")
+    d.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="end a sequence's output before this text (repeatable; needs a tokenizer; a prompt's own "
+                        "\"stop\" list replaces these)")
+    d.add_argument("--logprobs", type=int, metavar="K",
+                   help="each generated token's log-probability and its K most likely alternatives, 0-20 (default: "
+                        "none; a prompt's own \"logprobs\" overrides it)")
     _add_run_flags(gen)
     _add_output_flags(gen)
     m = gen.add_argument_group("observability")
@@ -142,6 +153,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="address the metrics server binds (default 127.0.0.1; 0.0.0.0 lets other machines scrape)")
     m.add_argument("--metrics-linger", type=_seconds, default=0.0, metavar="SECONDS",
                    help="after the run, keep serving until a scrape has read the final values, at most this long")
+    gen.add_argument("--prompts-format", choices=FORMATS, default="auto",
+                     help="flexgen: our lines (above); openai-batch: an OpenAI Batch API file of /v1/completions "
+                          "requests, answered in the batch output format with an error record per bad line; auto: "
+                          "a batch file if its first line has a custom_id (default)")
     gen.set_defaults(func=_generate)
     sc = sub.add_parser("score", help="log-likelihood and perplexity of each prompt (tokens 2..n given their prefix); "
                                       "results as JSONL, summary with the corpus perplexity as the last stdout line")
@@ -318,10 +333,13 @@ def _run_config(args: argparse.Namespace, sampling: Sampling, **fields) -> RunCo
 
 def _generate(args: argparse.Namespace) -> int:
     run = _run_config(args, Sampling(args.temperature, args.top_p, args.seed, args.ignore_eos),
-                      max_new_tokens=args.max_new_tokens, metrics_port=args.metrics_port,
+                      max_new_tokens=args.max_new_tokens, stop=tuple(args.stop), logprobs=args.logprobs,
+                      metrics_port=args.metrics_port,
                       metrics_host=args.metrics_host, metrics_linger_s=args.metrics_linger)
-    requests = _requests(args, _vocab_size(args))
-    summary = generate(run, requests)
+    if args.prompts_format != "auto" and not args.prompts:
+        raise UserError("--prompts-format applies to --prompts FILE")
+    batch = batch_input(args.prompts, args.prompts_format, run) if args.prompts else None
+    summary = generate(run, *batch) if batch else generate(run, _requests(args, _vocab_size(args)))
     print(json.dumps(summary), flush=True)
     return 0
 
@@ -335,7 +353,7 @@ def _score(args: argparse.Namespace) -> int:
 
 def _profile(args: argparse.Namespace) -> int:
     from flexgen_dist.policy.hardware import profile_yaml
-    from flexgen_dist.policy.profiler import measure_profile
+    from flexgen_dist.policy.profiler import ProfileScope, measure_profile
 
     device = resolve_device(args.device)
     dtypes = [DTYPES[d] for d in args.dtype] if args.dtype else [resolve_dtype(None, device)]
@@ -349,7 +367,8 @@ def _profile(args: argparse.Namespace) -> int:
     sample = parse_size(args.disk_sample)
     if sample < 4 * ALIGN * 4:
         raise UserError(f"--disk-sample must be at least 64KiB, got {args.disk_sample!r}")
-    profile = measure_profile(device, dtypes, args.offload_dir, hidden, sample // (4 * ALIGN) * 4 * ALIGN, log=log)
+    scope = ProfileScope(hidden, disk_sample_bytes=sample // (4 * ALIGN) * 4 * ALIGN)
+    profile = measure_profile(device, dtypes, args.offload_dir, scope, log=log)
     _write_text(args.output, profile_yaml(profile))
     return 0
 
@@ -387,8 +406,8 @@ def _policy_command(args: argparse.Namespace) -> int:
         from flexgen_dist.policy.pipeline_model import pipeline_plan
         from flexgen_dist.runtime.coordinator import prefill_chunks
 
-        policies = [r.policy for r in stage_policies(result, cfg, hardware, dtype, args.prompt_len, args.gen_len,
-                                                      budget, args.stages)]
+        policies = [r.policy for r in stage_policies(result, cfg, [hardware] * args.stages, dtype, args.prompt_len,
+                                                      args.gen_len, budget)]
         # Without --num-prompts: four blocks per stage, enough for the pipeline's steady state to dominate.
         prompts = args.num_prompts or 4 * args.stages * result.policy.block_size
         chunks = prefill_chunks(None, policies)

@@ -30,8 +30,8 @@ from flexgen_dist.run_config import PLACEMENT_STRATEGIES, RunConfig
 POLICY_DIR = Path("configs/policies")  # where `policy: NAME.yaml` is looked up, relative to the working directory
 INPUT_KINDS = ("prompts", "synthetic", "prompt")
 KEYS = ("model", "dummy_weights", "policy", "max_memory", "stages", "placement_strategy", "cpus_per_stage",
-        "prefill_chunks", "device", "dtype", "input", "max_new_tokens", "sampling", "output", "offload_dir",
-        "metrics_port", "metrics_host", "metrics_linger_s")
+        "prefill_chunks", "device", "dtype", "input", "max_new_tokens", "sampling", "stop", "logprobs", "output",
+        "offload_dir", "metrics_port", "metrics_host", "metrics_linger_s")
 
 
 @dataclass(frozen=True)
@@ -105,6 +105,8 @@ def parse_job_config(data: dict, where: str) -> JobConfig:
         dummy_weights=opt.get("dummy_weights", bool, False),
         max_new_tokens=opt.get("max_new_tokens", int, RunConfig.max_new_tokens),
         sampling=_sampling(data.get("sampling"), where),
+        stop=tuple(opt.get("stop", list, [])),
+        logprobs=opt.get("logprobs", int, None),
         device=opt.choice("device", DEVICES),
         dtype=opt.choice("dtype", tuple(DTYPES)),
         budget=_budget(data.get("max_memory"), where),

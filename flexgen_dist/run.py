@@ -15,12 +15,13 @@ import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
+from typing import Any, Protocol
 
 import torch
 
 from flexgen_dist.base.devices import dtype_name, resolve_device, resolve_dtype
 from flexgen_dist.base.errors import UserError
-from flexgen_dist.engine.generation import BlockRun, Sequence
+from flexgen_dist.engine.generation import BlockRun, Sampling, Sequence, SequenceHead, generator_seed
 from flexgen_dist.engine.policy import Policy
 from flexgen_dist.io.model_source import ModelSource, resolve_model
 from flexgen_dist.io.outputs import ResultWriter, read_done_ids
@@ -56,24 +57,93 @@ def prompt_ids(request: Request, source: ModelSource) -> list[int]:
     return ids
 
 
-def _tokenize(requests: list[Request], source: ModelSource, default_new: int) -> list[tuple[Request, Sequence]]:
-    cfg, out = source.config, []
+def _head(request: Request, run: RunConfig) -> SequenceHead:
+    """A request's own sampling and log-probability settings, else the run's. Its generator's seed comes from its own
+    seed, or the run's and its id: never from its block or row. Echo implies log-probabilities (no alternatives)."""
+    def given(value, default):
+        return default if value is None else value
+
+    key = str(request.seed) if request.seed is not None else f"{run.sampling.seed}/{request.id}"
+    sampling = Sampling(given(request.temperature, run.sampling.temperature), given(request.top_p, run.sampling.top_p),
+                        generator_seed(key), run.sampling.ignore_eos)
+    logprobs = given(request.logprobs, run.logprobs)
+    return SequenceHead(sampling, 0 if logprobs is None and request.echo else logprobs, request.echo)
+
+
+def _detokenize(source: ModelSource):
+    tokenizer = source.tokenizer
+    return None if tokenizer is None else (lambda ids: tokenizer.decode(ids, skip_special_tokens=True))
+
+
+def _sequence(r: Request, source: ModelSource, run: RunConfig) -> Sequence:
+    """A request as a sequence to generate; a UserError when it cannot run."""
+    cfg, detokenize = source.config, _detokenize(source)
+    ids = prompt_ids(r, source)
+    new = r.max_new_tokens or run.max_new_tokens
+    if len(ids) + new > cfg.max_positions:
+        raise UserError(f"prompt {r.id}: {len(ids)} prompt tokens + {new} new tokens exceed the model's "
+                        f"{cfg.max_positions} positions")
+    stop = run.stop if r.stop is None else r.stop
+    if stop and detokenize is None:
+        raise UserError(f"prompt {r.id}: stop strings are matched in the output text, and {cfg.name} has no "
+                        f"tokenizer to give it")
+    return Sequence(ids, new, _head(r, run), stop, detokenize)
+
+
+def _tokenize(requests: list[Request], source: ModelSource, run: RunConfig,
+              results: Results) -> tuple[list[tuple[Request, Sequence]], list[dict]]:
+    """The requests' sequences, and the error records of those `results` refuses to run."""
+    work, refused = [], []
     for r in requests:
-        ids = prompt_ids(r, source)
-        new = r.max_new_tokens or default_new
-        if len(ids) + new > cfg.max_positions:
-            raise UserError(f"prompt {r.id}: {len(ids)} prompt tokens + {new} new tokens exceed the model's "
-                            f"{cfg.max_positions} positions")
-        out.append((r, Sequence(ids, new)))
-    return out
+        try:
+            work.append((r, _sequence(r, source, run)))
+        except UserError as e:
+            refused.append(results.refused(r, e))
+    return work, refused
 
 
 def _record(request: Request, seq: Sequence, tokenizer) -> dict:
+    """`output_ids`: every generated token, up to the one that completed a stop string; `text`: cut before it."""
     record = {"id": request.id, "input_ids": seq.prompt_ids, "output_ids": seq.output_ids}
     if tokenizer is not None:
-        record["text"] = tokenizer.decode(seq.output_ids, skip_special_tokens=True)
+        record["text"] = seq.output_text
     record["finish_reason"] = seq.finish_reason
+    if seq.logprobs is not None:
+        token_text = None if tokenizer is None else (lambda i: tokenizer.decode([i]))
+        record["logprobs"] = seq.logprobs.to_record(seq.output_ids, seq.prompt_ids, token_text)
     return record
+
+
+class Results(Protocol):
+    """How a run's requests become output records; a record's "id" is what a resumed run finds it done by."""
+
+    def key(self, request: Request) -> str:
+        """The "id" of the request's record."""
+
+    def record(self, request: Request, seq: Sequence, tokenizer: Any) -> dict:
+        """The record of a finished sequence."""
+
+    def refused(self, request: Request, error: UserError) -> dict:
+        """The record of a request that cannot run (or raise `error`: the run fails)."""
+
+    def input_errors(self) -> list[dict]:
+        """Records of input lines that were refused while reading them."""
+
+
+class OwnFormat:
+    """Our records (`_record`); bad input fails the whole run, before any work."""
+
+    def key(self, request: Request) -> str:
+        return request.id
+
+    def record(self, request: Request, seq: Sequence, tokenizer: Any) -> dict:
+        return _record(request, seq, tokenizer)
+
+    def refused(self, request: Request, error: UserError) -> dict:
+        raise error
+
+    def input_errors(self) -> list[dict]:
+        return []
 
 
 @dataclass(frozen=True)
@@ -148,30 +218,58 @@ def resource_summary(stages: StagePlan, stage_stats: list[dict]) -> dict:
             "stage_stats": [{"stage": i, "layers": list(stages.ranges[i]), **s} for i, s in enumerate(stage_stats)]}
 
 
-def make_executor(run: RunConfig, specs: list[StageSpec]) -> Executor:
+def make_executor(run: RunConfig) -> Executor:
+    """A place reserved for each stage (on Ray: the cluster joined or started, a bundle per stage); its `start`
+    loads the stages."""
     if run.executor == "local":
-        return LocalExecutor(specs)
+        return LocalExecutor(run.stages)
     from flexgen_dist.runtime.ray_executor import RayExecutor
 
-    return RayExecutor(specs, run.ray_address, run.placement_strategy, run.cpus_per_stage)
+    return RayExecutor(run.stages, run.device, run.ray_address, run.placement_strategy, run.cpus_per_stage)
 
 
-def generate(run: RunConfig, requests: list[Request]) -> dict:
-    """Run everything; return the summary. Raises UserError for bad input before any heavy work."""
+def generate(run: RunConfig, requests: list[Request], results: Results | None = None) -> dict:
+    """Run everything; return the summary. Raises UserError for bad input before any heavy work, unless `results`
+    (default: OwnFormat) answers it with error records."""
     if run.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens must be >= 1, got {run.max_new_tokens}")
     device = resolve_device(run.device)
     dtype = resolve_dtype(run.dtype, device)
     source = resolve_model(run.model, run.dummy_weights, run.sampling.seed)
     cfg = source.config
-    work = _tokenize(requests, source, run.max_new_tokens)
+    results = results or OwnFormat()
+    work, refused = _tokenize(requests, source, run, results)
+    errors = results.input_errors() + refused
     if run.output:
         done = read_done_ids(run.output)
-        work = [(r, s) for r, s in work if r.id not in done]
-    prompt_len = max((len(s.prompt_ids) for _, s in work), default=1)
-    gen_len = max((s.max_new_tokens for _, s in work), default=1)
-    policies, search = auto_policy.resolve(run.policy, cfg, dtype, device, prompt_len, gen_len, len(work),
-                                           run.budget, run.stages, run.offload_dir)
+        work = [(r, s) for r, s in work if results.key(r) not in done]
+        errors = [e for e in errors if e["id"] not in done]
+    with contextlib.ExitStack() as reservation:
+        reserved: list[Executor] = []
+
+        def on_stages(fn, *args) -> list:
+            """--policy auto measures each stage's hardware in its place: reserve the places now."""
+            if not reserved:
+                reserved.append(make_executor(run))
+                reservation.callback(reserved[0].shutdown)
+            return reserved[0].on_each_stage(fn, *args)
+
+        prompt_len = max((len(s.prompt_ids) for _, s in work), default=1)
+        gen_len = max((s.max_new_tokens for _, s in work), default=1)
+        policies, search = auto_policy.resolve(run.policy, cfg, dtype, device, prompt_len, gen_len, len(work),
+                                               run.budget, run.stages, run.offload_dir, on_stages if work else None,
+                                               run.prefill_chunks)
+        executor = reserved[0] if reserved else None
+        return _execute(run, source, work, results, errors, policies, search, executor, device, dtype, prompt_len,
+                        gen_len)
+
+
+def _execute(run: RunConfig, source: ModelSource, work: list[tuple[Request, Sequence]], results: Results,
+             errors: list[dict], policies: list[Policy], search: dict | None, executor: Executor | None,
+             device: torch.device, dtype: torch.dtype, prompt_len: int, gen_len: int) -> dict:
+    """Plan the stages for the chosen policies, start them (in `executor` if already reserved), write the error
+    records, run every block."""
+    cfg = source.config
     policy = policies[0]  # every stage's has the same block shape
     run = replace(run, policy=policy)
     chunks = prefill_chunks(run.prefill_chunks, policies)
@@ -182,8 +280,9 @@ def generate(run: RunConfig, requests: list[Request]) -> dict:
     blocks = [work[i : i + policy.block_size] for i in range(0, len(work), policy.block_size)]
     summary = {"model": cfg.name, "device": device.type, "dtype": dtype_name(dtype),
                "stages": run.stages, "executor": run.executor, "sequences": len(work), "generated_tokens": 0,
-               "prompt_tokens": sum(len(s.prompt_ids) for _, s in work), "stage_restarts": 0}
-    del work  # from here only the blocks hold the sequences, each block's let go once written (finished)
+               "prompt_tokens": sum(len(s.prompt_ids) for _, s in work), "failed_requests": len(errors),
+               "stage_restarts": 0}
+    work.clear()  # from here only the blocks hold the sequences, each block's let go once written (finished)
     stage_stats: list[dict] = []
     metrics = RunMetrics()
     metrics.set_budget(run.budget)
@@ -197,11 +296,22 @@ def generate(run: RunConfig, requests: list[Request]) -> dict:
                 print(f"flexgen-dist: metrics on {url}", file=sys.stderr, flush=True)
         # Open the output first: an unwritable path fails before minutes of weight loading.
         writer = stack.enter_context(ResultWriter(run.output)) if run.output else None
+
+        def emit(records: list[dict]) -> None:
+            if writer is not None:
+                writer.write_many(records)
+            else:
+                for rec in records:
+                    print(json.dumps(rec, ensure_ascii=False), flush=True)
+
+        if errors:
+            emit(errors)
         timing = None
         if blocks:
             load_start = time.perf_counter()
-            executor = make_executor(run, stages.specs)
+            executor = executor or make_executor(run)
             stack.callback(executor.shutdown)  # frees tiers, deletes offload files, stops what the run started
+            executor.start(stages.specs)
             summary["load_s"] = time.perf_counter() - load_start
             stack.enter_context(metrics.stages.reading(executor.stage_snapshots))
             if run.progress and run.stages > 1:  # each stage's own placement, once the stages are up
@@ -217,13 +327,8 @@ def generate(run: RunConfig, requests: list[Request]) -> dict:
                                    cfg.eos_token_id, run.sampling.ignore_eos)
 
             def finished(block: BlockRun) -> None:
-                records = [_record(r, s, source.tokenizer) for r, s in blocks[block.block_id]]
                 summary["generated_tokens"] += sum(len(s.output_ids) for s in block.sequences)
-                if writer is not None:
-                    writer.write_many(records)
-                else:
-                    for rec in records:
-                        print(json.dumps(rec, ensure_ascii=False), flush=True)
+                emit([results.record(r, s, source.tokenizer) for r, s in blocks[block.block_id]])
                 blocks[block.block_id] = []  # written: else a long job's driver would hold every token it generated
                 metrics.sequences_finished(s.finish_reason for s in block.sequences)
                 if bar is not None:
@@ -244,7 +349,7 @@ def generate(run: RunConfig, requests: list[Request]) -> dict:
                 metrics.stage_restarted(stage)
 
             metrics.run_started(summary["sequences"])
-            timing = run_blocks(executor, block_runs(), lambda _: run.sampling, max_in_flight=run.stages,
+            timing = run_blocks(executor, block_runs(), lambda block: block.head_task, max_in_flight=run.stages,
                                 on_block_done=finished, on_step=stepped, on_restart=restarted, prefill_chunks=chunks)
             metrics.finish()
             stage_stats = executor.stats()

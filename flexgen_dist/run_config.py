@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from flexgen_dist.base.errors import UserError
 from flexgen_dist.engine.generation import Sampling
 from flexgen_dist.engine.policy import Policy
+from flexgen_dist.io.prompts import MAX_LOGPROBS, valid_stop
 from flexgen_dist.memory.budget import MemoryBudget
 from flexgen_dist.policy.auto import AutoPolicy
 
@@ -20,6 +21,8 @@ class RunConfig:
     dummy_weights: bool = False
     max_new_tokens: int = 32
     sampling: Sampling = Sampling()
+    stop: tuple[str, ...] = ()  # stop strings of prompts that give none
+    logprobs: int | None = None  # alternatives per token of prompts that do not say; None: no log-probabilities
     device: str | None = None  # None: cuda when available
     dtype: str | None = None  # None: float16 on cuda; on cpu bfloat16 where it has bf16 instructions, else float32
     budget: MemoryBudget = MemoryBudget()
@@ -37,6 +40,10 @@ class RunConfig:
     metrics_linger_s: float = 0.0  # after the run, serve until a scrape has read the final figures, at most this long
 
     def __post_init__(self) -> None:
+        if not valid_stop(self.stop):
+            raise UserError(f"--stop: expected non-empty strings, got {list(self.stop)!r}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise UserError(f"--logprobs must be from 0 to {MAX_LOGPROBS}, got {self.logprobs}")
         if self.cpus_per_stage is not None and self.cpus_per_stage <= 0:
             raise UserError(f"--cpus-per-stage must be > 0, got {self.cpus_per_stage:g}")
         if self.prefill_chunks is not None and self.prefill_chunks < 1:

@@ -86,8 +86,9 @@ def score(run: RunConfig, requests: list[Request], decode_tokens: int = 0) -> di
         writer = stack.enter_context(ResultWriter(run.output)) if run.output else None
         if groups:
             load_start = time.perf_counter()
-            executor = make_executor(run, stages.specs)
+            executor = make_executor(run)
             stack.callback(executor.shutdown)  # frees tiers, deletes offload files, stops what the run started
+            executor.start(stages.specs)
             summary["load_s"] = time.perf_counter() - load_start
             bar = stack.enter_context(progress(len(work), len(groups), run.progress, "score"))
             blocks = [ScoreBlock(i, [s for _, s in g], policy.gpu_batch_size, cfg.pad_token_id, decode_tokens)

@@ -14,6 +14,7 @@ import sys
 
 from flexgen_dist.cli import Parser, exit_code
 from flexgen_dist.job_config import load_job_config
+from flexgen_dist.openai_output import batch_input
 from flexgen_dist.run import generate
 
 
@@ -26,7 +27,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def run() -> int:
         job = load_job_config(args.config, args.overrides)
-        print(json.dumps(generate(job.run, job.requests())), flush=True)
+        batch = batch_input(job.prompts_file, "auto", job.run) if job.prompts_file else None
+        print(json.dumps(generate(job.run, *batch) if batch else generate(job.run, job.requests())), flush=True)
         return 0
 
     return exit_code(run)

@@ -51,3 +51,9 @@ def hf_nll(model_dir: str | os.PathLike[str], input_ids_list: list[list[int]]) -
             x = torch.tensor([ids])
             out.append(model(input_ids=x, labels=x).loss.item() * (len(ids) - 1))
     return out
+
+
+def hf_log_softmax(model_dir: str | os.PathLike[str], ids: list[int]) -> torch.Tensor:
+    """Float32 log-softmax of HF's logits at every position of one unpadded sequence: [len(ids), V]."""
+    with torch.no_grad():
+        return torch.log_softmax(_load(str(model_dir))(input_ids=torch.tensor([ids])).logits[0].float(), dim=-1)

@@ -38,7 +38,7 @@ def test_sampling_is_reproducible_with_a_seed(tmp_path, opt_preln_dir):
 def test_ignore_eos_runs_full_length_and_eos_stops_each_sequence(tmp_path, opt_preln_dir):
     stopped, recs = run_cli(tmp_path / "a", opt_preln_dir, "--gpu-batch-size", "5", max_new=40)
     full, full_recs = run_cli(tmp_path / "b", opt_preln_dir, "--gpu-batch-size", "5", "--ignore-eos", max_new=40)
-    assert any(r["finish_reason"] == "stop" for r in recs.values()), "fixture should make some sequences stop"
+    assert any(r["finish_reason"] == "eos" for r in recs.values()), "fixture should make some sequences stop"
     assert any(r["finish_reason"] == "length" for r in recs.values())
     for s, f in zip(stopped, full):
         assert len(f) == 40 and f[: len(s)] == s  # stopping one sequence never disturbs the others

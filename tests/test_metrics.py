@@ -47,7 +47,7 @@ def _fed_metrics() -> RunMetrics:
     metrics.run_started(4)
     metrics.prefill_done(prompt_tokens=10, new_tokens=4)
     metrics.decode_done(new_tokens=4, latency_s=0.05)
-    metrics.sequences_finished(["stop", "length"])
+    metrics.sequences_finished(["eos", "length"])
     metrics.stage_restarted(1)
     return metrics
 
@@ -76,7 +76,7 @@ def test_exporter_serves_every_family_over_http():
         first, second = _scrape(url), _scrape(url)
     assert first["flexgen_generated_tokens_total"][()] == 8
     assert first["flexgen_prompt_tokens_total"][()] == 10
-    assert first["flexgen_requests_total"] == {(("status", "stop"),): 1, (("status", "length"),): 1}
+    assert first["flexgen_requests_total"] == {(("status", "eos"),): 1, (("status", "length"),): 1}
     assert first["flexgen_pending_sequences"][()] == 2
     assert first["flexgen_time_per_output_token_seconds_count"][()] == 1
     assert first["flexgen_time_per_output_token_seconds_sum"][()] == pytest.approx(0.05)

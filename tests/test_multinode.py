@@ -1,7 +1,9 @@
 """A real multi-node Ray cluster on this machine: a head that hosts no stage and worker nodes of one CPU each, every
 one its own raylet on 127.0.0.1. STRICT_SPREAD puts each stage on a node of its own; when a stage's node is lost
 mid-run (its raylet SIGKILLed), Ray restarts the stage on a spare node and the run completes with the output of an
-undisturbed run. The runs are subprocesses: a test process's own Ray connection would pin them to another cluster."""
+undisturbed run. Each node has a cache directory of its own, as separate machines do: `--policy auto` measures and
+caches each node's profile there. The runs are subprocesses: a test process's own Ray connection would pin them to
+another cluster."""
 
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from conftest import _free_port
 RAY = str(Path(sys.executable).parent / "ray")
 PROMPTS = [[4 + (7 * i + j) % 400 for j in range(3 + i % 5)] for i in range(24)]
 MAX_NEW = 24
+HALF_ON_DISK = ("--percent", "50", "50", "100", "0", "100", "0")  # half the weights on disk, half in memory
 # Node loss is noticed after this many missed health checks of this period: seconds, not Ray's default half-minute.
 FAST_HEALTH = {"RAY_health_check_period_ms": "500", "RAY_health_check_timeout_ms": "500",
                "RAY_health_check_failure_threshold": "3"}
@@ -39,7 +42,12 @@ class Cluster:
         log = open(self.tmp / f"{name}.log", "w")
         return subprocess.Popen([RAY, "start", "--block", "--node-ip-address=127.0.0.1", "--disable-usage-stats",
                                  f"--dashboard-agent-listen-port={_free_port()}", *flags],
-                                stdout=log, stderr=subprocess.STDOUT, env=self.env)
+                                stdout=log, stderr=subprocess.STDOUT,
+                                env={**self.env, "XDG_CACHE_HOME": str(self.cache(name))})
+
+    def cache(self, name: str) -> Path:
+        """A node's own cache directory (its workers inherit it from its raylet)."""
+        return self.tmp / "cache" / name
 
     def add_node(self) -> subprocess.Popen:
         """A worker node of one CPU, once the cluster sees it alive."""
@@ -94,17 +102,19 @@ def cluster(tmp_path_factory):
         c.stop()
 
 
-def _generate(cluster: Cluster, model_dir: Path, tmp: Path, name: str) -> tuple[subprocess.Popen, Path]:
+def _generate(cluster: Cluster, model_dir: Path, tmp: Path, name: str,
+              policy: tuple[str, ...] = HALF_ON_DISK) -> tuple[subprocess.Popen, Path]:
     tmp.mkdir(parents=True, exist_ok=True)
     prompts = tmp / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"id": i, "input_ids": p}) + "\n" for i, p in enumerate(PROMPTS)))
     out = tmp / f"{name}.jsonl"
     argv = [sys.executable, "-m", "flexgen_dist", "generate", "--model", str(model_dir), "--prompts", str(prompts),
             "--max-new-tokens", str(MAX_NEW), "--ignore-eos", "--dtype", "float32", "--device", "cpu",
-            "--gpu-batch-size", "2", "--percent", "50", "50", "100", "0", "100", "0", "--stages", "2",
+            "--gpu-batch-size", "2", *policy, "--stages", "2",
             "--placement-strategy", "STRICT_SPREAD", "--cpus-per-stage", "1", "--ray-address", cluster.address,
             "--offload-dir", str(tmp / "offload"), "--output", str(out), "--quiet"]
-    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cluster.env), out
+    env = {**cluster.env, "XDG_CACHE_HOME": str(cluster.cache("driver"))}
+    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env), out
 
 
 def _finish(proc: subprocess.Popen) -> dict:
@@ -115,6 +125,23 @@ def _finish(proc: subprocess.Popen) -> dict:
 
 def _outputs(path: Path) -> dict:
     return {r["id"]: r["output_ids"] for r in map(json.loads, path.read_text().splitlines())}
+
+
+def test_policy_auto_measures_each_stage_on_its_own_node(cluster, opt_postln_dir, tmp_path):
+    """No --hardware: each stage's node measures itself (one thread: the stage's one CPU) within the run's budget
+    and caches it in its own directory; the driver measures nothing. A second run reads the nodes' caches."""
+    auto = ("--policy", "auto", "--max-memory", "gpu=32MiB,cpu=32MiB")
+    proc, out = _generate(cluster, opt_postln_dir, tmp_path / "first", "first", auto)
+    first = _finish(proc)
+    assert len(_outputs(out)) == len(PROMPTS)
+    caches = [cluster.cache(f"node{i}") / "flexgen_dist" / "hardware-cpu-1t.yaml" for i in range(2)]
+    assert all(path.is_file() for path in caches) and not cluster.cache("driver").exists()
+    assert len(first["policy_search"]["stages"]) == 2
+    measured = [path.stat().st_mtime_ns for path in caches]
+    proc, out = _generate(cluster, opt_postln_dir, tmp_path / "second", "second", auto)
+    second = _finish(proc)
+    assert [path.stat().st_mtime_ns for path in caches] == measured  # read, not measured again
+    assert second["stage_policies"] == first["stage_policies"]
 
 
 def test_stages_spread_over_nodes_and_survive_a_lost_node(cluster, opt_postln_dir, tmp_path):

@@ -119,4 +119,4 @@ def test_per_prompt_max_new_tokens_and_eos(tmp_path, opt_preln_dir):
     assert records["short"]["finish_reason"] == "length"
     long_expected = hf_greedy(opt_preln_dir, [PROMPTS[2]], 30)[0]
     assert records["long"]["output_ids"] == long_expected
-    assert records["long"]["finish_reason"] == ("stop" if long_expected[-1] == 2 and len(long_expected) < 30 else "length")
+    assert records["long"]["finish_reason"] == ("eos" if long_expected[-1] == 2 and len(long_expected) < 30 else "length")

@@ -46,7 +46,7 @@ def test_one_stage_pipeline_is_the_cost_model_block_by_block():
     cfg, hw = config_by_name("opt-1.3b"), load_profile(T4)
     policy = Policy(gpu_batch_size=16, num_gpu_batches=1)
     one = predict(cfg, model_layers(cfg), policy, hw, torch.float16, 64, 32)
-    piped = predict_pipeline(cfg, [policy], hw, torch.float16, 64, 32, num_prompts=64)
+    piped = predict_pipeline(cfg, [policy], [hw], torch.float16, 64, 32, num_prompts=64)
     steps = 4 * 32  # blocks x steps, each with the driver's round trip
     assert piped.total_s == pytest.approx(4 * one.block_s + steps * 0.005, rel=1e-6)
     assert piped.stage_layers == ((0, len(model_layers(cfg))),)

@@ -10,7 +10,7 @@ from hf_oracle import hf_greedy
 from test_parity import MAX_NEW, PROMPTS, run_cli
 
 from flexgen_dist.base.errors import UserError
-from flexgen_dist.engine.generation import BlockRun, Sampling, Sequence
+from flexgen_dist.engine.generation import BlockRun, Sequence
 from flexgen_dist.engine.policy import Policy
 from flexgen_dist.engine.stage_engine import PrefillPart
 from flexgen_dist.run_config import RunConfig
@@ -105,7 +105,7 @@ def test_blocks_that_start_together_send_their_parts_in_turn():
     """Stage 1 then finishes block 0's prefill about one part after stage 0 is done, not a whole prefill later."""
     executor = _Recorder()
     blocks = [BlockRun(i, [Sequence([5, 6, 7], 1) for _ in range(4)], 4, 1, 2, ignore_eos=True) for i in range(2)]
-    run_blocks(executor, iter(blocks), lambda _: Sampling(), max_in_flight=2, on_block_done=lambda b: None,
+    run_blocks(executor, iter(blocks), lambda block: block.head_task, max_in_flight=2, on_block_done=lambda b: None,
                prefill_chunks=2)
     parts = [PrefillPart(0, 0, 2), PrefillPart(0, 2, 4)]
     assert executor.order == [(0, parts[0]), (1, parts[0]), (0, parts[1]), (1, parts[1])]

@@ -37,6 +37,8 @@ VALID = {
     "input": {"synthetic": {"n": 3, "prompt_len": 5}},
     "max_new_tokens": 4,
     "sampling": {"temperature": 0.7, "top_p": 0.9, "seed": 7, "ignore_eos": True},
+    "stop": ["\n\n", "###"],
+    "logprobs": 3,
     "output": "out/results.jsonl",
     "offload_dir": "/tmp/flexgen-offload",
 }
@@ -78,6 +80,7 @@ def test_config_maps_onto_run_config(tmp_path, monkeypatch):
     assert run.policy == Policy(gpu_batch_size=4, num_gpu_batches=2, w_gpu_percent=0, w_cpu_percent=50)
     assert run.budget == MemoryBudget(cpu=8 * 2**30)
     assert run.sampling == Sampling(temperature=0.7, top_p=0.9, seed=7, ignore_eos=True)
+    assert (run.stop, run.logprobs) == (("\n\n", "###"), 3)
     assert run.output == str(tmp_path / "out" / "results.jsonl")  # relative paths: against the working directory
     assert run.offload_dir == "/tmp/flexgen-offload"
     assert run.ray_address is None  # the job's driver finds the cluster through RAY_ADDRESS
@@ -121,6 +124,9 @@ def test_defaults_named_policy_and_overrides(tmp_path, monkeypatch):
     ({"policy": "no-such-policy.yaml"}, [], "policy 'no-such-policy.yaml': not a file in"),
     ({"max_memory": "gpu=lots"}, [], "max_memory: memory budget entry 'gpu=lots'"),
     ({"sampling": {"top_p": 0}}, [], "in (0, 1]"),
+    ({"stop": "###"}, [], "stop: expected a list"),
+    ({"stop": ["###", 3]}, [], "--stop: expected non-empty strings"),
+    ({"logprobs": 21}, [], "--logprobs must be from 0 to 20"),
     ({}, ["stages"], "--set 'stages': expected KEY=VALUE"),
     ({}, ["model.name=x"], "--set 'model.name=x': model is 'opt-125m' in the config, not a mapping"),
 ])

@@ -61,6 +61,28 @@ def _generate_cmd(model_dir: Path, prompts: Path, out: Path, offload: Path) -> l
             "100", "0", "--gpu-batch-size", "2", "--offload-dir", str(offload), "--output", str(out), "--quiet"]
 
 
+def sigkill_once_written(cmd: list[str], out: Path, lines: int, env: dict[str, str] | None = None) -> None:
+    """Run `cmd` and SIGKILL it once `out` has `lines` lines (it must not end or stall before), then every process it
+    started: SIGKILL skips all cleanup."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    started: list[psutil.Process] = []
+    try:
+        deadline = time.monotonic() + 240
+        while _lines(out) < lines:
+            assert proc.poll() is None and time.monotonic() < deadline, f"the run ended or stalled before {lines} lines"
+            started = psutil.Process(proc.pid).children(recursive=True) or started
+            time.sleep(0.05)
+        started = psutil.Process(proc.pid).children(recursive=True) or started
+        proc.kill()
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for p in started:  # stop what that run started, by PID
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.kill()
+
+
 def test_sigkill_then_rerun_gives_every_id_once_and_the_clean_output(tmp_path, opt_preln_dir):
     """Issue 7: a run killed outright (no cleanup at all) after about a third of its prompts are written, then run
     again with the same command, ends with every id exactly once and the same records as an undisturbed run."""
@@ -78,23 +100,7 @@ def test_sigkill_then_rerun_gives_every_id_once_and_the_clean_output(tmp_path, o
 
     out = tmp_path / "out.jsonl"
     cmd = _generate_cmd(opt_preln_dir, prompts, out, tmp_path / "off")
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    started: list[psutil.Process] = []
-    try:
-        deadline = time.monotonic() + 240
-        while _lines(out) < 8:
-            assert proc.poll() is None and time.monotonic() < deadline, "the run ended or stalled before a third"
-            started = psutil.Process(proc.pid).children(recursive=True) or started
-            time.sleep(0.05)
-        started = psutil.Process(proc.pid).children(recursive=True) or started
-        proc.kill()
-        proc.wait()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        for p in started:  # SIGKILL skips all cleanup: stop what that run started, by PID
-            with contextlib.suppress(psutil.NoSuchProcess):
-                p.kill()
+    sigkill_once_written(cmd, out, 8, env)
     assert 8 <= _lines(out) < 24
     subprocess.run(cmd, env=env, check=True, capture_output=True)  # the same command resumes
 

@@ -203,9 +203,13 @@ class LosingExecutor(LocalExecutor):
     """In-process stages, of which the last loses its process at the `lose_at`-th step result, as a killed Ray stage
     does: a fresh StageWorker (slice reloaded, no blocks) takes its place, and the result fails with StageLost."""
 
-    def __init__(self, specs: list[StageSpec], lose_at: int) -> None:
-        super().__init__(specs)
-        self.specs, self.lose_at, self.results = specs, lose_at, 0
+    def __init__(self, num_stages: int, lose_at: int) -> None:
+        super().__init__(num_stages)
+        self.lose_at, self.results = lose_at, 0
+
+    def start(self, specs: list[StageSpec]) -> None:
+        super().start(specs)
+        self.specs = specs
 
     def result(self, handle: list) -> list:
         self.results += 1
@@ -230,7 +234,7 @@ def test_replayed_blocks_generate_what_an_undisturbed_run_does(tmp_path, opt_pre
 
     assert main(_argv(opt_preln_dir, tmp_path / "clean", None, *sampling)) == 0
     capsys.readouterr()
-    monkeypatch.setattr(run, "make_executor", lambda _, specs: LosingExecutor(specs, lose_at=lose_at))
+    monkeypatch.setattr(run, "make_executor", lambda run: LosingExecutor(run.stages, lose_at=lose_at))
     assert main(_argv(opt_preln_dir, tmp_path / "lost", None, *sampling)) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["stage_restarts"] == 1
     assert _records(tmp_path / "lost" / "out.jsonl") == _records(tmp_path / "clean" / "out.jsonl")
@@ -243,6 +247,6 @@ def test_replayed_blocks_score_what_an_undisturbed_run_does(tmp_path, opt_preln_
 
     flags = ("--decode-tokens", "3")  # a prefill and three decode steps per block (the shortest prompt has 4 tokens)
     assert main(_argv(opt_preln_dir, tmp_path / "clean", None, *flags, command="score")) == 0
-    monkeypatch.setattr(score_run, "make_executor", lambda _, specs: LosingExecutor(specs, lose_at=11))  # mid-decode
+    monkeypatch.setattr(score_run, "make_executor", lambda run: LosingExecutor(run.stages, lose_at=11))  # mid-decode
     assert main(_argv(opt_preln_dir, tmp_path / "lost", None, *flags, command="score")) == 0
     assert _records(tmp_path / "lost" / "out.jsonl") == _records(tmp_path / "clean" / "out.jsonl")

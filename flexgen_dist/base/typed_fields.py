@@ -9,7 +9,7 @@ from typing import Any, TypeVar
 from flexgen_dist.base.errors import UserError
 
 T = TypeVar("T")
-_KIND_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+_KIND_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string", list: "a list"}
 
 
 def typed(value: Any, kind: type, where: str) -> Any:

@@ -1,17 +1,22 @@
 """Generation state of one block: left padding, the next step's inputs, sampling, per-sequence stopping.
 
-Independent of where layers run: the coordinator feeds a block's inputs to the stages and hands the sampled tokens
-back to `BlockRun.advance`.
+Independent of where layers run: the coordinator feeds a block's inputs to the stages and hands what the last stage
+returns (`head_output`) back to `BlockRun.advance`. Each sequence carries its own sampling, stop strings and
+log-probability request; sampling draws from the sequence's own generator, so its output does not depend on which
+block it is in, its row there, or how blocks interleave in a pipeline.
 """
 
 from __future__ import annotations
 
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
 from flexgen_dist.base.errors import UserError
+from flexgen_dist.models.likelihood import next_token_targets, target_logprobs
 
 
 @dataclass(frozen=True)
@@ -25,17 +30,54 @@ class Sampling:
         if self.temperature < 0 or not 0 < self.top_p <= 1:
             raise UserError(f"temperature must be >= 0 and top-p in (0, 1]; got {self.temperature}, {self.top_p}")
 
-    def generator(self, block_id: int) -> torch.Generator:
-        """One generator per block, so sampled text does not depend on how blocks interleave in a pipeline."""
-        return torch.Generator().manual_seed(zlib.crc32(f"{self.seed}/{block_id}".encode()))
+
+def generator_seed(key: str) -> int:
+    """The seed of one sequence's own generator, from a key naming the sequence (e.g. the run's seed and its id)."""
+    return zlib.crc32(key.encode())
 
 
-@dataclass
-class Sequence:
-    prompt_ids: list[int]
-    max_new_tokens: int
-    output_ids: list[int] = field(default_factory=list)
-    finish_reason: str | None = None  # "stop" (EOS) or "length"
+@dataclass(frozen=True)
+class SequenceHead:
+    """What the last stage does with one sequence's logits; it travels with the block, a few numbers a sequence."""
+
+    sampling: Sampling = Sampling()  # its seed is the sequence's generator's (generator_seed)
+    logprobs: int | None = None  # alternatives returned per token; None: no log-probabilities
+    echo: bool = False  # the prompt tokens' log-probabilities too
+
+
+class PositionLogprobs(NamedTuple):
+    """Per sequence and position, from the raw float32 logits (before temperature and top-p)."""
+
+    chosen: torch.Tensor  # [B, S] float32: the log-probability of the token at each position
+    top_ids: torch.Tensor  # [B, S, k] int64: the k most likely tokens there
+    top_values: torch.Tensor  # [B, S, k] float32: their log-probabilities
+
+
+def position_logprobs(logits: torch.Tensor, targets: torch.Tensor, k: int) -> PositionLogprobs:
+    """logits [B, S, V] float32, targets [B, S] int64 (NOT_SCORED: none) -> on the CPU, only these values."""
+    top = torch.log_softmax(logits, dim=-1).topk(k, dim=-1)
+    return PositionLogprobs(target_logprobs(logits, targets).cpu(), top.indices.cpu(), top.values.cpu())
+
+
+class EchoedPrefill(NamedTuple):
+    """The head's prefill output for a GPU batch where a sequence echoes its prompt."""
+
+    last: torch.Tensor  # [B, V] float32: the last position's logits, to sample from
+    prompt: PositionLogprobs  # of every prompt position's next token
+
+
+@dataclass(frozen=True)
+class Sampled:
+    """One step's output for a GPU batch where a sequence asked for log-probabilities (else just the tokens, [B])."""
+
+    tokens: torch.Tensor  # [B] int64
+    generated: PositionLogprobs  # [B, 1, ...]: of each token
+    prompt: PositionLogprobs | None  # the prefill, where a sequence echoes: [B, P, ...], P the block's prompt width
+
+
+def _alternatives(heads: tuple[SequenceHead, ...]) -> int | None:
+    """Alternatives a batch's head returns per token: the most any of its sequences asks for (None: no one asks)."""
+    return max((h.logprobs for h in heads if h.logprobs is not None), default=None)
 
 
 def sample(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator) -> torch.Tensor:
@@ -50,6 +92,141 @@ def sample(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator)
         sorted_probs = sorted_probs.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@dataclass(frozen=True, eq=False)
+class Decoding:
+    """A block's head task when generating (scoring's is `Scoring`): per GPU batch, each sequence's head and, where
+    one of them echoes, the token each prompt position predicts ([B, P] int64) for the prompt's log-probabilities."""
+
+    heads: tuple[tuple[SequenceHead, ...], ...]
+    prompt_targets: tuple[torch.Tensor | None, ...]
+
+    def generators(self) -> list[list[torch.Generator | None]]:
+        """Per GPU batch, each sampled sequence's own generator (None: greedy)."""
+        return [[torch.Generator().manual_seed(h.sampling.seed) if h.sampling.temperature > 0 else None
+                 for h in batch] for batch in self.heads]
+
+    def prefill_head(self, part_batch: int | None, rows: slice) -> Callable[[int, torch.Tensor], object] | None:
+        """What the head makes of a prefill's every-position logits per GPU batch k (`part_batch`: the block's batch
+        of a prefill part, whose sequences are `rows`): None where no sequence echoes, so only the last position's
+        logits are computed."""
+        if all(t is None for t in self.prompt_targets):
+            return None
+
+        def reduce(k: int, logits: torch.Tensor) -> torch.Tensor | EchoedPrefill:
+            batch = k if part_batch is None else part_batch
+            targets = self.prompt_targets[batch]
+            if targets is None:
+                return logits[:, -1]
+            prompt = position_logprobs(logits, targets[rows].to(logits.device), _alternatives(self.heads[batch]))
+            return EchoedPrefill(logits[:, -1], prompt)
+
+        return reduce
+
+    def head_output(self, k: int, logits: torch.Tensor | EchoedPrefill,
+                    generators: list[torch.Generator | None]) -> torch.Tensor | Sampled:
+        """GPU batch k's step output from its last position's logits ([B, V]): the next token per sequence and, where
+        one asked, the log-probabilities; only these values leave the stage."""
+        heads = self.heads[k]
+        prompt = logits.prompt if isinstance(logits, EchoedPrefill) else None
+        last = logits.last if isinstance(logits, EchoedPrefill) else logits
+        tokens = last.argmax(dim=-1)
+        for row, generator in enumerate(generators):
+            if generator is not None:
+                tokens[row] = sample(last[row : row + 1], heads[row].sampling, generator)[0]
+        alternatives = _alternatives(heads)
+        if alternatives is None:
+            return tokens.cpu()
+        generated = position_logprobs(last[:, None], tokens[:, None], alternatives)
+        return Sampled(tokens.cpu(), generated, prompt)
+
+
+def _top(logprobs: PositionLogprobs, row: int, position: int, k: int) -> list[tuple[int, float]]:
+    return list(zip(logprobs.top_ids[row, position, :k].tolist(), logprobs.top_values[row, position, :k].tolist()))
+
+
+@dataclass
+class SequenceLogprobs:
+    """The log-probabilities a sequence asked for: of each generated token with its `k` most likely alternatives and,
+    with echo, the same for each prompt token (None for the first, which nothing predicts)."""
+
+    k: int
+    tokens: list[float] = field(default_factory=list)
+    top: list[list[tuple[int, float]]] = field(default_factory=list)
+    prompt: list[float | None] | None = None
+    prompt_top: list[list[tuple[int, float]] | None] | None = None
+
+    def add(self, out: Sampled, row: int, prompt_len: int, echo: bool) -> None:
+        if echo and out.prompt is not None:
+            width = out.prompt.chosen.shape[1]  # left padded: this prompt's positions are the last prompt_len
+            positions = range(width - prompt_len, width - 1)  # each predicts the prompt's next token
+            self.prompt = [None] + [float(out.prompt.chosen[row, p]) for p in positions]
+            self.prompt_top = [None] + [_top(out.prompt, row, p, self.k) for p in positions]
+        self.tokens.append(float(out.generated.chosen[row, 0]))
+        self.top.append(_top(out.generated, row, 0, self.k))
+
+    def to_record(self, output_ids: list[int], prompt_ids: list[int],
+                  token_text: Callable[[int], str] | None) -> dict:
+        """The output record's `logprobs` (README, "Generation features"): token texts where a tokenizer gives them."""
+
+        def entries(top: list[tuple[int, float]] | None) -> list[dict] | None:
+            if top is None:
+                return None
+            return [{"id": i, "logprob": v, **({"text": token_text(i)} if token_text else {})} for i, v in top]
+
+        record: dict = {}
+        if token_text is not None:
+            record["tokens"] = [token_text(i) for i in output_ids]
+        record.update(token_logprobs=self.tokens, top_logprobs=[entries(t) for t in self.top])
+        if self.prompt is not None:
+            if token_text is not None:
+                record["prompt_tokens"] = [token_text(i) for i in prompt_ids]
+            record.update(prompt_logprobs=self.prompt, prompt_top_logprobs=[entries(t) for t in self.prompt_top])
+        return record
+
+
+@dataclass
+class Sequence:
+    prompt_ids: list[int]
+    max_new_tokens: int
+    head: SequenceHead = SequenceHead()
+    stop: tuple[str, ...] = ()  # the output text ends before the first of these
+    detokenize: Callable[[list[int]], str] | None = None  # token ids -> text: needed for stop strings
+    output_ids: list[int] = field(default_factory=list)  # with a stop string, up to the token that completed it
+    finish_reason: str | None = None  # "eos" (EOS token), "stop" (a stop string) or "length"
+    text: str | None = None  # set by a stop string: the output text, cut before it
+    logprobs: SequenceLogprobs | None = None  # where head.logprobs asks for them
+
+    def __post_init__(self) -> None:
+        if self.head.logprobs is not None and self.logprobs is None:
+            self.logprobs = SequenceLogprobs(self.head.logprobs)
+
+    def add_token(self, token: int, eos_id: int | None) -> None:
+        """Record one generated token and whether it ends the sequence (`eos_id` None: EOS does not)."""
+        self.output_ids.append(token)
+        if token == eos_id:
+            self.finish_reason = "eos"
+        elif self._reached_stop_string():
+            self.finish_reason = "stop"
+        elif len(self.output_ids) >= self.max_new_tokens:
+            self.finish_reason = "length"
+
+    @property
+    def output_text(self) -> str | None:
+        """The generated text, cut before a stop string; None without a tokenizer."""
+        if self.text is not None or self.detokenize is None:
+            return self.text
+        return self.detokenize(self.output_ids)
+
+    def _reached_stop_string(self) -> bool:
+        if not self.stop:
+            return False
+        text = self.detokenize(self.output_ids)
+        found = [at for at in (text.find(s) for s in self.stop) if at >= 0]
+        if found:
+            self.text = text[: min(found)]
+        return bool(found)
 
 
 def left_pad(rows: list[list[int]], width: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,10 +253,13 @@ class BlockRun:
         self.steps_done = 0
         self.tokens: list[torch.Tensor] = []  # next step's input ids per batch: [B, S]
         self.valid: list[torch.Tensor] = []  # [B, T] bool: real tokens (False = left padding)
+        prompt_targets = []
         for batch in self.batches:
             ids, mask = left_pad([s.prompt_ids for s in batch], prompt_len, pad_id)
             self.tokens.append(ids)
             self.valid.append(mask)
+            prompt_targets.append(next_token_targets(ids, mask) if any(s.head.echo for s in batch) else None)
+        self.head_task = Decoding(tuple(tuple(s.head for s in batch) for batch in self.batches), tuple(prompt_targets))
 
     @property
     def batch_sizes(self) -> list[int]:
@@ -89,20 +269,21 @@ class BlockRun:
     def done(self) -> bool:
         return all(s.finish_reason is not None for s in self.sequences)
 
-    def advance(self, next_ids: list[torch.Tensor]) -> None:
-        """Record one sampled token per sequence ([B] per batch)."""
+    def advance(self, outputs: list[torch.Tensor | Sampled]) -> None:
+        """Record one step's output per GPU batch: the sampled token per sequence ([B]), with log-probabilities
+        (`Sampled`) where one of the batch's sequences asked for them."""
+        eos_id = None if self.ignore_eos else self.eos_id
         for k, batch in enumerate(self.batches):
+            out = outputs[k]
+            next_ids = out.tokens if isinstance(out, Sampled) else out
             for row, s in enumerate(batch):
                 if s.finish_reason is not None:
                     continue
-                token = int(next_ids[k][row])
-                s.output_ids.append(token)
-                if token == self.eos_id and not self.ignore_eos:
-                    s.finish_reason = "stop"
-                elif len(s.output_ids) >= s.max_new_tokens:
-                    s.finish_reason = "length"
+                if s.logprobs is not None:
+                    s.logprobs.add(out, row, len(s.prompt_ids), s.head.echo)
+                s.add_token(int(next_ids[row]), eos_id)
             # Finished rows keep computing (fed padding) so shapes stay fixed; their outputs are ignored.
             running = torch.tensor([s.finish_reason is None for s in batch])
-            self.tokens[k] = next_ids[k].cpu().where(running, self.pad_id)[:, None]
+            self.tokens[k] = next_ids.cpu().where(running, self.pad_id)[:, None]
             self.valid[k] = torch.cat([self.valid[k], torch.ones((len(batch), 1), dtype=torch.bool)], dim=1)
         self.steps_done += 1

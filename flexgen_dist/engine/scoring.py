@@ -20,7 +20,7 @@ from flexgen_dist.models.likelihood import next_token_targets
 
 @dataclass(frozen=True, eq=False)
 class Scoring:
-    """A block's head task when scoring (generation's is its `Sampling`): per GPU batch, the token each position of
+    """A block's head task when scoring (generation's is its `Decoding`): per GPU batch, the token each position of
     the whole block predicts, [B, T] int64; a step scores the columns of its query positions."""
 
     targets: tuple[torch.Tensor, ...]

@@ -10,6 +10,7 @@ load: when loads are slower than compute, the disk's queue does not drain at eac
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -25,7 +26,6 @@ from flexgen_dist.memory.tiers import Tier, TierSet
 from flexgen_dist.memory.weight_home import WeightHome
 from flexgen_dist.models import opt, prepack
 from flexgen_dist.models.layout import LayerSpec
-from flexgen_dist.models.likelihood import summed_nll
 
 # On a CPU device a step runs each GPU batch in chunks of whole sequences of about this many tokens (in practice the
 # prefill: a decode step has one token per sequence). A chunk's temporaries stay in cache and in malloc's heap (larger
@@ -190,12 +190,14 @@ class StageEngine:
     def _weights(self, j: int, prefetched: torch.Tensor | dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
         return self.homes[j].decode(prefetched, self._buffers(j)[0]) if self._dequantize_inline else prefetched
 
-    def step(self, block_id: int, inputs: list[BatchInput], score_targets: tuple[torch.Tensor, ...] | None = None,
-             part: PrefillPart | None = None) -> list[torch.Tensor]:
+    def step(self, block_id: int, inputs: list[BatchInput],
+             head: Callable[[int, torch.Tensor], object] | None = None,
+             part: PrefillPart | None = None) -> list:
         """Run all GPU batches of a block through the slice. Returns per batch the last position's float32 logits
-        [B, V] when the slice ends with the head, else the hidden states [B, S, H]. Scoring (`score_targets`: per batch
-        the token each position predicts, [B, S]): the head returns each row's summed NLL of them, [B] float64.
-        `part`: `inputs` is that part of a prefill, its sequences alone (one BatchInput)."""
+        [B, V] when the slice ends with the head, else the hidden states [B, S, H]. `head(k, logits)`: the head
+        returns instead what it makes of input k's every-position logits [B, S, V] (scoring: summed NLLs; a prefill
+        that echoes: prompt log-probabilities). `part`: `inputs` is that part of a prefill, its sequences alone (one
+        BatchInput)."""
         caches, acts = self.blocks[block_id].caches, self.blocks[block_id].acts
         query_len = inputs[0].data.shape[1]
         past = inputs[0].valid.shape[1] - query_len
@@ -229,9 +231,9 @@ class StageEngine:
                     acts.put(k, opt.embed(w, x.data.to(self.device), opt.position_ids(valid[k], query_len)))
                     continue
                 hidden = acts.get(k)
-                if layer.kind == "head" and score_targets is not None:
+                if layer.kind == "head" and head is not None:
                     # Per GPU batch, so the [B, S, V] float32 logits never exist for the whole block at once.
-                    outputs.append(summed_nll(opt.lm_head(self.cfg, w, hidden), score_targets[k].to(self.device)))
+                    outputs.append(head(k, opt.lm_head(self.cfg, w, hidden)))
                 elif layer.kind == "head":
                     outputs.append(opt.lm_head(self.cfg, w, hidden[:, -1]))
                 elif layer.kind == "mlp":

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -12,21 +13,53 @@ from flexgen_dist.base.errors import UserError
 
 # OPT reserves ids 0-3 for <s>, <pad>, </s>, <unk>; synthetic prompts avoid them.
 _FIRST_ORDINARY_ID = 4
+MAX_LOGPROBS = 20  # alternatives per token, at most (OpenAI's completions API allows as many)
 
 
 @dataclass(frozen=True)
 class Request:
-    """One prompt: exactly one of `prompt` (text) or `input_ids` (pre-tokenized) is set."""
+    """One prompt: exactly one of `prompt` (text) or `input_ids` (pre-tokenized) is set. The fields after them are the
+    prompt's own generation settings; None: the run's."""
 
     id: str
     prompt: str | None
     input_ids: tuple[int, ...] | None
-    max_new_tokens: int | None  # None: use the run-wide default
+    max_new_tokens: int | None
+    stop: tuple[str, ...] | None = None  # the output ends before the first of these
+    temperature: float | None = None
+    top_p: float | None = None
+    seed: int | None = None  # of this prompt's own generator (else one from the run's seed and the id)
+    logprobs: int | None = None  # alternatives per token; with it, each token's log-probability too
+    echo: bool = False  # the prompt tokens' log-probabilities too
 
 
 def _is_int(value: Any) -> bool:
     # JSON true/false arrive as bool, which is an int subclass in Python.
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def valid_stop(value: Any) -> bool:
+    return isinstance(value, (list, tuple)) and all(isinstance(s, str) and s for s in value)
+
+
+def valid_input_ids(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(_is_int(t) and t >= 0 for t in value)
+
+
+# Optional per-prompt fields: (is the value valid, what it must be).
+SETTINGS = {
+    "max_new_tokens": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "stop": (valid_stop, "a list of non-empty strings"),
+    "temperature": (lambda v: _is_number(v) and v >= 0, "a number >= 0"),
+    "top_p": (lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
+    "seed": (_is_int, "an integer"),
+    "logprobs": (lambda v: _is_int(v) and 0 <= v <= MAX_LOGPROBS, f"an integer from 0 to {MAX_LOGPROBS}"),
+    "echo": (lambda v: isinstance(v, bool), "true or false"),
+}
 
 
 def _parse_line(obj: Any, where: str) -> Request:
@@ -49,27 +82,36 @@ def _parse_line(obj: Any, where: str) -> Request:
             raise UserError(f"{where}: 'prompt' is empty")
     else:
         ids = obj["input_ids"]
-        if not (isinstance(ids, list) and ids and all(_is_int(t) and t >= 0 for t in ids)):
+        if not valid_input_ids(ids):
             raise UserError(f"{where}: 'input_ids' must be a non-empty list of non-negative integers")
         input_ids = tuple(ids)
-    max_new = obj.get("max_new_tokens")
-    if max_new is not None and not (_is_int(max_new) and max_new >= 1):
-        raise UserError(f"{where}: 'max_new_tokens' must be an integer >= 1, got {max_new!r}")
-    return Request(str(rid), prompt, input_ids, max_new)
+    for key, (valid, expected) in SETTINGS.items():
+        if obj.get(key) is not None and not valid(obj[key]):
+            raise UserError(f"{where}: '{key}' must be {expected}, got {obj[key]!r}")
+    stop = obj.get("stop")
+    return Request(str(rid), prompt, input_ids, obj.get("max_new_tokens"), None if stop is None else tuple(stop),
+                   obj.get("temperature"), obj.get("top_p"), obj.get("seed"), obj.get("logprobs"),
+                   obj.get("echo") or False)
 
 
-def load_prompts_file(path: str | os.PathLike[str]) -> list[Request]:
-    """Parse a JSONL prompts file; every problem is a UserError naming the file and line."""
+def read_lines(path: str | os.PathLike[str]) -> list[str]:
+    """A JSONL input file's lines (blank ones included, so indexes give line numbers); an unreadable file is a
+    UserError."""
     try:
         with open(path, encoding="utf-8") as f:
             # Not splitlines(): JSON strings may hold raw U+2028 etc., which it would split on.
-            lines = f.read().split("\n")
+            return f.read().split("\n")
     except FileNotFoundError:
         raise UserError(f"prompts file {path}: not found") from None
     except UnicodeDecodeError as e:
         raise UserError(f"prompts file {path}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
     except OSError as e:
         raise UserError(f"prompts file {path}: cannot read ({e.strerror or e})") from None
+
+
+def load_prompts_file(path: str | os.PathLike[str]) -> list[Request]:
+    """Parse a JSONL prompts file; every problem is a UserError naming the file and line."""
+    lines = read_lines(path)
     requests: list[Request] = []
     first_line: dict[str, int] = {}
     for lineno, line in enumerate(lines, start=1):

@@ -17,10 +17,16 @@ def next_token_targets(input_ids: torch.Tensor, valid: torch.Tensor) -> torch.Te
     return targets.where(scored, NOT_SCORED)
 
 
-def summed_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Summed negative log-likelihood (nats) of each row's targets. logits [B, S, V] float32, targets [B, S] int64
-    -> [B] float64."""
+def target_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Log-probability (nats) of each position's target, 0 where it is NOT_SCORED. logits [B, S, V] float32, targets
+    [B, S] int64 -> [B, S] float32."""
     b, s, _ = logits.shape
     # flatten keeps the logits a view; cross_entropy gives NOT_SCORED positions exactly 0, whatever their logits.
     nll = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=NOT_SCORED, reduction="none")
-    return nll.view(b, s).double().sum(dim=1)
+    return -nll.view(b, s)
+
+
+def summed_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Summed negative log-likelihood (nats) of each row's targets. logits [B, S, V] float32, targets [B, S] int64
+    -> [B] float64."""
+    return -target_logprobs(logits, targets).double().sum(dim=1)

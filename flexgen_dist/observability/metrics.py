@@ -132,7 +132,7 @@ class RunMetrics:
                                   registry=r)
         self._prompt = Counter("flexgen_prompt_tokens", "Prompt tokens prefilled", registry=r)
         self._requests = Counter("flexgen_requests", "Sequences finished and written, by finish reason "
-                                 "(stop: EOS, length: max new tokens)", ["status"], registry=r)
+                                 "(eos: EOS token, stop: a stop string, length: max new tokens)", ["status"], registry=r)
         self._throughput = Gauge("flexgen_generation_throughput_tokens_per_second",
                                  "Generated tokens over seconds since the first step (as in the run's summary)",
                                  registry=r)

@@ -1,26 +1,31 @@
 """`--policy auto` at run time: pick the policy once the work's lengths are known, from a hardware profile.
 
-Without `--hardware FILE` the profile of this machine is measured on first use (about a minute) and kept under
-~/.cache/flexgen_dist/, so later runs start at once.
+Without `--hardware FILE` each stage's profile is measured where the stage runs (its node, its device, its threads),
+within the run's memory budget, on first use (well under a minute), and kept in that node's ~/.cache/flexgen_dist/,
+so later runs start at once.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
-from flexgen_dist.base.devices import dtype_name
+from flexgen_dist.base.devices import DTYPES, dtype_name, resolve_device
 from flexgen_dist.base.errors import UserError
 from flexgen_dist.engine.policy import Policy
 from flexgen_dist.memory.budget import MemoryBudget
 from flexgen_dist.models.layout import LayerSpec, model_layers
 from flexgen_dist.models.opt import OptConfig
 from flexgen_dist.policy.hardware import HardwareProfile, detect_capacities, load_profile, save_profile
+from flexgen_dist.policy.pipeline_model import predict_pipeline
 from flexgen_dist.policy.search import SearchResult, SearchSpace, search_policy
+from flexgen_dist.runtime.coordinator import prefill_chunks
 from flexgen_dist.runtime.partition import embedding_resident, partition
 
 # The fields the search chooses; a user may pin any of them next to --policy auto (e.g. --gpu-batch-size 8).
@@ -51,42 +56,89 @@ class AutoPolicy:
         return replace(SearchSpace(max_block_size=max_block_size), **pinned)
 
 
-def cache_path(device: str) -> Path:
+def cache_path(device: str, threads: int) -> Path:
+    """Where this node keeps its profile for a device, and on a CPU device for a thread count: a stage with one
+    core computes at half the GEMM rate of two (211 vs 419 GFLOP/s measured on a 2-core Xeon)."""
     root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-    return root / "flexgen_dist" / f"hardware-{device}.yaml"
+    name = f"hardware-{device}-{threads}t.yaml" if device == "cpu" else f"hardware-{device}.yaml"
+    return root / "flexgen_dist" / name
 
 
-def machine_profile(device: torch.device, dtype: torch.dtype, offload_dir: str | None) -> HardwareProfile:
-    """This machine's profile for `dtype`, measured once and cached."""
-    path = cache_path(device.type)
+def machine_profile(device: torch.device, dtype: torch.dtype, offload_dir: str | None, hidden_size: int | None = None,
+                    memory_bytes: int | None = None) -> HardwareProfile:
+    """This process's profile for `dtype` (its device, its threads), measured once per machine and cached. With
+    `hidden_size` (a run's model): measured in a run's scope, within `memory_bytes`, and a cached profile that lacks
+    that hidden size's layer shapes gains them (only those are measured)."""
+    from flexgen_dist.policy import profiler
+
+    path = cache_path(device.type, torch.get_num_threads())
     name = dtype_name(dtype)
-    profile = load_profile(path) if path.exists() else None
-    if profile is not None and name in profile.dtypes:
-        return profile
-    from flexgen_dist.policy.profiler import measure_profile
-
-    print(f"flexgen-dist: measuring this machine for --policy auto (once, about a minute; saved to {path})",
-          file=sys.stderr, flush=True)
-    measured = measure_profile(device, [dtype], offload_dir)
-    if profile is not None:  # keep the dtypes measured before
-        measured = replace(measured, dtypes={**profile.dtypes, **measured.dtypes})
+    cached = load_profile(path) if path.exists() else None
+    scope = (profiler.ProfileScope() if hidden_size is None else
+             profiler.ProfileScope.for_run(hidden_size, memory_bytes or profiler.ProfileScope().memory_bytes))
+    if cached is not None and name in cached.dtypes:
+        speeds = cached.dtypes[name]
+        if hidden_size is None or any(key.endswith(f"x{hidden_size}") for key in speeds.gemm_flops):
+            return cached
+        gemm, packed = profiler.gemm_tables(device, dtype, scope)
+        grown = replace(speeds, gemm_flops={**speeds.gemm_flops, **gemm},
+                        packed_gemm_flops={**speeds.packed_gemm_flops, **packed})
+        measured = replace(cached, dtypes={**cached.dtypes, name: grown})
+    else:
+        print(f"flexgen-dist: measuring this machine for --policy auto (once; saved to {path})", file=sys.stderr,
+              flush=True)
+        start = time.perf_counter()
+        measured = profiler.measure_profile(device, [dtype], offload_dir, scope)
+        print(f"flexgen-dist: measured in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+        if cached is not None:  # keep the dtypes measured before
+            measured = replace(measured, dtypes={**cached.dtypes, **measured.dtypes})
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_profile(measured, path)
+    partial = path.with_suffix(f".{os.getpid()}.tmp")  # renamed into place: a concurrent run reads all or nothing
+    save_profile(measured, partial)
+    partial.replace(path)
     return measured
 
 
-def hardware_for(auto: AutoPolicy, device: torch.device, dtype: torch.dtype, offload_dir: str | None) -> HardwareProfile:
-    """The profile a run plans with: its speeds from the file (or this machine's cache), its capacities detected
-    now, so a run in a smaller container or cgroup than the profiled machine plans for what it really has."""
-    if auto.hardware is None:
-        profile = machine_profile(device, dtype, offload_dir)
-    else:
+def stage_profile(device_name: str | None, dtype: str, offload_dir: str | None, hidden_size: int,
+                  memory_bytes: int) -> HardwareProfile:
+    """Run in a stage's place (its node, cores and threads) before the stage starts: the node's profile, with the
+    capacities this process has now (a node's RAM or cgroup limit, its GPU, its offload disk). It holds at most
+    `memory_bytes`, and at most a quarter of the node's memory, at once."""
+    device = resolve_device(device_name)
+    _, memory, _ = detect_capacities("cpu", offload_dir)
+    profile = machine_profile(device, DTYPES[dtype], offload_dir, hidden_size, min(memory_bytes, memory // 4))
+    gpu, cpu, disk = detect_capacities(device.type, offload_dir)
+    return replace(profile, device_memory_bytes=gpu, cpu_memory_bytes=cpu, disk_bytes=disk)
+
+
+def profile_memory(budget: MemoryBudget, device: torch.device) -> int:
+    """The most a stage's profile may hold at once: the stage's memory budget (on a CPU device both memory tiers are
+    RAM; on a GPU the host buffers count against the CPU budget), 2 GiB where none is given."""
+    tiers = (budget.gpu, budget.cpu) if device.type == "cpu" else (budget.cpu,)
+    given = [b for b in tiers if b is not None]
+    return sum(given) if given else 2 << 30
+
+
+# Runs a function once in each stage's place, returning its results in stage order (an executor's on_each_stage).
+OnStages = Callable[..., list]
+
+
+def stage_hardware(auto: AutoPolicy, cfg: OptConfig, device: torch.device, dtype: torch.dtype,
+                   offload_dir: str | None, budget: MemoryBudget, stages: int,
+                   on_stages: OnStages | None) -> list[HardwareProfile]:
+    """Each stage's profile: `--hardware FILE` for every stage (capacities detected here), else measured where each
+    stage runs (`on_stages`), or in this process when the stages run in it."""
+    if auto.hardware is not None:
         profile = load_profile(auto.hardware)
         if profile.device != device.type:
             raise UserError(f"--hardware {auto.hardware} describes a {profile.device} device but this run computes on "
                             f"{device.type}; plan for other hardware with `flexgen-dist policy`")
-    gpu, cpu, disk = detect_capacities(device.type, offload_dir)
-    return replace(profile, device_memory_bytes=gpu, cpu_memory_bytes=cpu, disk_bytes=disk)
+        gpu, cpu, disk = detect_capacities(device.type, offload_dir)
+        return [replace(profile, device_memory_bytes=gpu, cpu_memory_bytes=cpu, disk_bytes=disk)] * stages
+    args = (device.type, dtype_name(dtype), offload_dir, cfg.hidden_size, profile_memory(budget, device))
+    if on_stages is None:
+        return [stage_profile(*args)] * stages
+    return on_stages(stage_profile, *args)
 
 
 def stage_layers(cfg: OptConfig, stages: int) -> list[LayerSpec]:
@@ -108,22 +160,24 @@ def choose_policy(auto: AutoPolicy, cfg: OptConfig, hardware: HardwareProfile, d
                          auto.space(max_block), blocks_in_flight=stages)
 
 
-def stage_policies(result: SearchResult, cfg: OptConfig, hardware: HardwareProfile, dtype: torch.dtype,
-                   prompt_len: int, gen_len: int, budget: MemoryBudget, stages: int) -> list[SearchResult]:
+def stage_policies(result: SearchResult, cfg: OptConfig, hardware: list[HardwareProfile], dtype: torch.dtype,
+                   prompt_len: int, gen_len: int, budget: MemoryBudget) -> list[SearchResult]:
     """Each stage's own placement, searched on its own layers (the first holds the embedding, the last the head)
-    under its own budget, with the block shape and compression `result` chose for the heaviest stage: blocks flow
-    through every stage, so their shape is one. A policy planned for one stage and applied to all can overflow
-    another's budget (opt-30b on 4xT4: stage 2 over its GPU or CPU budget, `policy --stages 4`)."""
+    with its own hardware (`hardware`, one per stage) under its own budget, with the block shape and compression
+    `result` chose for the heaviest stage: blocks flow through every stage, so their shape is one. A policy planned
+    for one stage and applied to all can overflow another's budget (opt-30b on 4xT4: stage 2 over its GPU or CPU
+    budget, `policy --stages 4`)."""
     shape = result.policy
     space = SearchSpace(gpu_batch_sizes=(shape.gpu_batch_size,), num_gpu_batches=(shape.num_gpu_batches,),
                         compress_weight=(shape.compress_weight,), compress_cache=(shape.compress_cache,),
                         cpu_cache_compute=(shape.cpu_cache_compute,))
     layers = model_layers(cfg)
+    stages = len(hardware)
     resident = embedding_resident(shape.w_gpu_percent)
     for _ in range(2):  # the cut counts the embedding by stage 0's placement: search again if that moved it
         ranges = partition(layers, stages, resident)
-        results = [search_policy(cfg, layers[a:b], hardware, dtype, prompt_len, gen_len, budget, shape, space,
-                                 blocks_in_flight=stages) for a, b in ranges]
+        results = [search_policy(cfg, layers[a:b], profile, dtype, prompt_len, gen_len, budget, shape, space,
+                                 blocks_in_flight=stages) for (a, b), profile in zip(ranges, hardware)]
         if embedding_resident(results[0].policy.w_gpu_percent) == resident:
             break
         resident = not resident
@@ -131,16 +185,22 @@ def stage_policies(result: SearchResult, cfg: OptConfig, hardware: HardwareProfi
 
 
 def resolve(policy: Policy | AutoPolicy, cfg: OptConfig, dtype: torch.dtype, device: torch.device, prompt_len: int,
-            gen_len: int, num_sequences: int, budget: MemoryBudget, stages: int,
-            offload_dir: str | None) -> tuple[list[Policy], dict | None]:
+            gen_len: int, num_sequences: int, budget: MemoryBudget, stages: int, offload_dir: str | None,
+            on_stages: OnStages | None = None, chunks: int | None = None) -> tuple[list[Policy], dict | None]:
     """Each stage's policy: searched per stage when the run asked for --policy auto (else `policy` for every
-    stage), and the search's report for the summary."""
+    stage), and the search's report for the summary, with S > 1 the pipeline model's prediction of the run.
+    `on_stages`: runs the profiler where the stages run; `chunks`: the run's --prefill-chunks."""
     if not isinstance(policy, AutoPolicy):
         return [policy] * stages, None
-    hardware = hardware_for(policy, device, dtype, offload_dir)
-    result = choose_policy(policy, cfg, hardware, dtype, prompt_len, gen_len, budget, stages, num_sequences)
+    hardware = stage_hardware(policy, cfg, device, dtype, offload_dir, budget, stages, on_stages)
+    # The block shape from the heaviest stage's layers on the smallest device: it bounds every stage.
+    smallest = min(hardware, key=lambda h: h.device_memory_bytes)
+    result = choose_policy(policy, cfg, smallest, dtype, prompt_len, gen_len, budget, stages, num_sequences)
     if stages == 1:
-        return [result.policy], {"hardware": hardware.name, **result.to_dict()}
-    per_stage = stage_policies(result, cfg, hardware, dtype, prompt_len, gen_len, budget, stages)
-    return [r.policy for r in per_stage], {"hardware": hardware.name, **result.to_dict(),
-                                           "stages": [r.to_dict() for r in per_stage]}
+        return [result.policy], {"hardware": smallest.name, **result.to_dict()}
+    per_stage = stage_policies(result, cfg, hardware, dtype, prompt_len, gen_len, budget)
+    policies = [r.policy for r in per_stage]
+    pipeline = predict_pipeline(cfg, policies, hardware, dtype, prompt_len, gen_len, num_sequences,
+                                prefill_chunks(chunks, policies))
+    return policies, {"hardware": smallest.name, **result.to_dict(), "pipeline": pipeline.to_dict(),
+                      "stages": [{"hardware": h.name, **r.to_dict()} for h, r in zip(hardware, per_stage)]}

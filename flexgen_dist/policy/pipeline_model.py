@@ -169,16 +169,16 @@ def stage_times(cfg: OptConfig, layers, policy: Policy, hardware: HardwareProfil
     return StageTimes(tuple(prefill), decode, hops)
 
 
-def predict_pipeline(cfg: OptConfig, policies: list[Policy], hardware: HardwareProfile, dtype: torch.dtype,
+def predict_pipeline(cfg: OptConfig, policies: list[Policy], hardware: list[HardwareProfile], dtype: torch.dtype,
                      prompt_len: int, gen_len: int, num_prompts: int, prefill_chunks: int = 1) -> PipelinePrediction:
     """A generation run of `num_prompts` prompts through one stage per policy (each stage's own placement, one block
-    shape), cut as `run.plan_stages` cuts them."""
+    shape) on each stage's own hardware, cut as `run.plan_stages` cuts them."""
     layers = model_layers(cfg)
     stages = len(policies)
     ranges = partition(layers, stages, embedding_resident(policies[0].w_gpu_percent))
     num_blocks = math.ceil(num_prompts / policies[0].block_size)
-    times = [stage_times(cfg, layers[a:b], policy, hardware, dtype, prompt_len, gen_len, prefill_chunks,
-                         i == stages - 1) for i, ((a, b), policy) in enumerate(zip(ranges, policies))]
+    times = [stage_times(cfg, layers[a:b], policy, profile, dtype, prompt_len, gen_len, prefill_chunks, i == stages - 1)
+             for i, ((a, b), policy, profile) in enumerate(zip(ranges, policies, hardware))]
     total, busy, idle = simulate(times, num_blocks, len(times[0].prefill_parts_s), stages)
     return PipelinePrediction(total, num_prompts * gen_len, tuple(busy), tuple(idle), tuple(ranges))
 
@@ -189,7 +189,8 @@ def pipeline_plan(cfg: OptConfig, policies: list[Policy], hardware: HardwareProf
     overflows if any) and the pipeline's predicted throughput and bubble, for `flexgen-dist policy --stages S`."""
     layers = model_layers(cfg)
     stages = len(policies)
-    prediction = predict_pipeline(cfg, policies, hardware, dtype, prompt_len, gen_len, num_prompts, prefill_chunks)
+    prediction = predict_pipeline(cfg, policies, [hardware] * stages, dtype, prompt_len, gen_len, num_prompts,
+                                  prefill_chunks)
     plans = []
     for i, ((a, b), policy) in enumerate(zip(prediction.stage_layers, policies)):
         one = predict(cfg, layers[a:b], policy, hardware, dtype, prompt_len, gen_len, blocks_in_flight=stages)

@@ -10,7 +10,7 @@ import itertools
 import platform
 import time
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -31,8 +31,44 @@ _COLD_BYTES = 512 << 20  # weights rotated through per GEMM measurement: well pa
 _MIN_SECONDS = 0.3  # time each figure over at least this long (and at least 2 runs)
 
 
-def _timed(fn: Callable[[], object], sync: Callable[[], None]) -> float:
-    """Mean seconds per run over at least _MIN_SECONDS and 2 runs, after one warm-up run."""
+@dataclass(frozen=True)
+class ProfileScope:
+    """What a profile measures and within how much memory. `flexgen-dist profile` measures broadly (two hidden
+    sizes, 2 GiB disk rounds); a run's stages measure their own model's shapes within the run's budget, in well under
+    a minute (issue 19: the broad profile took 2 min 38 s and 4.6 GB, and a first auto run under `memlimit 3G`
+    thrashed)."""
+
+    hidden_sizes: tuple[int, ...] = DEFAULT_HIDDEN
+    memory_bytes: int = 4 << 30  # the most the measurements hold at once
+    disk_sample_bytes: int = 2 << 30  # written and read per disk round
+    min_seconds: float = _MIN_SECONDS  # each figure timed over at least this long (and at least 2 runs)
+    overlap_rounds: int = 5  # the compute/disk overlap is the median of this many measurements (it wanders)
+    overhead_rounds: int = 2  # the step overhead is the least of this many engine runs
+    probe_hidden: int = DEFAULT_HIDDEN[0]  # the step-overhead probe's layers are at most this wide
+
+    @classmethod
+    def for_run(cls, hidden_size: int, memory_bytes: int) -> ProfileScope:
+        """A stage's scope, about 35 s on one core of the AVX2 EPYC measured here (the broad one: 93 s at one hidden
+        size, the disk's 47 s of it): its model's layer shapes within `memory_bytes`, disk rounds in proportion to
+        it and at most 512 MiB, half the timing window, one round of the overlap and the step overhead, the latter
+        on layers at most 1024 wide (its two layers of 2048 took 28 s to build and run 7 times)."""
+        disk = min(512 << 20, max(64 << 20, memory_bytes)) // (4 * ALIGN) * 4 * ALIGN
+        return cls((hidden_size,), memory_bytes, disk, _MIN_SECONDS / 2, overlap_rounds=1, overhead_rounds=1,
+                   probe_hidden=min(hidden_size, 1024))
+
+    @property
+    def cold_bytes(self) -> int:
+        """Weights rotated through per GEMM measurement: well past any last-level cache, a quarter of the memory."""
+        return min(_COLD_BYTES, self.memory_bytes // 4)
+
+    @property
+    def copy_bytes(self) -> int:
+        """Bytes per copy measurement (three buffers of it on a CPU device)."""
+        return max(ALIGN, min(1 << 30, self.disk_sample_bytes, self.memory_bytes // 8) // ALIGN * ALIGN)
+
+
+def _timed(fn: Callable[[], object], sync: Callable[[], None], min_seconds: float = _MIN_SECONDS) -> float:
+    """Mean seconds per run over at least `min_seconds` and 2 runs, after one warm-up run."""
     fn()
     sync()
     runs, start = 0, time.perf_counter()
@@ -41,7 +77,7 @@ def _timed(fn: Callable[[], object], sync: Callable[[], None]) -> float:
         runs += 1
         sync()
         elapsed = time.perf_counter() - start
-        if elapsed >= _MIN_SECONDS and runs >= 2:
+        if elapsed >= min_seconds and runs >= 2:
             return elapsed / runs
 
 
@@ -49,10 +85,10 @@ def _sync(device: torch.device) -> Callable[[], None]:
     return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
 
-def _cold_copies(weight: torch.Tensor) -> list[torch.Tensor]:
+def _cold_copies(weight: torch.Tensor, cold_bytes: int = _COLD_BYTES) -> list[torch.Tensor]:
     """Copies of `weight` that together exceed any last-level cache: GEMMs rotating through them read their weight
     from memory, as the engine does (it uses each weight once per GPU batch), never from a warm cache."""
-    return [weight] + [weight.clone() for _ in range(-(-_COLD_BYTES // weight.nbytes) - 1)]
+    return [weight] + [weight.clone() for _ in range(-(-cold_bytes // weight.nbytes) - 1)]
 
 
 def gemm_shapes(hidden_sizes: tuple[int, ...]) -> list[tuple[int, int, tuple[int, ...]]]:
@@ -64,12 +100,13 @@ def gemm_shapes(hidden_sizes: tuple[int, ...]) -> list[tuple[int, int, tuple[int
 
 
 def measure_gemm(device: torch.device, dtype: torch.dtype, out_features: int, in_features: int,
-                 rows_list: tuple[int, ...], max_run_seconds: float = 2.0, packed: bool = False) -> dict[int, float]:
+                 rows_list: tuple[int, ...], max_run_seconds: float = 2.0, packed: bool = False,
+                 scope: ProfileScope = ProfileScope()) -> dict[int, float]:
     """FLOP/s of F.linear per row count; `packed`: of the kernel the engine runs on weights packed for that many
     rows (prepack.py). Stops early (flat beyond) where one run would take over `max_run_seconds` (bf16 on a CPU
     without bf16 instructions)."""
     # Warm in the cache, small-row GEMMs would look several times faster than the engine ever sees them.
-    weights = _cold_copies(torch.randn(out_features, in_features, device=device).to(dtype))
+    weights = _cold_copies(torch.randn(out_features, in_features, device=device).to(dtype), scope.cold_bytes)
     turn = itertools.count()
     table: dict[int, float] = {}
     for rows in rows_list:
@@ -77,53 +114,53 @@ def measure_gemm(device: torch.device, dtype: torch.dtype, out_features: int, in
             break
         x = torch.randn(rows, in_features, device=device).to(dtype)
         used = [prepack.pack(w, rows) for w in weights] if packed else weights
-        seconds = _timed(lambda: prepack.linear(x, used[next(turn) % len(used)]), _sync(device))
+        seconds = _timed(lambda: prepack.linear(x, used[next(turn) % len(used)]), _sync(device), scope.min_seconds)
         table[rows] = 2 * rows * out_features * in_features / seconds
     return table
 
 
-def measure_prefill_attention(device: torch.device, dtype: torch.dtype) -> float:
+def measure_prefill_attention(device: torch.device, dtype: torch.dtype, scope: ProfileScope = ProfileScope()) -> float:
     batch, heads, seq, head_dim = 4, 16, 256, 64
     q, k, v = (torch.randn(batch, heads, seq, head_dim, device=device).to(dtype) for _ in range(3))
     mask = opt.attention_mask(torch.ones(batch, seq, dtype=torch.bool, device=device), seq)
-    seconds = _timed(lambda: opt.attend(q, k, v, mask), _sync(device))
+    seconds = _timed(lambda: opt.attend(q, k, v, mask), _sync(device), scope.min_seconds)
     return 4 * batch * heads * seq * seq * head_dim / seconds
 
 
-def measure_decode_attention(device: torch.device, dtype: torch.dtype) -> float:
+def measure_decode_attention(device: torch.device, dtype: torch.dtype, scope: ProfileScope = ProfileScope()) -> float:
     """Cache bytes (K and V) read per second by one decode step's attention."""
     batch, heads, length, head_dim = 8, 32, 512, 64
     q = torch.randn(batch, heads, 1, head_dim, device=device).to(dtype)
     k, v = (torch.randn(batch, heads, length, head_dim, device=device).to(dtype) for _ in range(2))
     mask = torch.ones(batch, 1, 1, length, dtype=torch.bool, device=device)
-    seconds = _timed(lambda: opt.attend(q, k, v, mask), _sync(device))
+    seconds = _timed(lambda: opt.attend(q, k, v, mask), _sync(device), scope.min_seconds)
     return 2 * k.numel() * k.element_size() / seconds
 
 
-def measure_dequantize(device: torch.device, dtype: torch.dtype) -> float:
+def measure_dequantize(device: torch.device, dtype: torch.dtype, scope: ProfileScope = ProfileScope()) -> float:
     """Elements per second of 4-bit codes dequantized into this dtype, codes and outputs rotated out of the cache
     as the engine's are (it dequantizes each layer once per use, into a staging buffer)."""
     x = torch.randn(2048, 2048)
     packed = quantize(x, QuantConfig(4, 64, 0))
     packed = type(packed)(packed.codes.to(device), packed.scale.to(device), packed.minimum.to(device), packed.shape,
                           packed.config)
-    copies = -(-_COLD_BYTES // packed.codes.nbytes)
+    copies = -(-scope.cold_bytes // packed.codes.nbytes)
     sources = [type(packed)(packed.codes.clone(), packed.scale.clone(), packed.minimum.clone(), packed.shape,
                             packed.config) for _ in range(copies)]
-    outs = _cold_copies(torch.empty(x.shape, dtype=dtype, device=device))
+    outs = _cold_copies(torch.empty(x.shape, dtype=dtype, device=device), scope.cold_bytes)
     turn = itertools.count()
 
     def one() -> None:
         i = next(turn)
         dequantize_into(sources[i % len(sources)], outs[i % len(outs)])
 
-    return x.numel() / _timed(one, _sync(device))
+    return x.numel() / _timed(one, _sync(device), scope.min_seconds)
 
 
-def measure_copy(src: torch.Tensor, dst: torch.Tensor) -> float:
+def measure_copy(src: torch.Tensor, dst: torch.Tensor, min_seconds: float = _MIN_SECONDS) -> float:
     """Bytes per second of dst.copy_(src) (pinned host <-> device, or a plain memory copy)."""
     device = dst.device if dst.device.type == "cuda" else src.device
-    seconds = _timed(lambda: dst.copy_(src, non_blocking=True), _sync(device))
+    seconds = _timed(lambda: dst.copy_(src, non_blocking=True), _sync(device), min_seconds)
     return src.numel() * src.element_size() / seconds
 
 
@@ -134,7 +171,12 @@ def measure_disk(offload_dir: str | None, nbytes: int = 512 << 20, files: int = 
     faster than the engine's)."""
     root = ensure_offload_root(offload_dir)
     buf = aligned_empty((nbytes,), torch.uint8)
-    buf.random_(0, 255)
+    # Random bytes (storage may treat repeated blocks specially), one MiB of them tiled: random_ on the whole buffer
+    # took ~3 s per 512 MiB on one core.
+    tile = torch.randint(0, 256, (1 << 20,), dtype=torch.uint8)
+    for start in range(0, nbytes, tile.numel()):
+        piece = buf[start:start + tile.numel()]
+        piece.copy_(tile[:piece.numel()])
     tensors = []
     try:
         start = time.perf_counter()
@@ -155,7 +197,7 @@ def measure_disk(offload_dir: str | None, nbytes: int = 512 << 20, files: int = 
 
 
 def measure_compute_io_overlap(offload_dir: str | None, nbytes: int = 1 << 30, rows: int = 256,
-                               compute_share: float = 1.0, layers: int = 8) -> float:
+                               compute_share: float = 1.0, layers: int = 8, cold_bytes: int = _COLD_BYTES) -> float:
     """The share of the shorter of (GEMMs, O_DIRECT disk reads) hidden under the longer, timed in the engine's own
     rhythm: `layers` layers of nbytes / layers each; per layer the main thread waits for its weights, hands the next
     layer's read to a lane thread, and computes `rows`-row GEMMs over weights rotated out of the cache for about
@@ -169,7 +211,7 @@ def measure_compute_io_overlap(offload_dir: str | None, nbytes: int = 1 << 30, r
     staging = [aligned_empty((layer_bytes,), torch.uint8) for _ in range(2)]
     staging[0].random_(0, 255)
     x = torch.randn(rows, 2048)
-    weights = _cold_copies(torch.randn(8192, 2048))
+    weights = _cold_copies(torch.randn(8192, 2048), cold_bytes)
     files: list[DiskTensor] = []
     lane = ThreadPoolExecutor(1, thread_name_prefix="flexgen-profile-lane")
 
@@ -203,7 +245,7 @@ def measure_compute_io_overlap(offload_dir: str | None, nbytes: int = 1 << 30, r
 
 def measure_step_overhead(device: torch.device, dtype: torch.dtype, offload_dir: str | None,
                           profile: HardwareProfile, hidden_size: int = DEFAULT_HIDDEN[0], gpu_batch_size: int = 4,
-                          batches: int = 4, steps: int = 16) -> tuple[float, float, float]:
+                          batches: int = 4, steps: int = 16, rounds: int = 2) -> tuple[float, float, float]:
     """(seconds per layer window, seconds per GPU batch in a window, seconds per GPU batch in an attention window
     with a compressed cache) of a decode step that the cost model's other terms leave out: the engine's
     bookkeeping, and the dispatch and thread wake-ups of a layer's dozens of small kernels (a LayerNorm of 4 x 2048
@@ -245,51 +287,76 @@ def measure_step_overhead(device: torch.device, dtype: torch.dtype, offload_dir:
             engine.close()
 
     residual_s(1)  # first use of the kernels
-    one, many, compressed = (min(residual_s(n, c) for _ in range(2)) for n, c in ((1, False), (batches, False),
-                                                                                  (batches, True)))
+    one, many, compressed = (min(residual_s(n, c) for _ in range(rounds)) for n, c in ((1, False), (batches, False),
+                                                                                       (batches, True)))
     per_batch = max(0.0, (many - one) / (batches - 1) / len(layers))
     codec = max(0.0, (compressed - many) / batches / cfg.num_layers)
     return max(0.0, one / len(layers) - per_batch), per_batch, codec
 
 
+def gemm_tables(device: torch.device, dtype: torch.dtype, scope: ProfileScope,
+                log: Callable[[str], None] = lambda _: None) -> tuple[dict[str, dict[int, float]], ...]:
+    """(plain, packed) GEMM tables for the layer shapes of `scope.hidden_sizes`. A weight larger than half the cold
+    set (the LM head: 412 MB at hidden 2048 in float32) is measured on a slice of its rows, under the slice's key."""
+    gemm, packed = {}, {}
+    for out_features, in_features, rows in gemm_shapes(scope.hidden_sizes):
+        out_features = min(out_features, max(64, scope.cold_bytes // 2 // (in_features * dtype.itemsize)) // 64 * 64)
+        log(f"{dtype_name(dtype)}: GEMM {out_features}x{in_features}")
+        key = gemm_shape_key(out_features, in_features)
+        gemm[key] = measure_gemm(device, dtype, out_features, in_features, rows, scope=scope)
+        if prepack.supported(device, dtype):
+            packed[key] = measure_gemm(device, dtype, out_features, in_features, rows, packed=True, scope=scope)
+    return gemm, packed
+
+
+def _probe_hidden(scope: ProfileScope, dtype: torch.dtype) -> int:
+    """The hidden size of the step-overhead probe's two layers: the first measured one, at most the scope's, and
+    smaller where their weights (24 h^2 values) would take over a quarter of the memory allowance."""
+    fits = int((scope.memory_bytes / 4 / (24 * dtype.itemsize)) ** 0.5) // 64 * 64
+    return max(64, min(scope.hidden_sizes[0], scope.probe_hidden, fits))
+
+
 def measure_profile(device: torch.device, dtypes: list[torch.dtype], offload_dir: str | None,
-                    hidden_sizes: tuple[int, ...] = DEFAULT_HIDDEN, disk_sample_bytes: int = 2 << 30,
+                    scope: ProfileScope = ProfileScope(),
                     log: Callable[[str], None] = lambda _: None) -> HardwareProfile:
     gpu_mem, cpu_mem, disk_free = detect_capacities(device.type, offload_dir)
     speeds: dict[str, DtypeSpeeds] = {}
     for dtype in dtypes:
-        name = dtype_name(dtype)
-        gemm, packed = {}, {}
-        for out_features, in_features, rows in gemm_shapes(hidden_sizes):
-            log(f"{name}: GEMM {out_features}x{in_features}")
-            key = gemm_shape_key(out_features, in_features)
-            gemm[key] = measure_gemm(device, dtype, out_features, in_features, rows)
-            if prepack.supported(device, dtype):
-                packed[key] = measure_gemm(device, dtype, out_features, in_features, rows, packed=True)
-        log(f"{name}: attention and dequantization")
-        speeds[name] = DtypeSpeeds(
+        gemm, packed = gemm_tables(device, dtype, scope, log)
+        log(f"{dtype_name(dtype)}: attention and dequantization")
+        speeds[dtype_name(dtype)] = DtypeSpeeds(
             gemm_flops=gemm,
             packed_gemm_flops=packed,
-            attention_flops=measure_prefill_attention(device, dtype),
-            decode_attention_bytes_per_s=measure_decode_attention(device, dtype),
-            cpu_decode_attention_bytes_per_s=measure_decode_attention(torch.device("cpu"), dtype),
-            dequantize_elements_per_s=measure_dequantize(device, dtype),
+            attention_flops=measure_prefill_attention(device, dtype, scope),
+            decode_attention_bytes_per_s=measure_decode_attention(device, dtype, scope),
+            cpu_decode_attention_bytes_per_s=measure_decode_attention(torch.device("cpu"), dtype, scope),
+            dequantize_elements_per_s=measure_dequantize(device, dtype, scope),
         )
     log("memory and transfer bandwidths")
-    size = min(1 << 30, disk_sample_bytes)
+    size = scope.copy_bytes
     host = aligned_empty((size,), torch.uint8, pin_memory=device.type == "cuda")
     on_device = torch.empty(size, dtype=torch.uint8, device=device)
-    memory = measure_copy(on_device, torch.empty_like(on_device))
-    h2d = measure_copy(host, on_device)
-    d2h = measure_copy(on_device, host)
+    memory = measure_copy(on_device, torch.empty_like(on_device), scope.min_seconds)
+    h2d = measure_copy(host, on_device, scope.min_seconds)
+    d2h = measure_copy(on_device, host, scope.min_seconds)
+    del host, on_device
     log("disk")
-    rounds = [measure_disk(offload_dir, disk_sample_bytes // 4) for _ in range(3)]  # a virtual disk's speed wanders: the medians
+    sample = scope.disk_sample_bytes
+    file_bytes = max(ALIGN, min(sample // 4, scope.memory_bytes // 4) // ALIGN * ALIGN)
+    files = max(4, sample // file_bytes)
+    rounds = [measure_disk(offload_dir, file_bytes, files) for _ in range(3)]  # a virtual disk's speed wanders
     disk_read, disk_write, disk_cpu = (sorted(column)[1] for column in zip(*rounds))
     # Compute and disk reads share a CPU device's cores; a GPU computes apart from the host's I/O.
     overlap = decode_overlap = 1.0
     if device.type == "cpu":
+        # Its staging buffers hold a quarter of the bytes it reads: within a quarter of the allowance.
+        overlap_bytes = min(sample // 2, scope.memory_bytes)
+        cold = scope.cold_bytes
+
         def median(**shape) -> float:
-            return sorted(measure_compute_io_overlap(offload_dir, disk_sample_bytes // 2, **shape) for _ in range(5))[2]
+            measured = sorted(measure_compute_io_overlap(offload_dir, overlap_bytes, cold_bytes=cold, **shape)
+                              for _ in range(scope.overlap_rounds))
+            return measured[len(measured) // 2]
 
         overlap = median(rows=256, compute_share=1.0)
         decode_overlap = median(rows=16, compute_share=1 / 3)
@@ -316,6 +383,7 @@ def measure_profile(device: torch.device, dtypes: list[torch.dtype], offload_dir
         return profile
     # On a CPU they take the cores that compute.
     log("step overhead")
-    per_window, per_batch, codec = measure_step_overhead(device, dtypes[0], offload_dir, profile, hidden_sizes[0])
+    per_window, per_batch, codec = measure_step_overhead(device, dtypes[0], offload_dir, profile,
+                                                         _probe_hidden(scope, dtypes[0]), rounds=scope.overhead_rounds)
     return replace(profile, layer_overhead_s=per_window, batch_layer_overhead_s=per_batch,
                    cache_codec_overhead_s=codec)

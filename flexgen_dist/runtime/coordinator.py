@@ -25,7 +25,7 @@ from typing import Protocol, TypeVar
 import torch
 
 from flexgen_dist.base.errors import UserError
-from flexgen_dist.engine.generation import Sampling
+from flexgen_dist.engine.generation import Decoding
 from flexgen_dist.engine.policy import Policy
 from flexgen_dist.engine.scoring import Scoring
 from flexgen_dist.engine.stage_engine import PrefillPart
@@ -113,10 +113,10 @@ def _send(executor: Executor, steps: list[Outgoing]) -> list[object]:
     return handles
 
 
-def _replay(executor: Executor, block: Block, head: Sampling | Scoring, sent: list[SentStep]) -> object:
+def _replay(executor: Executor, block: Block, head: Decoding | Scoring, sent: list[SentStep]) -> object:
     """Send a block, from a fresh start on every stage, each step it was sent so far; returns the handle of the last
     (the step in flight). Teacher forcing: every step gets the inputs it got the first time, so the stages rebuild
-    the same KV cache, and the last stage's generator, seeded per block by `start_block`, draws the same numbers
+    the same KV cache, and the last stage's generators, seeded per sequence by `start_block`, draw the same numbers
     again: the step in flight yields what it would have without the loss. Earlier steps' outputs are already in the
     block and are dropped. A step's `valid` is a prefix of the block's current one, as the cache only grows."""
     executor.start_block(block.block_id, block.batch_sizes, block.capacity, head)  # also drops a stage's stale state
@@ -126,7 +126,7 @@ def _replay(executor: Executor, block: Block, head: Sampling | Scoring, sent: li
     return handles[-1]
 
 
-def run_blocks(executor: Executor, blocks: Iterator[B], head: Callable[[B], Sampling | Scoring], max_in_flight: int,
+def run_blocks(executor: Executor, blocks: Iterator[B], head: Callable[[B], Decoding | Scoring], max_in_flight: int,
                on_block_done: Callable[[B], None], on_step: Callable[[B, float], None] | None = None,
                on_restart: Callable[[int], None] | None = None, prefill_chunks: int = 1) -> PipelineTiming:
     """`head(block)`: what the last stage does with the block's logits (sample, or score); `prefill_chunks`: cut each
@@ -143,7 +143,7 @@ def run_blocks(executor: Executor, blocks: Iterator[B], head: Callable[[B], Samp
         submitted = time.perf_counter()  # before the call: the in-process executor runs the whole step inside it
         steps: list[Outgoing] = []
         for block in batch:
-            cut = block.steps_done == 0 and isinstance(head(block), Sampling)
+            cut = block.steps_done == 0 and isinstance(head(block), Decoding)
             parts = prefill_parts(block.batch_sizes, prefill_chunks) if cut else []
             # A copy of the list: a block may replace its items as it advances (the tensors stay as sent).
             sent.setdefault(block.block_id, []).append((list(block.tokens), block.valid[0].shape[1], parts))

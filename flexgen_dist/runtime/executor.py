@@ -6,12 +6,13 @@ The Ray implementation (ray_executor.py) has the same methods, so the coordinato
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import torch
 
 from flexgen_dist.base.errors import RunFailed
-from flexgen_dist.engine.generation import Sampling
+from flexgen_dist.engine.generation import Decoding
 from flexgen_dist.engine.scoring import Scoring
 from flexgen_dist.engine.stage_engine import PrefillPart
 from flexgen_dist.runtime.stage_snapshot import StageSnapshot
@@ -24,9 +25,15 @@ class StageLost(RunFailed):
 
 
 class Executor(Protocol):
+    """Made with a place reserved for each stage (on Ray: a placement-group bundle); `start` loads the stages."""
+
     num_stages: int
 
-    def start_block(self, block_id: int, batch_sizes: list[int], capacity: int, head: Sampling | Scoring) -> None: ...
+    # fn(*args) run once in each stage's place before the stages start (the profiler, measuring where a stage will
+    # compute): its results in stage order.
+    def on_each_stage(self, fn: Callable[..., Any], *args: Any) -> list: ...
+    def start(self, specs: list[StageSpec]) -> None: ...
+    def start_block(self, block_id: int, batch_sizes: list[int], capacity: int, head: Decoding | Scoring) -> None: ...
     # `part`: the step is that part of the block's prefill (its sequences alone); None: every GPU batch.
     def submit_step(self, block_id: int, tokens: list[torch.Tensor], valid: list[torch.Tensor],
                     part: PrefillPart | None = None) -> Any: ...
@@ -45,17 +52,22 @@ class Executor(Protocol):
 class LocalExecutor:
     """All stages in this process, run one after the other (no pipelining): tests and in-process baselines."""
 
-    def __init__(self, specs: list[StageSpec]) -> None:
+    def __init__(self, num_stages: int) -> None:
         self.workers: list[StageWorker] = []
+        self.num_stages = num_stages
+
+    def on_each_stage(self, fn: Callable[..., Any], *args: Any) -> list:
+        return [fn(*args)] * self.num_stages  # every stage computes here: one result serves all
+
+    def start(self, specs: list[StageSpec]) -> None:
         try:
             for spec in specs:
                 self.workers.append(StageWorker(spec))
         except BaseException:
             self.shutdown()
             raise
-        self.num_stages = len(specs)
 
-    def start_block(self, block_id: int, batch_sizes: list[int], capacity: int, head: Sampling | Scoring) -> None:
+    def start_block(self, block_id: int, batch_sizes: list[int], capacity: int, head: Decoding | Scoring) -> None:
         for w in self.workers:
             w.start_block(block_id, batch_sizes, capacity, head)
 

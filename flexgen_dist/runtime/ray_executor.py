@@ -1,5 +1,6 @@
 """Everything Ray: connecting (or starting an embedded cluster on 127.0.0.1), a placement group with one bundle per
-stage, one StageWorker actor per bundle, and the executor calls as actor method calls chained by object refs.
+stage, tasks run in a stage's bundle before it starts (the profiler), one StageWorker actor per bundle, and the
+executor calls as actor method calls chained by object refs.
 
 A stage actor whose process dies (killed, out of memory, node lost) is restarted by Ray, up to MAX_STAGE_RESTARTS
 times: its __init__ runs again and reloads the slice. Ray retries no call (max_task_retries=0): a step re-run alone
@@ -12,19 +13,22 @@ import contextlib
 import math
 import os
 import signal
+import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from flexgen_dist.base.errors import RunFailed, UserError
-from flexgen_dist.engine.generation import Sampling
+from flexgen_dist.engine.generation import Decoding
 from flexgen_dist.engine.scoring import Scoring
 from flexgen_dist.engine.stage_engine import PrefillPart
+from flexgen_dist.runtime import worker
 from flexgen_dist.runtime.executor import StageLost
 from flexgen_dist.runtime.stage_snapshot import StageSnapshot
-from flexgen_dist.runtime.worker import StageSpec, StageWorker
+from flexgen_dist.runtime.worker import StageSpec
 
 READY_TIMEOUT_S = float(os.environ.get("FLEXGEN_RAY_READY_TIMEOUT_S", "600"))  # loading a big slice takes minutes
 PLACEMENT_TIMEOUT_S = float(os.environ.get("FLEXGEN_RAY_PLACEMENT_TIMEOUT_S", "60"))
@@ -106,13 +110,13 @@ def _unwrap(e: Exception) -> Exception:
 
 
 class RayExecutor:
-    def __init__(self, specs: list[StageSpec], address: str | None, placement_strategy: str = "PACK",
+    def __init__(self, num_stages: int, device: str | None, address: str | None, placement_strategy: str = "PACK",
                  cpus_per_stage: float | None = None) -> None:
+        """Join (or start) the cluster and reserve one bundle per stage; `start` then loads a stage actor in each."""
         import ray
         from ray.util.placement_group import placement_group, remove_placement_group
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        self.num_stages = len(specs)
+        self.num_stages = num_stages
         # Joined here (not by the caller beforehand): leave at the end, or Ray's forwarded worker and raylet log lines
         # may print after the summary, which must stay the last stdout line (seen when a node was lost mid-run).
         self._joined = not ray.is_initialized()
@@ -124,29 +128,60 @@ class RayExecutor:
         self._recoveries = 0
         self._pg = None
         try:
-            cluster_gpus = ray.cluster_resources().get("GPU", 0) if specs[0].device != "cpu" else 0
+            cluster_gpus = ray.cluster_resources().get("GPU", 0) if device != "cpu" else 0
             gpu = cluster_gpus >= 1
             # Without --cpus-per-stage a CPU-only stage gets an equal share of one node's cores (fractional shares
             # are fine for Ray); a share of the whole cluster could exceed every node. Spread over several nodes this
             # under-asks, never over-asks.
             node_cpus = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]), default=1)
-            cpu_share = cpus_per_stage or (1.0 if gpu else max(node_cpus / self.num_stages, 0.01))
-            bundles = [stage_bundle(cluster_gpus, self.num_stages, cpu_share) for _ in specs]
-            self._pg = placement_group(bundles, strategy=placement_strategy)
+            cpu_share = cpus_per_stage or (1.0 if gpu else max(node_cpus / num_stages, 0.01))
+            self._bundles = [stage_bundle(cluster_gpus, num_stages, cpu_share) for _ in range(num_stages)]
+            self._threads = None if gpu else max(1, int(cpu_share))  # a CPU stage's compute threads
+            self._pg = placement_group(self._bundles, strategy=placement_strategy)
             ready, _ = ray.wait([self._pg.ready()], timeout=PLACEMENT_TIMEOUT_S)
             if not ready:
-                raise UserError(f"the Ray cluster cannot place {self.num_stages} stages of {bundles[0]} with "
+                raise UserError(f"the Ray cluster cannot place {num_stages} stages of {self._bundles[0]} with "
                                 f"{placement_strategy} within {PLACEMENT_TIMEOUT_S:.0f} s (cluster has "
                                 f"{_resources(ray.cluster_resources())}); check `ray status`")
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def _in_bundle(self, i: int) -> dict[str, Any]:
+        """Ray options that put a task or an actor in stage i's bundle, with its resources."""
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        return {"num_cpus": self._bundles[i]["CPU"], "num_gpus": self._bundles[i].get("GPU", 0),
+                "scheduling_strategy": PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=i)}
+
+    def on_each_stage(self, fn: Callable[..., Any], *args: Any) -> list:
+        """fn(*args) as a task in each stage's bundle (its node, its cores and threads), once per node: stages that
+        share a node share its answer (measured at once, two stages would each see half of a shared disk)."""
+        import ray
+        from ray.util import placement_group_table
+
+        nodes = placement_group_table(self._pg)["bundles_to_node_id"]
+        first = {}  # node -> the first stage placed on it
+        for i in range(self.num_stages):
+            first.setdefault(nodes[i], i)
+        # max_calls=1: the worker process exits after it, so what the measurement held returns to the node before the
+        # stages load (an idle pooled worker would keep it).
+        task = ray.remote(max_retries=0, max_calls=1)(_in_stage_place)
+        refs = {i: task.options(**self._in_bundle(i)).remote(fn, self._threads, *args) for i in first.values()}
+        results = dict(zip(refs, self._get(list(refs.values()), timeout=READY_TIMEOUT_S,
+                                           what="the stages' nodes to measure their hardware")))
+        return [results[first[nodes[i]]] for i in range(self.num_stages)]
+
+    def start(self, specs: list[StageSpec]) -> None:
+        import ray
+
+        try:
             worker_cls = ray.remote(concurrency_groups={MONITOR_GROUP: 1})(StageWorker)
             for i, spec in enumerate(specs):
-                if not gpu:
-                    spec = _with_threads(spec, max(1, int(cpu_share)))
-                self.actors.append(worker_cls.options(
-                    num_cpus=bundles[i]["CPU"], num_gpus=bundles[i].get("GPU", 0), max_concurrency=1,
-                    max_restarts=MAX_STAGE_RESTARTS, max_task_retries=0,
-                    scheduling_strategy=PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=i),
-                ).remote(spec))
+                if self._threads:
+                    spec = _with_threads(spec, self._threads)
+                self.actors.append(worker_cls.options(max_concurrency=1, max_restarts=MAX_STAGE_RESTARTS,
+                                                      max_task_retries=0, **self._in_bundle(i)).remote(spec))
             self._pids = self._get([a.pid.remote() for a in self.actors], timeout=READY_TIMEOUT_S,
                                    what=f"stage actors to load their layers within {READY_TIMEOUT_S:.0f} s")
             self._snapshot_refs = [None] * len(self.actors)
@@ -171,7 +206,7 @@ class RayExecutor:
         except ray.exceptions.RayTaskError as e:
             raise _unwrap(e) from None
 
-    def start_block(self, block_id: int, batch_sizes: list[int], capacity: int, head: Sampling | Scoring) -> None:
+    def start_block(self, block_id: int, batch_sizes: list[int], capacity: int, head: Decoding | Scoring) -> None:
         for a in self.actors:  # no wait: each actor runs its calls in order, so this precedes the block's first step
             a.start_block.remote(block_id, batch_sizes, capacity, head)
 
@@ -298,3 +333,39 @@ def _with_threads(spec: StageSpec, threads: int) -> StageSpec:
     from dataclasses import replace
 
     return replace(spec, threads=threads)
+
+
+def _in_stage_place(fn: Callable[..., Any], threads: int | None, *args: Any) -> Any:
+    """A task's body in a stage's bundle: with the compute threads and the priority the stage will have (Ray sets a
+    task's OMP_NUM_THREADS from its CPUs, not torch's thread count)."""
+    _at_raylet_priority()
+    if threads:
+        torch.set_num_threads(threads)
+    return fn(*args)
+
+
+def _at_raylet_priority() -> None:
+    """Give every thread of this worker process the niceness of the raylet that started it. A cluster started with a
+    plain `ray start` runs workers at nice 15, below Ray's own daemons and the driver, while a stage is the run's
+    compute and its disk reads: where the stages fill the cores (S=2 on 2 cores), every daemon wake-up preempts one
+    (launch/ray_head.sh and the embedded cluster start workers at 0 already). Where raising the priority is not
+    permitted (no CAP_SYS_NICE), the stage stays as Ray started it and says so."""
+    try:
+        target = os.getpriority(os.PRIO_PROCESS, os.getppid())
+        for tid in map(int, os.listdir("/proc/self/task")):  # Linux's niceness is per thread
+            if os.getpriority(os.PRIO_PROCESS, tid) > target:
+                os.setpriority(os.PRIO_PROCESS, tid, target)
+    except FileNotFoundError:  # no /proc: not Linux
+        pass
+    except PermissionError:
+        print(f"flexgen-dist: a stage runs at nice {os.getpriority(os.PRIO_PROCESS, 0)}, below Ray's daemons; start "
+              "the cluster with RAY_worker_niceness=0 (launch/ray_head.sh does)", file=sys.stderr, flush=True)
+
+
+class StageWorker(worker.StageWorker):
+    """A stage as a Ray actor, at the raylet's priority (Ray names its actors by their class: StageWorker, as the
+    state API and the dashboard have always listed them)."""
+
+    def __init__(self, spec: StageSpec) -> None:
+        _at_raylet_priority()
+        super().__init__(spec)

@@ -11,12 +11,13 @@ import resource
 import shutil
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from flexgen_dist.base.devices import resolve_device, resolve_dtype
-from flexgen_dist.engine.generation import Sampling, sample
+from flexgen_dist.engine.generation import Decoding
 from flexgen_dist.engine.policy import Policy
 from flexgen_dist.engine.scoring import Scoring
 from flexgen_dist.engine.stage_engine import BatchInput, PrefillPart, StageEngine
@@ -24,6 +25,7 @@ from flexgen_dist.io.model_source import resolve_model
 from flexgen_dist.memory.host_heap import keep_freed_memory
 from flexgen_dist.memory.tiers import stage_offload_dir
 from flexgen_dist.models.layout import model_layers
+from flexgen_dist.models.likelihood import summed_nll
 from flexgen_dist.runtime.stage_snapshot import StageSnapshot, take_snapshot
 
 
@@ -45,9 +47,16 @@ class StageSpec:
     stage: int = 0
 
 
-def _cat_rows(parts: dict[int, torch.Tensor]) -> torch.Tensor:
+def _join_rows(rows: list) -> torch.Tensor | tuple:
+    """Tensors joined along their first dimension; named tuples of them (a prefill that echoes) field by field."""
+    if isinstance(rows[0], torch.Tensor):
+        return torch.cat(rows)
+    return type(rows[0])._make(_join_rows(list(column)) for column in zip(*rows))
+
+
+def _cat_rows(parts: dict[int, torch.Tensor | tuple]) -> torch.Tensor | tuple:
     """Parts keyed by their first sequence, in sequence order."""
-    return torch.cat([parts[start] for start in sorted(parts)])
+    return _join_rows([parts[start] for start in sorted(parts)])
 
 
 class StageWorker:
@@ -68,10 +77,11 @@ class StageWorker:
         except BaseException:
             self._remove_offload_dir()  # the engine removed its own files; the stage directory may remain
             raise
-        self._sampling: dict[int, tuple[Sampling, torch.Generator]] = {}
+        # Per block: its sequences' heads, and per GPU batch each sampled sequence's own generator.
+        self._decoding: dict[int, tuple[Decoding, list[list[torch.Generator | None]]]] = {}
         self._scoring: dict[int, Scoring] = {}  # blocks whose head sums log-likelihoods instead of sampling
         # Last stage, a prefill cut into parts: per block, per GPU batch, the logits of the parts seen so far.
-        self._part_logits: dict[int, list[dict[int, torch.Tensor]]] = {}
+        self._part_logits: dict[int, list[dict[int, torch.Tensor | tuple]]] = {}
         self._batch_sizes: dict[int, list[int]] = {}
         self.busy_s = 0.0
         self._first_step: float | None = None
@@ -86,7 +96,7 @@ class StageWorker:
         """Answers once the slice is loaded; the executor waits on it, and tells a restarted stage by a new id."""
         return os.getpid()
 
-    def start_block(self, block_id: int, batch_sizes: list[int], capacity: int, head: Sampling | Scoring) -> None:
+    def start_block(self, block_id: int, batch_sizes: list[int], capacity: int, head: Decoding | Scoring) -> None:
         """`head`: what the last stage does with the logits — sample the next tokens, or score the block's tokens."""
         self.engine.start_block(block_id, batch_sizes, capacity)
         self._batch_sizes[block_id] = list(batch_sizes)
@@ -94,14 +104,14 @@ class StageWorker:
         if self.engine.has_head and isinstance(head, Scoring):
             self._scoring[block_id] = head
         elif self.engine.has_head:
-            self._sampling[block_id] = (head, head.generator(block_id))
+            self._decoding[block_id] = (head, head.generators())
 
     def step(self, block_id: int, data: list[torch.Tensor], valid: list[torch.Tensor],
              part: PrefillPart | None = None) -> list[torch.Tensor]:
-        """Token ids (first stage) or hidden states in; hidden states, or per sequence [B] the sampled next token or
-        (scoring) the summed NLL (last stage), out. `part`: one part of a prefill cut into several steps; the last
-        stage answers [] until the block's last part, then samples every GPU batch at once, so the generator draws
-        as for a whole prefill."""
+        """Token ids (first stage) or hidden states in; hidden states, or per GPU batch the sampled next tokens [B]
+        (with log-probabilities where asked: generation.Sampled) or (scoring) the summed NLL [B] (last stage), out.
+        `part`: one part of a prefill cut into several steps; the last stage answers [] until the block's last part,
+        then samples every GPU batch at once."""
         start = time.perf_counter()
         with self._clock:
             if self._first_step is None:
@@ -112,14 +122,14 @@ class StageWorker:
             if part is not None and scoring is not None:
                 raise ValueError("scoring takes whole prefills")
             out = self.engine.step(block_id, [BatchInput(d, v) for d, v in zip(data, valid)],
-                                   scoring.step_targets(valid, data[0].shape[1]) if scoring else None, part)
+                                   self._head(block_id, valid, data[0].shape[1], part), part)
             if scoring is not None:
                 out = [nll.cpu() for nll in out]  # summed NLL per sequence [B]
             elif self.engine.has_head:
                 if part is not None:
                     out = self._whole_prefill(block_id, part, out[0])
-                sampling, generator = self._sampling[block_id]
-                out = [sample(logits, sampling, generator).cpu() for logits in out]
+                decoding, generators = self._decoding[block_id]
+                out = [decoding.head_output(k, logits, generators[k]) for k, logits in enumerate(out)]
             elif self.device.type != "cpu":
                 out = [h.cpu() for h in out]  # hidden states travel between stages through host memory
         finally:
@@ -128,12 +138,27 @@ class StageWorker:
                 self._step_start = None
         return out
 
-    def _whole_prefill(self, block_id: int, part: PrefillPart, logits: torch.Tensor) -> list[torch.Tensor]:
+    def _head(self, block_id: int, valid: list[torch.Tensor], query_len: int,
+              part: PrefillPart | None) -> Callable[[int, torch.Tensor], object] | None:
+        """What the last stage's head makes of every position's logits (stage_engine.step's `head`); None: it keeps
+        the last position's."""
+        scoring = self._scoring.get(block_id)
+        if scoring is not None:
+            targets = scoring.step_targets(valid, query_len)
+            return lambda k, logits: summed_nll(logits, targets[k].to(logits.device))
+        prefill = valid[0].shape[1] == query_len
+        if block_id not in self._decoding or not prefill:
+            return None
+        return self._decoding[block_id][0].prefill_head(part.batch if part else None,
+                                                        slice(part.start, part.stop) if part else slice(None))
+
+    def _whole_prefill(self, block_id: int, part: PrefillPart, logits: torch.Tensor | tuple) -> list:
         """Keep a part's logits; once every sequence of the block has its part, per GPU batch all its logits."""
         sizes = self._batch_sizes[block_id]
         seen = self._part_logits.setdefault(block_id, [{} for _ in sizes])
         seen[part.batch][part.start] = logits
-        if any(sum(len(x) for x in parts.values()) < size for parts, size in zip(seen, sizes)):
+        rows = (lambda x: len(x[0]) if isinstance(x, tuple) else len(x))  # a tuple's first field has a row each
+        if any(sum(rows(x) for x in parts.values()) < size for parts, size in zip(seen, sizes)):
             return []
         del self._part_logits[block_id]
         return [_cat_rows(parts) for parts in seen]
@@ -142,7 +167,7 @@ class StageWorker:
         self.engine.end_block(block_id)
         self._batch_sizes.pop(block_id, None)
         self._part_logits.pop(block_id, None)
-        self._sampling.pop(block_id, None)
+        self._decoding.pop(block_id, None)
         self._scoring.pop(block_id, None)
 
     def stats(self) -> dict:
