@@ -105,9 +105,8 @@ def stage_profile(device_name: str | None, dtype: str, offload_dir: str | None, 
     capacities this process has now (a node's RAM or cgroup limit, its GPU, its offload disk). It holds at most
     `memory_bytes`, and at most a quarter of the node's memory, at once."""
     device = resolve_device(device_name)
-    _, memory, _ = detect_capacities("cpu", offload_dir)
-    profile = machine_profile(device, DTYPES[dtype], offload_dir, hidden_size, min(memory_bytes, memory // 4))
     gpu, cpu, disk = detect_capacities(device.type, offload_dir)
+    profile = machine_profile(device, DTYPES[dtype], offload_dir, hidden_size, min(memory_bytes, cpu // 4))
     return replace(profile, device_memory_bytes=gpu, cpu_memory_bytes=cpu, disk_bytes=disk)
 
 
@@ -133,7 +132,7 @@ def stage_hardware(auto: AutoPolicy, cfg: OptConfig, device: torch.device, dtype
         if profile.device != device.type:
             raise UserError(f"--hardware {auto.hardware} describes a {profile.device} device but this run computes on "
                             f"{device.type}; plan for other hardware with `flexgen-dist policy`")
-        gpu, cpu, disk = detect_capacities(device.type, offload_dir)
+        gpu, cpu, disk = detect_capacities(device.type, offload_dir)  # a smaller container than the profiled machine
         return [replace(profile, device_memory_bytes=gpu, cpu_memory_bytes=cpu, disk_bytes=disk)] * stages
     args = (device.type, dtype_name(dtype), offload_dir, cfg.hidden_size, profile_memory(budget, device))
     if on_stages is None:
