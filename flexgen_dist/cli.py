@@ -168,6 +168,27 @@ def build_parser() -> argparse.ArgumentParser:
     _add_output_flags(sc)
     sc.set_defaults(func=_score)
 
+    ev = sub.add_parser("eval", help="lm-evaluation-harness tasks through the engine, each request kind one offline "
+                                     "job (needs the eval extra); lm-eval's results table, its results JSON")
+    ev.add_argument("--model", required=True, help="an HF checkpoint dir with a tokenizer")
+    ev.add_argument("--dummy-weights", action="store_true", help="seeded random weights of the checkpoint's shapes")
+    ev.add_argument("--tasks", required=True, type=_task_names, metavar="T1,T2",
+                    help="lm-eval task, group or tag names (glob patterns too)")
+    ev.add_argument("--include-path", metavar="DIR", help="a directory of task YAMLs beside lm-eval's own")
+    ev.add_argument("--num-fewshot", type=int, metavar="K", help="examples in each prompt (default: each task's)")
+    ev.add_argument("--limit", type=float, metavar="N",
+                    help="documents per task; below 1, that fraction of them (only for testing: metrics on part of "
+                         "a task are not the task's)")
+    ev.add_argument("--batch-size", dest="gpu_batch_size", type=int, metavar="N", help="same as --gpu-batch-size")
+    ev.add_argument("--seed", type=int, default=0,
+                    help="dummy weights, and each sampled request's generator unless its task gives a seed (default 0)")
+    ev.add_argument("--log-samples", action="store_true",
+                    help="each document's requests, responses and metrics in the results JSON too")
+    ev.add_argument("--output", metavar="FILE.json", help="lm-eval's results JSON, with each engine job's summary")
+    ev.add_argument("--quiet", action="store_true", help="no progress bars of our jobs")
+    _add_run_flags(ev)
+    ev.set_defaults(func=_eval)
+
     be = sub.add_parser("bench", help="our engine and the baselines (HF generate, HF accelerate offload) on the same "
                                       "synthetic work; throughput, latency, ratios, roofline; JSON out")
     be.add_argument("--model", required=True,
@@ -181,11 +202,16 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--sweep", metavar="BxN,…", help="block shapes (--gpu-batch-size x --num-gpu-batches) to measure, "
                                                     "e.g. 8x1,32x1,32x4: a latency/throughput curve")
     be.add_argument("--baseline", action="append", default=[], metavar="SYSTEM",
-                    help="also run HF transformers generate (hf, weights resident) or HF accelerate's offload "
-                         "(accelerate) under the same budgets (repeatable)")
+                    help="also run HF transformers generate (hf, weights resident), HF accelerate's offload "
+                         "(accelerate) or vLLM (vllm, in its own environment: launch/setup_vllm.sh) under the same "
+                         "budgets (repeatable)")
+    be.add_argument("--vllm-python", metavar="PATH",
+                    help="the Python that has vLLM, for --baseline vllm (default: $FLEXGEN_VLLM_PYTHON, else "
+                         ".venv-vllm beside this checkout, else this Python if it imports vllm)")
     be.add_argument("--baseline-batch-size", type=int, action="append", default=[], metavar="N",
                     help="baseline batch sizes to try, the best reported (default: hf the two largest powers of two "
-                         "up to the block size that fit the memory budget, accelerate the block size)")
+                         "up to the block size that fit the memory budget, accelerate the block size, vllm the block "
+                         "size as its most sequences in flight)")
     be.add_argument("--baseline-calls", type=int, metavar="N",
                     help="time at most N generate calls of each baseline batch size (default: all the prompts): its "
                          "calls are the same work, so a slow baseline can be measured on a sample")
@@ -351,6 +377,23 @@ def _score(args: argparse.Namespace) -> int:
     return 0
 
 
+def _task_names(text: str) -> tuple[str, ...]:
+    names = tuple(t.strip() for t in text.split(","))
+    if not all(names):
+        raise argparse.ArgumentTypeError(f"expected task names separated by commas, got {text!r}")
+    return names
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from flexgen_dist.evaluation.command import EvalSpec, run_eval
+
+    # Each request's generation settings come from its task; the model writes no per-prompt lines (--output is the
+    # results JSON).
+    run = _run_config(args, Sampling(seed=args.seed))
+    run_eval(run, EvalSpec(args.tasks, args.include_path, args.num_fewshot, args.limit, args.log_samples, args.output))
+    return 0
+
+
 def _profile(args: argparse.Namespace) -> int:
     from flexgen_dist.policy.hardware import profile_yaml
     from flexgen_dist.policy.profiler import ProfileScope, measure_profile
@@ -433,6 +476,7 @@ _BENCH_PASSTHROUGH = (
 def _bench(args: argparse.Namespace) -> int:
     from flexgen_dist.bench.baselines import SYSTEMS
     from flexgen_dist.bench.command import BenchSpec, format_table, parse_blocks, plot_pareto, plot_scaling, run_bench
+    from flexgen_dist.bench.vllm_baseline import vllm_python
     from flexgen_dist.io.model_source import model_config
     from flexgen_dist.policy.auto import machine_profile
     from flexgen_dist.policy.hardware import load_profile
@@ -465,7 +509,7 @@ def _bench(args: argparse.Namespace) -> int:
     spec = BenchSpec(args.model, cfg, args.prompt_len, args.gen_len, args.num_prompts, blocks, args.stages,
                      device.type, dtype, parse_max_memory(args.max_memory) if args.max_memory else MemoryBudget(),
                      args.offload_dir, tuple(dict.fromkeys(args.baseline)), tuple(args.baseline_batch_size), args.seed,
-                     args.baseline_calls, args.disk_now)
+                     args.baseline_calls, args.disk_now, vllm_python(args.vllm_python) if "vllm" in args.baseline else None)
     hardware = None
     if not args.no_roofline:
         hardware = load_profile(args.hardware) if args.hardware else machine_profile(device, DTYPES[dtype], None)

@@ -13,7 +13,7 @@ import resource
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
@@ -228,9 +228,11 @@ def make_executor(run: RunConfig) -> Executor:
     return RayExecutor(run.stages, run.device, run.ray_address, run.placement_strategy, run.cpus_per_stage)
 
 
-def generate(run: RunConfig, requests: list[Request], results: Results | None = None) -> dict:
+def generate(run: RunConfig, requests: list[Request], results: Results | None = None,
+             sink: Callable[[list[dict]], None] | None = None) -> dict:
     """Run everything; return the summary. Raises UserError for bad input before any heavy work, unless `results`
-    (default: OwnFormat) answers it with error records."""
+    (default: OwnFormat) answers it with error records. `sink`: where each finished block's records go (default: the
+    run's output file, else stdout)."""
     if run.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens must be >= 1, got {run.max_new_tokens}")
     device = resolve_device(run.device)
@@ -261,12 +263,13 @@ def generate(run: RunConfig, requests: list[Request], results: Results | None = 
                                                run.prefill_chunks)
         executor = reserved[0] if reserved else None
         return _execute(run, source, work, results, errors, policies, search, executor, device, dtype, prompt_len,
-                        gen_len)
+                        gen_len, sink)
 
 
 def _execute(run: RunConfig, source: ModelSource, work: list[tuple[Request, Sequence]], results: Results,
              errors: list[dict], policies: list[Policy], search: dict | None, executor: Executor | None,
-             device: torch.device, dtype: torch.dtype, prompt_len: int, gen_len: int) -> dict:
+             device: torch.device, dtype: torch.dtype, prompt_len: int, gen_len: int,
+             sink: Callable[[list[dict]], None] | None) -> dict:
     """Plan the stages for the chosen policies, start them (in `executor` if already reserved), write the error
     records, run every block."""
     cfg = source.config
@@ -298,7 +301,9 @@ def _execute(run: RunConfig, source: ModelSource, work: list[tuple[Request, Sequ
         writer = stack.enter_context(ResultWriter(run.output)) if run.output else None
 
         def emit(records: list[dict]) -> None:
-            if writer is not None:
+            if sink is not None:
+                sink(records)
+            elif writer is not None:
                 writer.write_many(records)
             else:
                 for rec in records:

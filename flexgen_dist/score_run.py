@@ -13,6 +13,9 @@ import contextlib
 import json
 import math
 import time
+from collections.abc import Callable
+
+import torch
 
 from flexgen_dist.base.devices import dtype_name, resolve_device, resolve_dtype
 from flexgen_dist.base.errors import UserError
@@ -21,8 +24,9 @@ from flexgen_dist.engine.scoring import ScoreBlock, ScoredSequence
 from flexgen_dist.io.model_source import ModelSource, resolve_model
 from flexgen_dist.io.outputs import ResultWriter, read_done_ids
 from flexgen_dist.io.prompts import Request
+from flexgen_dist.models.opt import OptConfig
 from flexgen_dist.observability.progress import progress
-from flexgen_dist.run import make_executor, plan_stages, prompt_ids, resource_summary
+from flexgen_dist.run import StagePlan, make_executor, plan_stages, prompt_ids, resource_summary
 from flexgen_dist.run_config import RunConfig
 from flexgen_dist.runtime.coordinator import run_blocks
 
@@ -54,53 +58,83 @@ def score(run: RunConfig, requests: list[Request], decode_tokens: int = 0) -> di
     `decode_tokens`: score each sequence's last N tokens through decode steps, which read the (compressed) KV cache."""
     if decode_tokens < 0:
         raise UserError(f"--decode-tokens must be >= 0, got {decode_tokens}")
-    if not isinstance(run.policy, Policy):
-        raise UserError("score: --policy auto is not available for scoring yet (its cost model covers generation); "
-                        "give --percent and batch flags or a policy YAML, e.g. one written by `flexgen-dist policy`")
+    check_scoring_policy(run)
     device = resolve_device(run.device)
     dtype = resolve_dtype(run.dtype, device)
     source = resolve_model(run.model, run.dummy_weights, run.sampling.seed)
-    cfg, policy = source.config, run.policy
     work = _sequences(requests, source, decode_tokens)
     skipped = 0
     if run.output:
         done = read_done_ids(run.output)
         skipped = sum(r.id in done for r, _ in work)
         work = [(r, s) for r, s in work if r.id not in done]
-    prompt_len = max((len(s.input_ids) for _, s in work), default=1)
-    logits_bytes = _LOGITS_COPIES * policy.gpu_batch_size * prompt_len * cfg.vocab_size * 4
-    stages = plan_stages(run, cfg, dtype, device, prompt_len, gen_len=0, head_workspace=logits_bytes)
-
-    # Similar lengths share a block: less padding computed.
-    work.sort(key=lambda rs: len(rs[1].input_ids), reverse=True)
-    groups = [work[i : i + policy.block_size] for i in range(0, len(work), policy.block_size)]
-    summary: dict = {"model": cfg.name, "device": device.type, "dtype": dtype_name(dtype),
-                     "stages": run.stages, "executor": run.executor, "decode_tokens": decode_tokens,
-                     "sequences": len(work), "skipped": skipped,
-                     "prompt_tokens": sum(len(s.input_ids) for _, s in work),
-                     "scored_tokens": sum(s.scored_tokens for _, s in work)}
-    stage_stats: list[dict] = []
-    total_s = 0.0
+    sequences = [s for _, s in work]
+    stages = plan_scoring(run, source.config, dtype, device, sequences)
     with contextlib.ExitStack() as stack:
         # Open the output first: an unwritable path fails before minutes of weight loading.
         writer = stack.enter_context(ResultWriter(run.output)) if run.output else None
+
+        def scored(indices: list[int]) -> None:
+            records = [_record(*work[i]) for i in indices]
+            if writer is not None:
+                writer.write_many(records)
+            else:
+                for rec in records:
+                    print(json.dumps(rec), flush=True)
+
+        summary = run_scoring(run, source.config, stages, sequences, decode_tokens, scored)
+    return {**summary, "decode_tokens": decode_tokens, "skipped": skipped}
+
+
+def check_scoring_policy(run: RunConfig) -> None:
+    """Scoring runs a fixed Policy (--policy auto plans generation only)."""
+    if not isinstance(run.policy, Policy):
+        raise UserError("--policy auto is not available for scoring (score, eval's log-likelihood requests) yet: "
+                        "its cost model covers generation; give --percent and batch flags or a policy YAML, e.g. one "
+                        "written by `flexgen-dist policy`")
+
+
+def plan_scoring(run: RunConfig, cfg: OptConfig, dtype: torch.dtype, device: torch.device,
+                 sequences: list[ScoredSequence]) -> StagePlan:
+    """The stages for scoring `sequences` (run.policy a fixed Policy: check_scoring_policy), checked against the
+    budgets before any loading; the last stage's workspace holds a GPU batch's logits of the positions it scores."""
+    prompt_len = max((len(s.input_ids) for s in sequences), default=1)
+    columns = max((s.logit_columns for s in sequences), default=1)
+    logits_bytes = _LOGITS_COPIES * run.policy.gpu_batch_size * columns * cfg.vocab_size * 4
+    return plan_stages(run, cfg, dtype, device, prompt_len, gen_len=0, head_workspace=logits_bytes)
+
+
+def run_scoring(run: RunConfig, cfg: OptConfig, stages: StagePlan, sequences: list[ScoredSequence],
+                decode_tokens: int = 0, on_scored: Callable[[list[int]], None] | None = None,
+                label: str = "score") -> dict:
+    """Score `sequences` in place (their `nll` and `greedy`) through the planned stages, similar lengths sharing a
+    block; `on_scored(indices)` as each block finishes, with the indices into `sequences` it held. `label`: the
+    progress bar's. -> the summary (corpus perplexity, throughput, resources, policy)."""
+    policy = run.policy
+    # Similar lengths share a block: less padding computed.
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i].input_ids), reverse=True)
+    groups = [order[i : i + policy.block_size] for i in range(0, len(order), policy.block_size)]
+    device = resolve_device(run.device)
+    summary: dict = {"model": cfg.name, "device": device.type, "dtype": dtype_name(resolve_dtype(run.dtype, device)),
+                     "stages": run.stages, "executor": run.executor, "sequences": len(sequences),
+                     "prompt_tokens": sum(len(s.input_ids) for s in sequences),
+                     "scored_tokens": sum(s.scored_tokens for s in sequences)}
+    stage_stats: list[dict] = []
+    total_s = 0.0
+    with contextlib.ExitStack() as stack:
         if groups:
             load_start = time.perf_counter()
             executor = make_executor(run)
             stack.callback(executor.shutdown)  # frees tiers, deletes offload files, stops what the run started
             executor.start(stages.specs)
             summary["load_s"] = time.perf_counter() - load_start
-            bar = stack.enter_context(progress(len(work), len(groups), run.progress, "score"))
-            blocks = [ScoreBlock(i, [s for _, s in g], policy.gpu_batch_size, cfg.pad_token_id, decode_tokens)
+            bar = stack.enter_context(progress(len(sequences), len(groups), run.progress, label))
+            blocks = [ScoreBlock(i, [sequences[j] for j in g], policy.gpu_batch_size, cfg.pad_token_id, decode_tokens)
                       for i, g in enumerate(groups)]
 
             def finished(block: ScoreBlock) -> None:
-                records = [_record(r, s) for r, s in groups[block.block_id]]
-                if writer is not None:
-                    writer.write_many(records)
-                else:
-                    for rec in records:
-                        print(json.dumps(rec), flush=True)
+                if on_scored is not None:
+                    on_scored(groups[block.block_id])
                 if bar is not None:
                     bar.step_done(sum(len(s.input_ids) for s in block.sequences))
                     bar.block_done(len(block.sequences))
@@ -108,7 +142,7 @@ def score(run: RunConfig, requests: list[Request], decode_tokens: int = 0) -> di
             total_s = run_blocks(executor, iter(blocks), lambda block: block.head_task, max_in_flight=run.stages,
                                  on_block_done=finished).total_s
             stage_stats = executor.stats()
-    nll = sum(s.nll for _, s in work)
+    nll = sum(s.nll for s in sequences)
     tokens = summary["scored_tokens"]
     summary.update(nll=nll, perplexity=math.exp(nll / tokens) if tokens else None, total_s=total_s,
                    scoring_throughput_tok_s=summary["prompt_tokens"] / total_s if total_s else 0.0)

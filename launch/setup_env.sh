@@ -11,6 +11,6 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   .venv/bin/pip install -q --upgrade pip
   .venv/bin/pip install -q "torch==2.13.0"
 fi
-if ! .venv/bin/python -c "import flexgen_dist, pytest, accelerate, matplotlib" 2>/dev/null; then
+if ! .venv/bin/python -c "import flexgen_dist, pytest, accelerate, matplotlib, lm_eval" 2>/dev/null; then
   .venv/bin/pip install -q -e ".[test]"
 fi

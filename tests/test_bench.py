@@ -217,7 +217,7 @@ def test_bench_reports_a_killed_baseline_batch_and_runs_the_others(opt_preln_dir
 
 @pytest.mark.parametrize("flags,message", [
     (["--baseline", "accelerate"], "--baseline accelerate loads a checkpoint"),
-    (["--baseline", "bogus"], "--baseline bogus: unknown system (choose from hf, accelerate)"),
+    (["--baseline", "bogus"], "--baseline bogus: unknown system (choose from hf, accelerate, vllm)"),
     (["--prompt-len", "4000"], "exceeds the model's"),
     (["--sweep", "4x"], "--sweep"),
     (["--policy", "auto"], "--num-prompts is needed"),

@@ -1,5 +1,6 @@
 """The package's floor plan holds: no import cycles between modules (lazy imports inside functions count too), each
-room imports only the rooms its docstring names, and the command line loads no benchmarking or profiling code."""
+room imports only the rooms its docstring names, and the command line loads no benchmarking, profiling or evaluation
+code (nor lm-eval) until a command needs it."""
 
 from __future__ import annotations
 
@@ -23,6 +24,8 @@ ALLOWED = {
     "policy": {"base", "models", "io", "memory", "engine", "runtime"},
     "observability": {"base", "memory", "runtime"},
     "bench": {"base", "models", "io", "memory", "engine", "runtime", "policy", "observability"},
+    # Above the run orchestration: lm-eval's model runs its jobs through run.py and score_run.py.
+    "evaluation": {"base", "io", "memory", "engine", "top"},
 }
 
 
@@ -98,12 +101,19 @@ def test_rooms_import_only_what_their_docstrings_allow():
     assert not wrong, "\n".join(wrong)
     for name, allowed in ALLOWED.items():
         doc = ast.get_docstring(ast.parse((PACKAGE / name / "__init__.py").read_text())) or ""
-        stated = set(re.findall(r"\w+", doc.rsplit("May import:", 1)[-1])) & set(ALLOWED)
+        stated = set(re.findall(r"\w+", doc.rsplit("May import:", 1)[-1])) & (set(ALLOWED) | {"top"})
         assert "May import:" in doc and stated == allowed, f"{name}/__init__.py must state {sorted(allowed)}"
 
 
-def test_cli_loads_no_benchmarking_or_profiling_code():
+def test_only_the_command_line_imports_evaluation():
+    importers = sorted(m for m, targets in import_graph().items()
+                       if room(m) != "evaluation" and any(room(t) == "evaluation" for t in targets))
+    assert importers == ["flexgen_dist.cli"]
+
+
+def test_cli_loads_no_benchmarking_profiling_or_evaluation_code():
     code = ("import sys, flexgen_dist.cli; print(' '.join(m for m in sys.modules if m.startswith(("
-            "'flexgen_dist.bench', 'flexgen_dist.policy.profiler', 'flexgen_dist.policy.roofline'))))")
+            "'flexgen_dist.bench', 'flexgen_dist.policy.profiler', 'flexgen_dist.policy.roofline', "
+            "'flexgen_dist.evaluation', 'lm_eval'))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == ""

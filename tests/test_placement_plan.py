@@ -13,7 +13,7 @@ from flexgen_dist.memory.placement import split_elements, split_heads
 from flexgen_dist.memory.tiers import Tier, nbytes_of
 from flexgen_dist.models.layout import model_layers
 from flexgen_dist.models.opt import OPT_SIZES, config_by_name
-from flexgen_dist.policy.memory_plan import plan_bytes
+from flexgen_dist.policy.memory_plan import plan_bytes, workspace_bytes
 
 
 @pytest.mark.parametrize("percents", [(100, 0, 0), (0, 100, 0), (0, 0, 100), (30, 30, 40), (33.3, 33.3, 33.4), (0, 1, 99)])
@@ -77,3 +77,13 @@ def test_plan_matches_measured_weights_and_cache(tmp_path, percent, extra):
     finally:
         engine.close()
     assert not any(tmp_path.iterdir())
+
+
+def test_workspace_counts_a_decode_step_over_the_whole_block():
+    """A decode step computes a layer for all the block's batches at once (StageEngine._decode_layer): with short
+    prompts and many batches its rows and float32 logits outgrow one batch's prefill workspace."""
+    cfg = config_by_name("opt-1.3b")
+    one_batch = workspace_bytes(cfg, 8, 4, 36, 4, 1)
+    merged = workspace_bytes(cfg, 8, 4, 36, 4, 64)  # 512 rows at decode against 32 tokens of one batch's prefill
+    assert merged == 512 * (6 * 2048 + 8192) * 4 + 2 * 512 * cfg.vocab_size * 4 > one_batch
+    assert workspace_bytes(cfg, 8, 512, 544, 4, 4) == workspace_bytes(cfg, 8, 512, 544, 4, 1)  # prefill dominates

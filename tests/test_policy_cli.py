@@ -92,9 +92,10 @@ def test_generate_policy_auto_plans_each_stage_on_its_own(tmp_path: Path, capsys
 
 
 def test_policy_command_plans_every_stage_within_its_budget(capsys) -> None:
-    """One policy for all four stages put one of opt-30b's 4xT4 stages over its budget; each stage's own fits."""
+    """Each of opt-30b's 4xT4 stages plans its own placement within its budget: with 40 GB of host memory each, they
+    keep different shares of their weights in GPU memory (their layers and the embedding and head differ)."""
     assert main(["policy", "--model", "opt-30b", "--hardware", T4, "--stages", "4", "--max-memory",
-                 "gpu=16GB,cpu=52GB", "--num-prompts", "1024"]) == 0
+                 "gpu=16GB,cpu=40GB", "--num-prompts", "1024"]) == 0
     pipe = yaml.safe_load(capsys.readouterr().out)["pipeline"]
     assert [s["over_budget"] for s in pipe["stages"]] == [None] * 4
     assert len({s["placement"]["weights"][0] for s in pipe["stages"]}) > 1  # placed stage by stage

@@ -231,6 +231,20 @@ def test_prediction_moves_the_right_way() -> None:
     assert fast.peak_bytes["disk"] == 0 and on_disk.peak_bytes["disk"] > 5e9
 
 
+
+def test_a_decode_step_prices_its_gemms_over_the_whole_block() -> None:
+    """The engine runs a decode step's GEMMs once over all the block's batches: 8x4 decodes like one batch of 32 (the
+    weights read once), not like four of 8, while its prefill stays four prefills of 8."""
+    cfg = config_by_name("opt-1.3b")
+    hw = _profile()
+    four = predict(cfg, model_layers(cfg), Policy(gpu_batch_size=8, num_gpu_batches=4), hw, torch.float32, 64, 16)
+    one = predict(cfg, model_layers(cfg), Policy(gpu_batch_size=32), hw, torch.float32, 64, 16)
+    eights = predict(cfg, model_layers(cfg), Policy(gpu_batch_size=8), hw, torch.float32, 64, 16)
+    assert four.decode_s < 2 * eights.decode_s < 4 * eights.decode_s  # 16 rows run far below 32's rate per FLOP
+    assert four.decode_s == pytest.approx(one.decode_s, rel=0.05)  # attention and elementwise work do not merge
+    assert four.prefill_s == pytest.approx(4 * eights.prefill_s, rel=1e-6)
+
+
 # ---- the search ----
 
 def test_a_budget_that_holds_everything_keeps_everything_on_the_device() -> None:

@@ -18,7 +18,7 @@ import torch
 from flexgen_dist.io.checkpoint_writer import hf_config
 from flexgen_dist.models.opt import OptConfig
 
-SYSTEMS = ("hf", "accelerate")
+SYSTEMS = ("hf", "accelerate", "vllm")  # vllm runs in its own interpreter: vllm_baseline.py
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from pathlib import Path
 from flexgen_dist.base.devices import DTYPES
 from flexgen_dist.base.errors import UserError
 from flexgen_dist.bench.baselines import BaselineSpec, spec_json
+from flexgen_dist.bench.vllm_baseline import SETUP_HINT, vllm_command, why_not
 from flexgen_dist.io.prompts import synthetic_requests
 from flexgen_dist.memory.budget import MemoryBudget, format_bytes
 from flexgen_dist.models.opt import OptConfig
@@ -45,6 +46,7 @@ class BenchSpec:
     seed: int = 0
     baseline_calls: int | None = None  # time at most this many generate calls per baseline batch size
     disk_now: bool = False  # measure the disk around each of our runs and give the roofline at that speed too
+    vllm_python: str | None = None  # the interpreter that has vLLM (--baseline vllm); None: not installed
 
 
 def parse_blocks(text: str) -> tuple[tuple[int, int], ...]:
@@ -78,7 +80,16 @@ def baseline_batches(spec: BenchSpec, system: str, block_size: int) -> tuple[lis
 
     hf: the two largest powers of two up to the block size whose resident run fits the memory budget (past the
     weights, a larger batch is not always faster on a CPU). accelerate: the block size, as its offload streams the
-    weights once per forward pass whatever the batch."""
+    weights once per forward pass whatever the batch. vllm: the block size as its most sequences in flight (it
+    schedules them itself), where its CPU build can hold the weights and their cache."""
+    if system == "vllm":
+        if spec.vllm_python is None:
+            return [], f"not installed ({SETUP_HINT}, or give --vllm-python)"
+        limit = memory_budget_for_baselines(spec)
+        reasons = {b: why_not(spec.config, spec.device, b, spec.prompt_len + spec.gen_len, spec.dtype, limit)
+                   for b in spec.baseline_batch_sizes or (block_size,)}
+        fitting = [b for b, why in reasons.items() if not why]
+        return fitting, "" if fitting else next(iter(reasons.values()))
     if spec.baseline_batch_sizes:
         return list(spec.baseline_batch_sizes), ""
     if system == "accelerate":
@@ -115,13 +126,18 @@ def run_ours(spec: BenchSpec, generate_flags: list[str], block: tuple[int, int] 
         return _last_json_line(subprocess.run(cmd, capture_output=True, text=True), "our run")
 
 
-def run_baseline(spec: BaselineSpec) -> dict | None:
-    """The baseline's result; None when its process was SIGKILLed, as the OOM killer does to a batch that does not fit
-    a cgroup's memory limit: that batch is then not the baseline's best, and the other candidates still run."""
+def run_baseline(spec: BaselineSpec, cfg: OptConfig, vllm_python: str | None = None) -> dict | None:
+    """The baseline's result ({"skipped": why} where vLLM does not import); None when its process was SIGKILLed, as the
+    OOM killer does to a batch that does not fit a cgroup's memory limit: that batch is then not the baseline's best,
+    and the other candidates still run."""
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "spec.json"
-        path.write_text(spec_json(spec))
-        proc = subprocess.run([sys.executable, "-m", "flexgen_dist.bench.baselines", str(path)], capture_output=True, text=True)
+        if spec.system == "vllm":
+            command = vllm_command(vllm_python, spec, cfg, Path(tmp))
+        else:
+            path = Path(tmp) / "spec.json"
+            path.write_text(spec_json(spec))
+            command = [sys.executable, "-m", "flexgen_dist.bench.baselines", str(path)]
+        proc = subprocess.run(command, capture_output=True, text=True)
         if proc.returncode == -signal.SIGKILL:
             return None
         return _last_json_line(proc, f"baseline {spec.system}")
@@ -211,9 +227,9 @@ def run_bench(spec: BenchSpec, generate_flags: list[str], hardware: HardwareProf
                 base = BaselineSpec(system, spec.model, sample, spec.gen_len, batch, spec.device, spec.dtype,
                                     _budget_dict(spec.budget), spec.offload_dir or tempfile.gettempdir())
                 log(f"  {system}, batch {batch}")
-                result = run_baseline(base)
-                if result is None:
-                    why = "killed (SIGKILL: out of memory under the limit?)"
+                result = run_baseline(base, spec.config, spec.vllm_python)
+                if result is None or "skipped" in result:
+                    why = result["skipped"] if result else "killed (SIGKILL: out of memory under the limit?)"
                     points.append({"system": system, "batch_size": batch, "block_size": batch, "skipped": why})
                     log(f"    {why}")
                     continue

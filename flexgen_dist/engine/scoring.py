@@ -1,9 +1,11 @@
 """Scoring state of one block: left padding as in generation, each sequence's summed log-likelihood.
 
-The last stage turns logits into summed negative log-likelihoods of known next tokens (models/likelihood.py) instead
-of sampling; `Scoring` is what it needs for that, handed to the stages when the block starts. By default a block is
-one prefill step. With `decode_tokens` N, the last N tokens of every sequence are fed one decode step at a time
-(teacher forcing), so their likelihoods come from attention over the stored KV cache, as generated tokens' do:
+The last stage turns logits into summed negative log-likelihoods of known targets (models/likelihood.py) instead
+of sampling; `Scoring` is what it needs for that, handed to the stages when the block starts. A sequence's targets are
+every next token (`flexgen-dist score`) or the tokens its last positions predict (a continuation, as lm-eval's
+log-likelihood requests ask); the head computes logits only from the first position a step scores. By default a
+block is one prefill step. With `decode_tokens` N, the last N tokens of every sequence are fed one decode step at a
+time (teacher forcing), so their likelihoods come from attention over the stored KV cache, as generated tokens' do:
 that is how a compressed cache or sparse decode attention shows up in the figures.
 """
 
@@ -15,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from flexgen_dist.engine.generation import left_pad
-from flexgen_dist.models.likelihood import next_token_targets
+from flexgen_dist.models.likelihood import NOT_SCORED, TargetScores
 
 
 @dataclass(frozen=True, eq=False)
@@ -26,19 +28,40 @@ class Scoring:
     targets: tuple[torch.Tensor, ...]
 
     def step_targets(self, valid: list[torch.Tensor], query_len: int) -> tuple[torch.Tensor, ...]:
-        """This step's columns: the last `query_len` of the `valid.shape[1]` positions seen so far. -> [B, S] each."""
+        """This step's columns (the last `query_len` of the `valid.shape[1]` positions seen so far) from the first one
+        a sequence scores on: only those need logits. -> [B, n] each, 1 <= n <= query_len."""
         end = valid[0].shape[1]
-        return tuple(t[:, end - query_len : end] for t in self.targets)
+        columns = []
+        for t in self.targets:
+            step = t[:, end - query_len : end]
+            scored = (step != NOT_SCORED).any(dim=0).nonzero()
+            columns.append(step[:, int(scored[0]) if len(scored) else query_len - 1 :])
+        return tuple(columns)
 
 
 @dataclass
 class ScoredSequence:
-    input_ids: list[int]
-    nll: float = 0.0  # summed over tokens 2..n, in nats
+    input_ids: list[int]  # the tokens fed
+    # What the last len(targets) positions predict (a continuation); None: every next token (tokens 2..n are scored).
+    targets: list[int] | None = None
+    nll: float = 0.0  # summed over the scored tokens, in nats
+    greedy: bool = True  # every scored token is the most likely one where it is predicted
 
     @property
     def scored_tokens(self) -> int:
-        return len(self.input_ids) - 1  # the first token has no prefix to be predicted from
+        # Without targets the first token has no prefix to be predicted from.
+        return len(self.input_ids) - 1 if self.targets is None else len(self.targets)
+
+    @property
+    def logit_columns(self) -> int:
+        """Positions whose logits the head computes for this sequence: from its first scored one to its last."""
+        return len(self.input_ids) if self.targets is None else len(self.targets)
+
+    def position_targets(self) -> list[int]:
+        """What each fed position predicts (NOT_SCORED: nothing)."""
+        if self.targets is None:
+            return self.input_ids[1:] + [NOT_SCORED]
+        return [NOT_SCORED] * (len(self.input_ids) - len(self.targets)) + self.targets
 
     @property
     def perplexity(self) -> float:
@@ -56,12 +79,14 @@ class ScoreBlock:
         self.capacity = max(len(s.input_ids) for s in sequences)
         self._ids: list[torch.Tensor] = []  # [B, capacity] per batch, the whole block's tokens
         self._valid: list[torch.Tensor] = []  # [B, capacity] bool per batch (False = left padding)
+        targets = []
         for batch in self.batches:
             ids, valid = left_pad([s.input_ids for s in batch], self.capacity, pad_id)
             self._ids.append(ids)
             self._valid.append(valid)
+            targets.append(left_pad([s.position_targets() for s in batch], self.capacity, NOT_SCORED)[0])
         self.steps_done = 0
-        self.head_task = Scoring(tuple(next_token_targets(i, v) for i, v in zip(self._ids, self._valid)))
+        self.head_task = Scoring(tuple(targets))
 
     @property
     def batch_sizes(self) -> list[int]:
@@ -87,9 +112,10 @@ class ScoreBlock:
         """[B, T] bool per batch for the next step: every position fed so far, this step's included."""
         return [v[:, : self._end] for v in self._valid]
 
-    def advance(self, nll: list[torch.Tensor]) -> None:
-        """Add one step's output, the summed NLL of its positions per sequence ([B] per batch)."""
-        for batch, values in zip(self.batches, nll):
-            for s, value in zip(batch, values.tolist()):
-                s.nll += value
+    def advance(self, scores: list[TargetScores]) -> None:
+        """Add one step's output per batch: the summed NLL of its positions per sequence, and their greediness."""
+        for batch, step in zip(self.batches, scores):
+            for s, nll, greedy in zip(batch, step.nll.tolist(), step.greedy.tolist()):
+                s.nll += nll
+                s.greedy = s.greedy and greedy
         self.steps_done += 1

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
@@ -30,3 +32,17 @@ def summed_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Summed negative log-likelihood (nats) of each row's targets. logits [B, S, V] float32, targets [B, S] int64
     -> [B] float64."""
     return -target_logprobs(logits, targets).double().sum(dim=1)
+
+
+class TargetScores(NamedTuple):
+    """Per row: what scoring needs of its targets' logits."""
+
+    nll: torch.Tensor  # [B] float64: the summed negative log-likelihood (nats) of the row's targets
+    greedy: torch.Tensor  # [B] bool: every target is the most likely token where it is predicted
+
+
+def target_scores(logits: torch.Tensor, targets: torch.Tensor) -> TargetScores:
+    """logits [B, S, V] float32, targets [B, S] int64 (NOT_SCORED: none) -> each row's TargetScores."""
+    unscored = targets == NOT_SCORED
+    greedy = (logits.argmax(dim=-1) == targets) | unscored
+    return TargetScores(summed_nll(logits, targets), greedy.all(dim=1))

@@ -166,18 +166,24 @@ class CostModel:
         cfg, s, item = self.cfg, self.speeds, self.dtype.itemsize
         batch = self.policy.gpu_batch_size
         rows, h = batch * query_len, cfg.hidden_size
+        # A decode step runs each layer's GEMMs once over all the block's batches (stage_engine._decode_layer):
+        # one GPU batch's share of a GEMM over num_gpu_batches times its rows.
+        merged = self.policy.num_gpu_batches if past else 1
+
+        def gemm(out_features: int, in_features: int, gemm_rows: int) -> Linear:
+            return self._gemm(out_features, in_features, gemm_rows * merged) * (1 / merged)
+
         if layer.kind == "embed":
             t = Linear(self._elementwise(3 * rows * h * item))
             if cfg.projects_embeddings:
                 t += self._gemm(h, cfg.embed_dim, rows)
             return t
         if layer.kind == "head":  # LayerNorm and the LM head on each sequence's last position only
-            return self._gemm(cfg.vocab_size, cfg.embed_dim, batch) + \
-                self._elementwise(batch * cfg.vocab_size * (item + 4))
+            return gemm(cfg.vocab_size, cfg.embed_dim, batch) + self._elementwise(batch * cfg.vocab_size * (item + 4))
         if layer.kind == "mlp":
-            return self._gemm(cfg.ffn_dim, h, rows) + self._gemm(h, cfg.ffn_dim, rows) + \
+            return gemm(cfg.ffn_dim, h, rows) + gemm(h, cfg.ffn_dim, rows) + \
                 self._elementwise(rows * (_MLP_ELEMENTWISE * h + 2 * cfg.ffn_dim) * item)
-        t = self._gemm(h, h, rows) * 4 + self._elementwise(_ATTENTION_ELEMENTWISE * rows * h * item)
+        t = gemm(h, h, rows) * 4 + self._elementwise(_ATTENTION_ELEMENTWISE * rows * h * item)
         if past == 0:  # prefill: softmax(QK^T)V over the prompt, and the new K, V written to the cache homes
             t += 4 * batch * cfg.num_heads * query_len * query_len * cfg.head_dim / s.attention_flops
             return t + self._cache_store(rows)
@@ -353,7 +359,7 @@ class CostModel:
                     mem[Tier.CPU] += var(CACHE_VARS[t], CACHE_LOADS_IN_FLIGHT * cfg.num_heads * stored_head)
         act_tier = single_tier(p.act_percents())
         mem[act_tier] += Linear(blocks_in_flight * blocks * batch * self.prompt_len * cfg.hidden_size * item)
-        mem[Tier.GPU] += Linear(workspace_bytes(cfg, batch, self.prompt_len, capacity, item))
+        mem[Tier.GPU] += Linear(workspace_bytes(cfg, batch, self.prompt_len, capacity, item, blocks))
         return mem
 
 

@@ -82,15 +82,19 @@ def plan_bytes(cfg: OptConfig, layers: list[LayerSpec], policy: Policy, dtype: t
                 buffers[Tier.CPU] += CACHE_LOADS_IN_FLIGHT * (h1 - h0) * stored_head_bytes
 
     acts[single_tier(policy.act_percents())] += blocks_in_flight * blocks * batch * prompt_len * cfg.hidden_size * item
-    buffers[Tier.GPU] += workspace_bytes(cfg, batch, prompt_len, capacity, item)
+    buffers[Tier.GPU] += workspace_bytes(cfg, batch, prompt_len, capacity, item, blocks)
     return TierPlan(weights, cache, acts, buffers)
 
 
-def workspace_bytes(cfg: OptConfig, batch: int, prompt_len: int, capacity: int, item: int) -> int:
-    """One GPU batch computing a layer at prefill: q/k/v/context, MLP hidden, fp32 attention scores, fp32 logits."""
-    tokens = batch * prompt_len
-    return (tokens * (6 * cfg.hidden_size + cfg.ffn_dim) * item
-            + batch * cfg.num_heads * prompt_len * capacity * 4 + 2 * batch * cfg.vocab_size * 4)
+def workspace_bytes(cfg: OptConfig, batch: int, prompt_len: int, capacity: int, item: int, batches: int) -> int:
+    """The larger of one GPU batch computing a layer at prefill (q/k/v/context, MLP hidden, fp32 attention scores,
+    fp32 logits) and a decode step computing a layer for all the block's `batches` at once (stage_engine._decode_layer:
+    one token per sequence, the same tensors but the scores)."""
+    def layer(tokens: int, sequences: int) -> int:
+        return tokens * (6 * cfg.hidden_size + cfg.ffn_dim) * item + 2 * sequences * cfg.vocab_size * 4
+
+    prefill = layer(batch * prompt_len, batch) + batch * cfg.num_heads * prompt_len * capacity * 4
+    return max(prefill, layer(batch * batches, batch * batches))
 
 
 def check_budget(plan: TierPlan, budget: MemoryBudget) -> None:

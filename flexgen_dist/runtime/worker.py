@@ -25,7 +25,7 @@ from flexgen_dist.io.model_source import resolve_model
 from flexgen_dist.memory.host_heap import keep_freed_memory
 from flexgen_dist.memory.tiers import stage_offload_dir
 from flexgen_dist.models.layout import model_layers
-from flexgen_dist.models.likelihood import summed_nll
+from flexgen_dist.models.likelihood import TargetScores, target_scores
 from flexgen_dist.runtime.stage_snapshot import StageSnapshot, take_snapshot
 
 
@@ -109,7 +109,8 @@ class StageWorker:
     def step(self, block_id: int, data: list[torch.Tensor], valid: list[torch.Tensor],
              part: PrefillPart | None = None) -> list[torch.Tensor]:
         """Token ids (first stage) or hidden states in; hidden states, or per GPU batch the sampled next tokens [B]
-        (with log-probabilities where asked: generation.Sampled) or (scoring) the summed NLL [B] (last stage), out.
+        (with log-probabilities where asked: generation.Sampled) or (scoring) each sequence's summed NLL and
+        greediness (likelihood.TargetScores) (last stage), out.
         `part`: one part of a prefill cut into several steps; the last stage answers [] until the block's last part,
         then samples every GPU batch at once."""
         start = time.perf_counter()
@@ -121,10 +122,13 @@ class StageWorker:
             scoring = self._scoring.get(block_id)
             if part is not None and scoring is not None:
                 raise ValueError("scoring takes whole prefills")
+            query_len = data[0].shape[1]
+            targets = scoring.step_targets(valid, query_len) if scoring is not None else None
+            columns = [t.shape[1] for t in targets] if targets is not None else None  # logits only where scored
             out = self.engine.step(block_id, [BatchInput(d, v) for d, v in zip(data, valid)],
-                                   self._head(block_id, valid, data[0].shape[1], part), part)
+                                   self._head(block_id, valid, query_len, part, targets), part, columns)
             if scoring is not None:
-                out = [nll.cpu() for nll in out]  # summed NLL per sequence [B]
+                out = [TargetScores(s.nll.cpu(), s.greedy.cpu()) for s in out]
             elif self.engine.has_head:
                 if part is not None:
                     out = self._whole_prefill(block_id, part, out[0])
@@ -138,14 +142,12 @@ class StageWorker:
                 self._step_start = None
         return out
 
-    def _head(self, block_id: int, valid: list[torch.Tensor], query_len: int,
-              part: PrefillPart | None) -> Callable[[int, torch.Tensor], object] | None:
+    def _head(self, block_id: int, valid: list[torch.Tensor], query_len: int, part: PrefillPart | None,
+              targets: tuple[torch.Tensor, ...] | None) -> Callable[[int, torch.Tensor], object] | None:
         """What the last stage's head makes of every position's logits (stage_engine.step's `head`); None: it keeps
-        the last position's."""
-        scoring = self._scoring.get(block_id)
-        if scoring is not None:
-            targets = scoring.step_targets(valid, query_len)
-            return lambda k, logits: summed_nll(logits, targets[k].to(logits.device))
+        the last position's. `targets`: a scoring step's (Scoring.step_targets), whose columns the logits cover."""
+        if targets is not None:
+            return lambda k, logits: target_scores(logits, targets[k].to(logits.device))
         prefill = valid[0].shape[1] == query_len
         if block_id not in self._decoding or not prefill:
             return None

@@ -1,0 +1,5 @@
+"""lm-evaluation-harness on the engine: the `flexgen-dist` model, an lm_eval LM whose every call runs all its requests
+as one offline job through the stages, and the `flexgen-dist eval` command. Needs lm-eval (the `eval` extra); only the
+command line imports this room, and only when `eval` runs.
+
+May import: base, io, memory, engine, top (run.py and score_run.py run its jobs)."""
