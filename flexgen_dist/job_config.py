@@ -1,8 +1,10 @@
-"""A generation job as a YAML file (the `ray job submit` path): parsed and fully validated into a RunConfig and the
-description of its requests, so a bad config fails in a second with one line, not after minutes on a cluster.
+"""A job as a YAML file (the `ray job submit` path): parsed and fully validated into a RunConfig and the description
+of its work, so a bad config fails in a second with one line, not after minutes on a cluster.
 
-Keys mirror the `flexgen-dist generate` flags with underscores. Relative paths are resolved against the current
-working directory, which under `ray job submit --working-dir DIR` is the uploaded copy of DIR.
+Keys mirror the `flexgen-dist generate` flags with underscores. A generation job names its `input`; an evaluation job
+(`flexgen-dist eval`) names instead `eval: {tasks, include_path, num_fewshot, limit, log_samples}`, and its `output`
+is lm-eval's results JSON. Relative paths are resolved against the current working directory, which under
+`ray job submit --working-dir DIR` is the uploaded copy of DIR.
 """
 
 from __future__ import annotations
@@ -31,7 +33,19 @@ POLICY_DIR = Path("configs/policies")  # where `policy: NAME.yaml` is looked up,
 INPUT_KINDS = ("prompts", "synthetic", "prompt")
 KEYS = ("model", "dummy_weights", "policy", "max_memory", "stages", "placement_strategy", "cpus_per_stage",
         "prefill_chunks", "device", "dtype", "input", "max_new_tokens", "sampling", "stop", "logprobs", "output",
-        "offload_dir", "metrics_port", "metrics_host", "metrics_linger_s")
+        "offload_dir", "metrics_port", "metrics_host", "metrics_linger_s", "eval")
+EVAL_KEYS = ("tasks", "include_path", "num_fewshot", "limit", "log_samples")
+
+
+@dataclass(frozen=True)
+class EvalJob:
+    """What `flexgen-dist eval` takes besides the run's settings (evaluation/command.py's EvalSpec, but the output)."""
+
+    tasks: tuple[str, ...]
+    include_path: str | None = None
+    num_fewshot: int | None = None
+    limit: float | None = None
+    log_samples: bool = False
 
 
 @dataclass(frozen=True)
@@ -41,6 +55,7 @@ class JobConfig:
     prompts_file: str | None = None
     prompts: tuple[str, ...] = ()
     synthetic: tuple[int, int] | None = None  # (count, prompt length)
+    evaluation: EvalJob | None = None  # an evaluation job instead: no input
 
     def requests(self) -> list[Request]:
         if self.prompts_file is not None:
@@ -120,7 +135,24 @@ def parse_job_config(data: dict, where: str) -> JobConfig:
         metrics_host=opt.get("metrics_host", str, RunConfig.metrics_host),
         metrics_linger_s=_metrics_linger(opt.get("metrics_linger_s", float, RunConfig.metrics_linger_s), where),
     )
+    if "eval" in data:
+        if "input" in data:
+            raise UserError(f"{where}: give input (a generation job) or eval (an lm-eval job), not both")
+        return JobConfig(run, evaluation=_evaluation(data["eval"], f"{where}: eval"))
     return _with_input(run, data.get("input"), f"{where}: input")
+
+
+def _evaluation(value: Any, where: str) -> EvalJob:
+    value = mapping(value, where)
+    known_keys(value, EVAL_KEYS, where)
+    tasks = value.get("tasks")
+    names = tasks.split(",") if isinstance(tasks, str) else tasks
+    if not isinstance(names, list) or not names or not all(isinstance(t, str) and t.strip() for t in names):
+        raise UserError(f"{where}.tasks: give lm-eval task names, as a list or separated by commas")
+    opt = _Optional(value, where)
+    return EvalJob(tuple(t.strip() for t in names), _absolute(opt.get("include_path", str, None)),
+                   opt.get("num_fewshot", int, None), opt.get("limit", float, None),
+                   opt.get("log_samples", bool, False))
 
 
 @dataclass(frozen=True)

@@ -1,10 +1,12 @@
-"""Entrypoint of a generation job on a Ray cluster:
+"""Entrypoint of a generation or evaluation job on a Ray cluster:
 
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- \\
         python launch/generate_job.py --config configs/jobs/tiny-cpu.yaml [--set KEY=VALUE ...]
 
 Runs the job a YAML config describes (keys: flexgen_dist/job_config.py) on the cluster that `ray job submit` points
 RAY_ADDRESS at. Like `flexgen-dist generate`: the last stdout line is the JSON summary, bad input exits 2 with one line.
+An evaluation job (`eval:` instead of `input:`) runs as `flexgen-dist eval`: lm-eval's tables, then as the last line
+each task's results and each engine job's summary; `output` gets lm-eval's whole results JSON.
 """
 
 from __future__ import annotations
@@ -27,6 +29,14 @@ def main(argv: list[str] | None = None) -> int:
 
     def run() -> int:
         job = load_job_config(args.config, args.overrides)
+        if job.evaluation is not None:
+            from flexgen_dist.evaluation.command import EvalSpec, run_eval
+
+            e = job.evaluation
+            results = run_eval(job.run, EvalSpec(e.tasks, e.include_path, e.num_fewshot, e.limit, e.log_samples,
+                                                 job.run.output))
+            print(json.dumps({"results": results["results"], "jobs": results["flexgen_dist"]["jobs"]}), flush=True)
+            return 0
         batch = batch_input(job.prompts_file, "auto", job.run) if job.prompts_file else None
         print(json.dumps(generate(job.run, *batch) if batch else generate(job.run, job.requests())), flush=True)
         return 0

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
+import subprocess
 import sys
 from pathlib import Path
 
@@ -20,6 +22,7 @@ from flexgen_dist.base.errors import UserError
 from flexgen_dist.cli import main
 from flexgen_dist.engine.scoring import ScoredSequence
 
+REPO = Path(__file__).resolve().parent.parent
 REL_TOL = 1e-4
 GEN_UNTIL = ["sel", " I"]  # strings this random model does generate
 GEN_TOKENS = 10
@@ -193,12 +196,28 @@ def test_eval_with_weights_and_cache_on_disk_equals_hf_backend(tmp_path, opt_pre
     assert not any((tmp_path / "offload").rglob("*.bin")), "offload files must be removed when the jobs end"
 
 
-def test_two_ray_stages_equal_hf_backend(tmp_path, ray_cluster, opt_preln_dir, tasks_dir, hf_results, resident):
+def test_eval_job_on_two_ray_stages_equals_hf_backend(tmp_path, ray_cluster, opt_preln_dir, tasks_dir, hf_results,
+                                                       resident):
+    """An evaluation job YAML through `ray job submit --working-dir <repo>`, as the README documents it: the job's
+    driver joins the fixture's head through RAY_ADDRESS and runs two stage actors."""
     # Without the rolling-perplexity task, whose job is the same scoring path as the cloze tasks': each job starts
     # the stage actors anew.
     tasks = ["fg_mc", "fg_greedy", "fg_gen", "fg_sample"]
-    ours = _eval(tmp_path, opt_preln_dir, tasks_dir, "--stages", "2", "--gpu-batch-size", "2", "--num-gpu-batches",
-                 "2", "--ray-address", ray_cluster["address"], tasks=tasks, executor="ray")
+    output = tmp_path / "results.json"
+    config = tmp_path / "eval-job.yaml"
+    config.write_text(json.dumps({  # JSON is YAML
+        "model": str(opt_preln_dir), "device": "cpu", "dtype": "float32", "stages": 2,
+        "policy": {"gpu_batch_size": 2, "num_gpu_batches": 2}, "output": str(output),
+        "eval": {"tasks": ",".join(tasks), "include_path": str(tasks_dir), "log_samples": True}}))
+    proc = subprocess.run(
+        [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", ray_cluster["dashboard"],
+         "--working-dir", str(REPO), "--log-style", "record", "--", sys.executable, "launch/generate_job.py",
+         "--config", str(config)], capture_output=True, text=True, timeout=300, env=dict(os.environ), cwd=REPO)
+    logs = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "succeeded" in logs, logs[-4000:]
+    last = json.loads([line for line in proc.stdout.splitlines() if line.startswith('{"results"')][-1])
+    assert sorted(last["results"]) == sorted(tasks)
+    ours = json.loads(output.read_text())
     _assert_matches_hf(ours, hf_results, [t for t in tasks if t in HF_TASKS])
     assert sorted(job["request_type"] for job in ours["flexgen_dist"]["jobs"]) == ["generate_until", "loglikelihood"]
     assert all(job["stages"] == 2 for job in ours["flexgen_dist"]["jobs"])

@@ -18,7 +18,7 @@ from test_parity import MAX_NEW, PROMPTS
 from flexgen_dist.base.errors import UserError
 from flexgen_dist.engine.generation import Sampling
 from flexgen_dist.engine.policy import Policy
-from flexgen_dist.job_config import load_job_config
+from flexgen_dist.job_config import EvalJob, load_job_config
 from flexgen_dist.memory.budget import MemoryBudget
 
 REPO = Path(__file__).resolve().parents[1]
@@ -106,6 +106,18 @@ def test_defaults_named_policy_and_overrides(tmp_path, monkeypatch):
     assert job.run.policy == Policy(gpu_batch_size=2)
 
 
+def test_evaluation_job_config(tmp_path, monkeypatch):
+    """`eval:` instead of `input:`: an lm-eval job (launch/generate_job.py runs it as `flexgen-dist eval`)."""
+    monkeypatch.chdir(tmp_path)
+    config = {k: v for k, v in VALID.items() if k != "input"}
+    job = load_job_config(_write(tmp_path, {**config, "eval": {"tasks": "a, b", "include_path": "tasks",
+                                                               "num_fewshot": 2, "limit": 0.5}}))
+    assert job.evaluation == EvalJob(("a", "b"), str(tmp_path / "tasks"), 2, 0.5, False)
+    assert job.run.stages == VALID["stages"] and job.run.output == str(tmp_path / VALID["output"])
+    job = load_job_config(_write(tmp_path, {**config, "eval": {"tasks": ["a"], "log_samples": True}}))
+    assert job.evaluation == EvalJob(("a",), log_samples=True) and job.prompts_file is None
+
+
 @pytest.mark.parametrize("change,overrides,message", [
     ({"metrics_prot": 9000}, [], "unknown key metrics_prot"),
     ({"metrics_port": 70000}, [], "metrics_port 70000: expected a TCP port 0-65535"),
@@ -127,6 +139,10 @@ def test_defaults_named_policy_and_overrides(tmp_path, monkeypatch):
     ({"stop": "###"}, [], "stop: expected a list"),
     ({"stop": ["###", 3]}, [], "--stop: expected non-empty strings"),
     ({"logprobs": 21}, [], "--logprobs must be from 0 to 20"),
+    ({"eval": {"tasks": ["t"]}}, [], "give input (a generation job) or eval (an lm-eval job), not both"),
+    ({"input": None, "eval": {"tasks": []}}, [], "eval.tasks: give lm-eval task names"),
+    ({"input": None, "eval": {"tasks": "t", "num_shots": 1}}, [], "eval: unknown key num_shots"),
+    ({"input": None, "eval": {"tasks": "t", "limit": "all"}}, [], "eval: limit: expected a number"),
     ({}, ["stages"], "--set 'stages': expected KEY=VALUE"),
     ({}, ["model.name=x"], "--set 'model.name=x': model is 'opt-125m' in the config, not a mapping"),
 ])
