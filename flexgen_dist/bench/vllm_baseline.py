@@ -43,8 +43,8 @@ def vllm_python(explicit: str | None = None) -> str | None:
 
 
 def kv_cache_bytes(cfg: OptConfig, batch: int, seq_len: int, dtype_bytes: int) -> int:
-    """The KV cache vLLM is given: `batch` sequences of `seq_len` positions, rounded up to its 16-token pages, and one
-    GiB-aligned margin so that its page table never preempts (vLLM sizes the cache from this, not from the model)."""
+    """The KV cache vLLM is given: `batch` sequences of `seq_len` positions, rounded up to 16-token pages, and a
+    64 MiB margin, so that it never preempts a sequence (vLLM sizes the cache from this, not from the model)."""
     pages = math.ceil(seq_len / 16) * 16
     return cfg.cache_bytes(batch, pages, dtype_bytes) + (64 << 20)
 
