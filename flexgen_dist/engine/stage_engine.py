@@ -275,7 +275,7 @@ class StageEngine:
         """Layer j of a decode step for every GPU batch of the block at once: its GEMMs run once over all the batches'
         rows (one token each), so the layer's weights are read from memory once per step, not once per batch; only
         attention, which reads each batch's own cache, runs batch by batch. On the 2-core AVX2 EPYC in float32, an
-        opt-1.3b layer's GEMMs run at 39 GFLOP/s on 16 rows and 87 on 1024 (benchmarks/bench_corun.py). Returns the
+        opt-1.3b layer's GEMMs run at 37-39 GFLOP/s on 16 rows and 87-89 on 1024 (benchmarks/bench_corun.py). Returns the
         head's outputs per batch, else []."""
         layer = self.layers[j]
         hidden = _cat([acts.get(k) for k in range(len(sizes))])  # [sum B, 1, H]
