@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from flexgen_dist.base.devices import DTYPES
-from flexgen_dist.models.opt import config_by_name
+from flexgen_dist.models.family import config_by_name
 
 
 def _stage_share(model: str, layers: int, dtype: torch.dtype, seed: int) -> list[torch.Tensor]:

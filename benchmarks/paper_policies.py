@@ -17,8 +17,7 @@ import torch
 
 from flexgen_dist.engine.policy import Policy
 from flexgen_dist.memory.budget import MemoryBudget
-from flexgen_dist.models.layout import model_layers
-from flexgen_dist.models.opt import config_by_name
+from flexgen_dist.models.family import config_by_name, model_layers
 from flexgen_dist.policy.cost_model import predict
 from flexgen_dist.policy.hardware import load_profile
 from flexgen_dist.policy.search import search_policy

@@ -16,7 +16,7 @@ import json
 
 from flexgen_dist.base.devices import DTYPES
 from flexgen_dist.engine.policy import Policy
-from flexgen_dist.models.opt import config_by_name
+from flexgen_dist.models.family import config_by_name
 from flexgen_dist.policy.hardware import load_profile
 from flexgen_dist.policy.pipeline_model import predict_pipeline
 from flexgen_dist.runtime.coordinator import prefill_chunks

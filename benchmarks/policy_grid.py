@@ -28,8 +28,7 @@ import torch
 from flexgen_dist.base.devices import DTYPES
 from flexgen_dist.engine.policy import Policy
 from flexgen_dist.memory.budget import MemoryBudget, parse_size
-from flexgen_dist.models.layout import model_layers
-from flexgen_dist.models.opt import config_by_name
+from flexgen_dist.models.family import config_by_name, model_layers
 from flexgen_dist.policy.cost_model import predict
 from flexgen_dist.policy.hardware import HardwareProfile, load_profile
 from flexgen_dist.policy.memory_plan import plan_bytes

@@ -31,14 +31,13 @@ from flexgen_dist.engine.stage_engine import BatchInput, StageEngine
 from flexgen_dist.io.weights import DummyWeights
 from flexgen_dist.memory.host_heap import keep_freed_memory
 from flexgen_dist.memory.stats import TransferStats
-from flexgen_dist.models.layout import model_layers
-from flexgen_dist.models.opt import OptConfig, config_by_name
+from flexgen_dist.models.family import ModelConfig, config_by_name, model_layers
 
 
-def synthetic_block(cfg: OptConfig, policy: Policy, prompt_len: int, new_tokens: int) -> BlockRun:
+def synthetic_block(cfg: ModelConfig, policy: Policy, prompt_len: int, new_tokens: int) -> BlockRun:
     """One block of the policy's size: prompts of `prompt_len` ordinary tokens, `new_tokens` each, EOS ignored."""
     return BlockRun(0, [Sequence([4 + (i + j) % 1000 for j in range(prompt_len)], new_tokens)
-                        for i in range(policy.block_size)], policy.gpu_batch_size, cfg.pad_token_id, cfg.eos_token_id,
+                        for i in range(policy.block_size)], policy.gpu_batch_size, cfg.pad_token_id, cfg.eos_token_ids,
                     ignore_eos=True)
 
 

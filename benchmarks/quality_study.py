@@ -42,11 +42,11 @@ APPROXIMATIONS = {  # name -> flags, judged by greedy agreement with dense, unco
 }
 
 
-def train(out: Path, minutes: float, steps: int = 0) -> None:
+def train(out: Path, minutes: float, steps: int = 0, family: str = "opt") -> None:
     """benchmarks/train_tiny_opt.py in a subprocess (it sets its own thread count); `steps` 0: wall time only."""
     script = Path(__file__).with_name("train_tiny_opt.py")
-    subprocess.run([sys.executable, str(script), "--out", str(out), "--minutes", str(minutes), "--steps", str(steps)],
-                   check=True)
+    subprocess.run([sys.executable, str(script), "--out", str(out), "--minutes", str(minutes), "--steps", str(steps),
+                    "--family", family], check=True)
 
 
 def run_cli(*argv: str) -> tuple[dict, list[dict]]:

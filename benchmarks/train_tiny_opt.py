@@ -1,4 +1,5 @@
-"""Train a tiny OPT on text this machine ships, for judging approximations (compression, sparse attention) by quality.
+"""Train a tiny OPT (or, with --family llama, a tiny Llama with grouped-query attention) on text this machine ships,
+for judging approximations (compression, sparse attention) by quality.
 
 The corpus is the docstrings of CPython's standard library (present wherever python3 is) plus Debian's license texts
 when present: nothing is downloaded. Whole documents are held out (about 5 % of the text), a byte-level BPE tokenizer
@@ -44,6 +45,7 @@ class TrainConfig:
     warmup_steps: int = 30
     heldout_chunks: int = 64
     seed: int = 0
+    family: str = "opt"  # or "llama": RMSNorm, rotary positions, SwiGLU, 2 key/value heads for the 4 query heads
     bf16: bool = False  # bf16 autocast: for CPUs with bf16 matmul units (AVX-512 BF16, AMX); 5x slower without them
 
 
@@ -117,8 +119,14 @@ def token_chunks(tokenizer, documents: list[str], context: int) -> torch.Tensor:
 
 
 def build_model(cfg: TrainConfig):
-    from transformers import OPTConfig, OPTForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
 
+    if cfg.family == "llama":  # the MLP's width matches OPT's parameter count: 3 matrices of 8/3 h, not 2 of 4 h
+        return LlamaForCausalLM(LlamaConfig(
+            vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
+            intermediate_size=8 * cfg.hidden_size // 3, num_attention_heads=cfg.num_heads,
+            num_key_value_heads=cfg.num_heads // 2, max_position_embeddings=cfg.context, tie_word_embeddings=True,
+            pad_token_id=PAD_ID, bos_token_id=EOS_ID, eos_token_id=EOS_ID, attention_dropout=0.0))
     return OPTForCausalLM(OPTConfig(
         vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
         ffn_dim=4 * cfg.hidden_size, num_attention_heads=cfg.num_heads, max_position_embeddings=cfg.context,

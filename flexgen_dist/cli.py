@@ -62,7 +62,7 @@ def _add_policy_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _add_model_and_input_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="opt-125m … opt-175b (with --dummy-weights) or an HF checkpoint dir")
+    p.add_argument("--model", required=True, help="a size (opt-125m … opt-175b, llama-3.2-1b, llama-3.1-8b, …; with --dummy-weights) or an HF checkpoint dir")
     p.add_argument("--dummy-weights", action="store_true", help="seeded random weights of the model's size")
     p.add_argument("--seed", type=int, default=0, help="dummy weights, synthetic prompts and sampling (default 0)")
     src = p.add_mutually_exclusive_group(required=True)
@@ -129,7 +129,7 @@ def _add_output_flags(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = Parser(prog="flexgen-dist", description="High-throughput offloaded OPT inference (FlexGen design).")
+    parser = Parser(prog="flexgen-dist", description="High-throughput offloaded inference of OPT and Llama-family models (FlexGen design).")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     gen = sub.add_parser("generate", help="generate for prompts; results as JSONL, summary as the last stdout line")
     _add_model_and_input_flags(gen)
@@ -192,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     be = sub.add_parser("bench", help="our engine and the baselines (HF generate, HF accelerate offload) on the same "
                                       "synthetic work; throughput, latency, ratios, roofline; JSON out")
     be.add_argument("--model", required=True,
-                    help="opt-125m … opt-175b (dummy weights) or a checkpoint dir (both systems read it; needed by "
+                    help="a size (opt-1.3b, llama-3.2-1b, …: dummy weights) or a checkpoint dir (both systems read it; needed by "
                          "--baseline accelerate: write one with `flexgen-dist checkpoint`)")
     be.add_argument("--prompt-len", type=int, default=128, help="prompt tokens (default 128)")
     be.add_argument("--gen-len", type=int, default=32, help="new tokens per prompt, EOS ignored (default 32)")
@@ -230,9 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_flags(be, stage_counts=True)
     be.set_defaults(func=_bench)
 
-    ck = sub.add_parser("checkpoint", help="write a random OPT checkpoint of a real size (HF safetensors shards), "
+    ck = sub.add_parser("checkpoint", help="write a random checkpoint of a real size (HF safetensors shards), "
                                            "e.g. for `bench --baseline accelerate`")
-    ck.add_argument("--model", required=True, help="opt-125m … opt-175b")
+    ck.add_argument("--model", required=True, help="a size: opt-125m … opt-175b, llama-3.2-1b, llama-3.1-8b, …")
     ck.add_argument("--dtype", choices=tuple(DTYPES), default="float16", help="stored dtype (default float16)")
     ck.add_argument("--seed", type=int, default=0, help="the dummy weights' seed (default 0)")
     ck.add_argument("--output", required=True, metavar="DIR", help="an empty or new directory")
@@ -252,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.set_defaults(func=_profile)
 
     po = sub.add_parser("policy", help="search the best policy for a model, workload, budgets and hardware; YAML out")
-    po.add_argument("--model", required=True, help="opt-125m … opt-175b or an HF checkpoint dir (only its config is read)")
+    po.add_argument("--model", required=True, help="a size (opt-125m … opt-175b, llama-3.1-70b, …) or an HF checkpoint dir (only its config is read)")
     po.add_argument("--prompt-len", type=int, default=512, help="prompt tokens (default 512)")
     po.add_argument("--gen-len", type=int, default=32, help="new tokens per prompt (default 32)")
     po.add_argument("--num-prompts", type=int, metavar="N", help="prompts to run: bounds the block size (default: many)")
@@ -494,7 +494,7 @@ def _bench(args: argparse.Namespace) -> int:
     policy = _policy(planning)  # also refuses contradictory policy flags before anything runs
     cfg = model_config(args.model)
     if args.dummy_weights and Path(args.model).is_dir():
-        raise UserError("--dummy-weights takes a size name (opt-125m … opt-175b); bench reads a checkpoint dir as it is")
+        raise UserError("--dummy-weights takes a size name (opt-1.3b, llama-3.2-1b, …); bench reads a checkpoint dir as it is")
     if "accelerate" in args.baseline and not Path(args.model).is_dir():
         raise UserError("--baseline accelerate loads a checkpoint: pass a checkpoint dir as --model, e.g. one written "
                         f"by `flexgen-dist checkpoint --model {args.model} --output DIR`")
@@ -547,7 +547,7 @@ def _append_results(path: str, result: dict) -> None:
 
 def _checkpoint(args: argparse.Namespace) -> int:
     from flexgen_dist.io.checkpoint_writer import write_random_checkpoint
-    from flexgen_dist.models.opt import config_by_name
+    from flexgen_dist.models.family import config_by_name
 
     cfg = config_by_name(args.model)
     out = write_random_checkpoint(cfg, Path(args.output), DTYPES[args.dtype], args.seed)

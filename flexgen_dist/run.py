@@ -28,8 +28,7 @@ from flexgen_dist.io.outputs import ResultWriter, read_done_ids
 from flexgen_dist.io.prompts import Request
 from flexgen_dist.memory.budget import format_bytes
 from flexgen_dist.memory.tiers import TIERS, Tier, ensure_offload_root, new_run_id
-from flexgen_dist.models.layout import model_layers
-from flexgen_dist.models.opt import OptConfig
+from flexgen_dist.models.family import ModelConfig, model_layers
 from flexgen_dist.observability.metrics import RunMetrics, serve
 from flexgen_dist.observability.progress import progress
 from flexgen_dist.policy import auto as auto_policy
@@ -155,7 +154,7 @@ class StagePlan:
     specs: list[StageSpec]
 
 
-def plan_stages(run: RunConfig, cfg: OptConfig, dtype: torch.dtype, device: torch.device, prompt_len: int,
+def plan_stages(run: RunConfig, cfg: ModelConfig, dtype: torch.dtype, device: torch.device, prompt_len: int,
                 gen_len: int, head_workspace: int = 0, policies: list[Policy] | None = None) -> StagePlan:
     """Cut the model into stages and refuse, before any loading, a policy that does not fit the budgets.
     `head_workspace`: compute-device bytes the last stage needs beyond a generation step's (scoring's logits);
@@ -329,7 +328,7 @@ def _execute(run: RunConfig, source: ModelSource, work: list[tuple[Request, Sequ
             def block_runs() -> Iterator[BlockRun]:
                 for i, block in enumerate(blocks):
                     yield BlockRun(i, [s for _, s in block], policy.gpu_batch_size, cfg.pad_token_id,
-                                   cfg.eos_token_id, run.sampling.ignore_eos)
+                                   cfg.eos_token_ids, run.sampling.ignore_eos)
 
             def finished(block: BlockRun) -> None:
                 summary["generated_tokens"] += sum(len(s.output_ids) for s in block.sequences)

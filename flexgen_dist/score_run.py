@@ -24,7 +24,7 @@ from flexgen_dist.engine.scoring import ScoreBlock, ScoredSequence
 from flexgen_dist.io.model_source import ModelSource, resolve_model
 from flexgen_dist.io.outputs import ResultWriter, read_done_ids
 from flexgen_dist.io.prompts import Request
-from flexgen_dist.models.opt import OptConfig
+from flexgen_dist.models.family import ModelConfig
 from flexgen_dist.observability.progress import progress
 from flexgen_dist.run import StagePlan, make_executor, plan_stages, prompt_ids, resource_summary
 from flexgen_dist.run_config import RunConfig
@@ -94,7 +94,7 @@ def check_scoring_policy(run: RunConfig) -> None:
                         "written by `flexgen-dist policy`")
 
 
-def plan_scoring(run: RunConfig, cfg: OptConfig, dtype: torch.dtype, device: torch.device,
+def plan_scoring(run: RunConfig, cfg: ModelConfig, dtype: torch.dtype, device: torch.device,
                  sequences: list[ScoredSequence]) -> StagePlan:
     """The stages for scoring `sequences` (run.policy a fixed Policy: check_scoring_policy), checked against the
     budgets before any loading; the last stage's workspace holds a GPU batch's logits of the positions it scores."""
@@ -104,7 +104,7 @@ def plan_scoring(run: RunConfig, cfg: OptConfig, dtype: torch.dtype, device: tor
     return plan_stages(run, cfg, dtype, device, prompt_len, gen_len=0, head_workspace=logits_bytes)
 
 
-def run_scoring(run: RunConfig, cfg: OptConfig, stages: StagePlan, sequences: list[ScoredSequence],
+def run_scoring(run: RunConfig, cfg: ModelConfig, stages: StagePlan, sequences: list[ScoredSequence],
                 decode_tokens: int = 0, on_scored: Callable[[list[int]], None] | None = None,
                 label: str = "score") -> dict:
     """Score `sequences` in place (their `nll` and `greedy`) through the planned stages, similar lengths sharing a

@@ -1,5 +1,5 @@
-"""Session fixtures: a tiny tokenizer and tiny OPT checkpoints in every layout the engine reads,
-all built locally so no test ever touches the Hugging Face hub."""
+"""Session fixtures: a tiny tokenizer, tiny OPT checkpoints in every layout the engine reads, and tiny Llama-family
+checkpoints (Llama, Mistral, Qwen2), all built locally so no test ever touches the Hugging Face hub."""
 from __future__ import annotations
 
 import os
@@ -70,6 +70,33 @@ def tiny_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+def _init_for_clear_greedy(model, norm_marker: str) -> None:
+    """The default init (std 0.02) gives near-uniform logits, so greedy picks would hinge on ties. Wider token
+    embeddings and LM head widen the top-1 margin too. `norm_marker`: what the model's norm parameters are named."""
+    import torch
+
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.copy_(0.1 * torch.randn_like(p))
+            elif norm_marker in name:
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+            else:
+                p.normal_(0.0, 0.5 if "embed_tokens" in name or "lm_head" in name else 0.2)
+            if name.endswith("fc2.weight"):
+                # ReLU outputs have a positive mean that fc2 would turn into one fixed vector added
+                # at every position; in the post-LN model that swamps the input and greedy repeats
+                # one or two tokens forever. Zero-mean rows remove that shared component.
+                p.sub_(p.mean(dim=1, keepdim=True))
+        # Zero rows give <s>, <pad>, <unk> logit 0, far below the best of ~500 others, so greedy
+        # never emits them (as with a trained OPT). A 1.5x </s> row makes roughly a fifth to a half
+        # of 32-token greedy runs stop at EOS, so stopping gets exercised. (A tied head is the same table.)
+        tables = {id(t): t for t in (model.get_input_embeddings().weight, model.get_output_embeddings().weight)}
+        for table in tables.values():
+            table[[0, 1, 3]] = 0.0
+            table[2] *= 1.5
+
+
 def _tiny_opt(**overrides: object) -> OPTForCausalLM:
     import torch
     import transformers
@@ -78,27 +105,41 @@ def _tiny_opt(**overrides: object) -> OPTForCausalLM:
     transformers.logging.disable_progress_bar()
     torch.manual_seed(0)
     model = OPTForCausalLM(OPTConfig(**{**_BASE_CONFIG, **overrides})).float().eval()
-    # The default init (std 0.02) gives near-uniform logits, so greedy picks would hinge on ties.
-    # Wider token embeddings (tied to the lm_head) widen the top-1 margin too.
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias"):
-                p.copy_(0.1 * torch.randn_like(p))
-            elif "layer_norm" in name:
-                p.copy_(1.0 + 0.1 * torch.randn_like(p))
-            else:
-                p.normal_(0.0, 0.5 if "embed_tokens" in name else 0.2)
-            if name.endswith("fc2.weight"):
-                # ReLU outputs have a positive mean that fc2 would turn into one fixed vector added
-                # at every position; in the post-LN model that swamps the input and greedy repeats
-                # one or two tokens forever. Zero-mean rows remove that shared component.
-                p.sub_(p.mean(dim=1, keepdim=True))
-        # Zero rows give <s>, <pad>, <unk> logit 0, far below the best of ~500 others, so greedy
-        # never emits them (as with a trained OPT). A 1.5x </s> row makes roughly a fifth to a half
-        # of 32-token greedy runs stop at EOS, so stopping gets exercised.
-        emb = model.get_input_embeddings().weight
-        emb[[0, 1, 3]] = 0.0
-        emb[2] *= 1.5
+    _init_for_clear_greedy(model, "layer_norm")
+    return model
+
+
+# The Llama family's tiny checkpoints: 4 query heads over 2 key/value heads (GQA), head size 16, OPT's special ids so
+# the tiny tokenizer and hf_oracle serve them too.
+_LLAMA_BASE = dict(
+    vocab_size=VOCAB_SIZE, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+    num_key_value_heads=2, head_dim=16, max_position_embeddings=128, pad_token_id=1, bos_token_id=2, eos_token_id=2,
+    rms_norm_eps=1e-5, attention_dropout=0.0,
+)
+LLAMA_FAMILY = {
+    # Llama 3's rope scaling with a short original context, so the scaled, smoothed and kept frequencies all occur.
+    "llama": ("LlamaConfig", "LlamaForCausalLM", dict(
+        tie_word_embeddings=False, rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0,
+                                                    "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                                    "original_max_position_embeddings": 32})),
+    "mistral": ("MistralConfig", "MistralForCausalLM", dict(tie_word_embeddings=False, sliding_window=None,
+                                                           rope_parameters={"rope_type": "default", "rope_theta": 1e6})),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(tie_word_embeddings=True, use_sliding_window=False,
+                                                     rope_parameters={"rope_type": "default", "rope_theta": 1e6})),
+}
+
+
+def tiny_llama_family(kind: str, **overrides: object):
+    """A random float32 model of the Llama family (`kind`: llama, mistral, qwen2), initialized like _tiny_opt."""
+    import torch
+    import transformers
+
+    config_class, model_class, extra = LLAMA_FAMILY[kind]
+    transformers.logging.disable_progress_bar()
+    torch.manual_seed(0)
+    config = getattr(transformers, config_class)(**{**_LLAMA_BASE, **extra, **overrides})
+    model = getattr(transformers, model_class)(config).float().eval()
+    _init_for_clear_greedy(model, "norm")
     return model
 
 
@@ -137,6 +178,23 @@ def opt_sharded_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer_dir
     out = tmp_path_factory.mktemp("opt_sharded")
     # ~0.75 MB of float32 weights; 200KB shards give 4 files.
     _tiny_opt(do_layer_norm_before=True, word_embed_proj_dim=64).save_pretrained(out, max_shard_size="200KB")
+    return _with_tokenizer(out, tiny_tokenizer_dir)
+
+
+@pytest.fixture(scope="session", params=list(LLAMA_FAMILY))
+def llama_family_dir(request, tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer_dir: Path) -> Path:
+    """Each tiny Llama-family checkpoint in turn (GQA; Llama: untied head, Llama 3 rope scaling; Mistral: no sliding
+    window; Qwen2: q/k/v biases, tied head), as safetensors with the tiny tokenizer."""
+    out = tmp_path_factory.mktemp(f"tiny_{request.param}")
+    tiny_llama_family(request.param).save_pretrained(out)
+    return _with_tokenizer(out, tiny_tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def llama_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer_dir: Path) -> Path:
+    """The tiny Llama alone (GQA, untied head, Llama 3 rope scaling)."""
+    out = tmp_path_factory.mktemp("tiny_llama")
+    tiny_llama_family("llama").save_pretrained(out)
     return _with_tokenizer(out, tiny_tokenizer_dir)
 
 

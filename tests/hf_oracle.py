@@ -5,16 +5,16 @@ import functools
 import os
 
 import torch
-from transformers import OPTForCausalLM
+from transformers import AutoModelForCausalLM
 
 PAD_ID = 1
 EOS_ID = 2
 
 
 @functools.lru_cache(maxsize=8)
-def _load(model_dir: str) -> OPTForCausalLM:
+def _load(model_dir: str):
     # float32 + eager attention: the most literal form of the math, least exposed to kernel choices.
-    return OPTForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager").eval()
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager").eval()
 
 
 def hf_greedy(model_dir: str | os.PathLike[str], input_ids_list: list[list[int]], max_new_tokens: int) -> list[list[int]]:

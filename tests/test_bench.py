@@ -23,8 +23,8 @@ from flexgen_dist.bench.command import (
 from flexgen_dist.cli import main
 from flexgen_dist.io.weights import DummyWeights, open_checkpoint
 from flexgen_dist.memory.budget import MemoryBudget
-from flexgen_dist.models.layout import model_layers
-from flexgen_dist.models.opt import OptConfig, config_by_name
+from flexgen_dist.models.family import config_by_name, model_layers
+from flexgen_dist.models.opt import OptConfig
 from flexgen_dist.policy.hardware import load_profile
 from flexgen_dist.policy.roofline import Workload, generation_flops, moved_bytes, roofline
 

@@ -14,7 +14,7 @@ import flexgen_dist.bench.vllm_baseline as vllm_baseline
 from flexgen_dist.bench.baselines import BaselineSpec
 from flexgen_dist.cli import main
 from flexgen_dist.io.model_source import model_config
-from flexgen_dist.models.opt import config_by_name
+from flexgen_dist.models.family import config_by_name
 
 BENCH = ["bench", "--prompt-len", "8", "--gen-len", "2", "--gpu-batch-size", "2", "--device", "cpu",
          "--dtype", "float32", "--executor", "local", "--no-roofline", "--baseline", "vllm"]

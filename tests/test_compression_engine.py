@@ -16,7 +16,7 @@ import pytest
 import torch
 from hf_oracle import hf_greedy
 from test_parity import MAX_NEW, PROMPTS, run_cli
-from transformers import OPTForCausalLM
+from transformers import AutoModelForCausalLM
 
 from flexgen_dist.cli import main
 from flexgen_dist.memory.compression import QuantConfig, dequantize, quantize
@@ -29,10 +29,10 @@ CACHE_PLACEMENTS = {"cache-cpu": "100 0 0 100 100 0", "cache-disk": "100 0 0 0 1
 
 def _round_trip_checkpoint(model_dir, out_dir, bits: int):
     """A copy of the checkpoint with every matrix quantized along its output channels and dequantized back."""
-    model = OPTForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     cfg = QuantConfig(bits=bits, group_size=64, dim=0)
     with torch.no_grad():
-        for _, p in model.named_parameters():  # the tied lm_head is the embedding, visited once
+        for _, p in model.named_parameters():  # a tied lm_head is the embedding, visited once
             if p.dim() == 2:
                 p.copy_(dequantize(quantize(p, cfg), torch.float32))
     model.save_pretrained(out_dir)
@@ -42,8 +42,8 @@ def _round_trip_checkpoint(model_dir, out_dir, bits: int):
     return out_dir
 
 
-@pytest.fixture(scope="module", params=[("opt_preln_dir", 4), ("opt_postln_dir", 4), ("opt_preln_dir", 8)],
-                ids=["preln-4bit", "postln-4bit", "preln-8bit"])
+@pytest.fixture(scope="module", params=[("opt_preln_dir", 4), ("opt_postln_dir", 4), ("opt_preln_dir", 8), ("llama_dir", 4)],
+                ids=["preln-4bit", "postln-4bit", "preln-8bit", "llama-4bit"])
 def round_trip(request, tmp_path_factory):
     model_name, bits = request.param
     model_dir = request.getfixturevalue(model_name)
@@ -68,23 +68,24 @@ def test_compression_changes_the_weights_used(tmp_path, opt_preln_dir):
 COMPRESSED = {"cache": ["--compress-cache"], "weights-and-cache": ["--compress-weight", "--compress-cache"]}
 
 
-@pytest.fixture(scope="module", params=COMPRESSED, ids=COMPRESSED.keys())
-def on_device(request, tmp_path_factory, opt_preln_dir):
+@pytest.fixture(scope="module", params=[(m, c) for m in ("opt_preln_dir", "llama_dir") for c in COMPRESSED],
+                ids=[f"{m.removesuffix('_dir')}-{c}" for m in ("opt_preln_dir", "llama_dir") for c in COMPRESSED])
+def on_device(request, tmp_path_factory):
     """The compressed run with everything on the compute device: the reference for every other placement."""
-    flags = COMPRESSED[request.param]
-    ours, _ = run_cli(tmp_path_factory.mktemp("on-device"), opt_preln_dir, *flags, "--gpu-batch-size", "2",
+    model_dir = request.getfixturevalue(request.param[0])
+    flags = COMPRESSED[request.param[1]]
+    ours, _ = run_cli(tmp_path_factory.mktemp("on-device"), model_dir, *flags, "--gpu-batch-size", "2",
                       "--num-gpu-batches", "2")
     if "--compress-weight" not in flags:
-        assert [o[0] for o in ours] == [e[0] for e in hf_greedy(opt_preln_dir, PROMPTS, MAX_NEW)]
-    return flags, ours
+        assert [o[0] for o in ours] == [e[0] for e in hf_greedy(model_dir, PROMPTS, MAX_NEW)]
+    return model_dir, flags, ours
 
 
 @pytest.mark.parametrize("cpu_attention", [False, True], ids=["device-attention", "cpu-attention"])
 @pytest.mark.parametrize("placement", CACHE_PLACEMENTS)
-def test_compressed_cache_gives_the_same_tokens_in_every_placement(tmp_path, opt_preln_dir, on_device, placement,
-                                                                   cpu_attention):
-    flags, expected = on_device
-    ours, _ = run_cli(tmp_path, opt_preln_dir, "--percent", *CACHE_PLACEMENTS[placement].split(), *flags,
+def test_compressed_cache_gives_the_same_tokens_in_every_placement(tmp_path, on_device, placement, cpu_attention):
+    model_dir, flags, expected = on_device
+    ours, _ = run_cli(tmp_path, model_dir, "--percent", *CACHE_PLACEMENTS[placement].split(), *flags,
                       "--gpu-batch-size", "2", "--num-gpu-batches", "2", *(["--cpu-cache-compute"] if cpu_attention else []))
     assert ours == expected
 
@@ -111,10 +112,14 @@ def _cache_bytes_from_cpu(summary: dict) -> int:
     return summary["stage_stats"][0]["transfers"]["cache:cpu->gpu"]["bytes"]
 
 
-def test_sparse_attention_fetches_only_the_kept_value_rows(tmp_path, opt_preln_dir, capsys):
+# Under GQA each of a key/value head's g query heads fetches its own kept rows: the tiny Llama's g = 2 at 0.25
+# fetches about as many value rows as OPT at 0.5.
+@pytest.mark.parametrize("model,sparsity", [("opt_preln_dir", "0.5"), ("llama_dir", "0.25")])
+def test_sparse_attention_fetches_only_the_kept_value_rows(tmp_path, request, model, sparsity, capsys):
     """A compressed CPU-tier cache under --attn-sparsity stages keys only and dequantizes just the value rows top-k
     keeps; a disk-tier cache stages all values. Both must attend to the same rows, so give the same tokens."""
-    sparse = ["--compress-cache", "--attn-sparsity", "0.5", "--gpu-batch-size", "2", "--num-gpu-batches", "2"]
+    opt_preln_dir = request.getfixturevalue(model)  # (under GQA, each query head keeps its own rows of its KV head)
+    sparse = ["--compress-cache", "--attn-sparsity", sparsity, "--gpu-batch-size", "2", "--num-gpu-batches", "2"]
     on_cpu, _ = run_cli(tmp_path / "cpu", opt_preln_dir, "--percent", "100", "0", "0", "100", "100", "0", *sparse)
     cpu_summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     on_disk, _ = run_cli(tmp_path / "disk", opt_preln_dir, "--percent", "100", "0", "0", "0", "100", "0", *sparse)

@@ -15,7 +15,7 @@ from flexgen_dist.engine.stage_engine import BatchInput, StageEngine
 from flexgen_dist.io.weights import DummyWeights
 from flexgen_dist.memory.host_heap import MMAP_THRESHOLD_BYTES, keep_freed_memory
 from flexgen_dist.models import prepack
-from flexgen_dist.models.layout import model_layers
+from flexgen_dist.models.family import model_layers
 from flexgen_dist.models.opt import OPT_SIZES
 from flexgen_dist.policy.hardware import DtypeSpeeds, HardwareProfile
 from flexgen_dist.policy.profiler import measure_gemm, measure_step_overhead
@@ -83,7 +83,7 @@ def _cfg():
 def _generate(tmp_path, policy: Policy) -> tuple[list[torch.Tensor], StageEngine]:
     cfg = _cfg()
     engine = StageEngine(cfg, model_layers(cfg), policy, DummyWeights(), CPU, torch.bfloat16, str(tmp_path))
-    block = BlockRun(0, [Sequence(list(range(4 + i, 20 + i)), 5) for i in range(4)], 2, 1, 2, ignore_eos=True)
+    block = BlockRun(0, [Sequence(list(range(4 + i, 20 + i)), 5) for i in range(4)], 2, 1, (2,), ignore_eos=True)
     engine.start_block(0, block.batch_sizes, block.capacity)
     logits = []
     while not block.done:

@@ -9,7 +9,8 @@ from engine_steps import greedy_logits
 from flexgen_dist.engine.policy import Policy
 from flexgen_dist.engine.stage_engine import StageEngine
 from flexgen_dist.io.weights import DummyWeights, open_checkpoint
-from flexgen_dist.models.layout import WeightSpec, model_layers
+from flexgen_dist.models.family import model_layers
+from flexgen_dist.models.layout import WeightSpec
 
 
 @pytest.mark.parametrize("cut", [1, 2, 4, 6])

@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 
 from flexgen_dist.base.errors import UserError
-from flexgen_dist.models.layout import model_layers
-from flexgen_dist.models.opt import config_by_name
+from flexgen_dist.models.family import config_by_name, model_layers
 from flexgen_dist.runtime.partition import layer_cost, partition
 
 

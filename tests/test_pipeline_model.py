@@ -11,8 +11,7 @@ import yaml
 
 from flexgen_dist.cli import main
 from flexgen_dist.engine.policy import Policy
-from flexgen_dist.models.layout import model_layers
-from flexgen_dist.models.opt import config_by_name
+from flexgen_dist.models.family import config_by_name, model_layers
 from flexgen_dist.policy.cost_model import predict
 from flexgen_dist.policy.hardware import load_profile
 from flexgen_dist.policy.pipeline_model import StageTimes, predict_pipeline, simulate

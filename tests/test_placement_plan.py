@@ -11,8 +11,8 @@ from flexgen_dist.engine.stage_engine import BatchInput, StageEngine
 from flexgen_dist.io.weights import DummyWeights
 from flexgen_dist.memory.placement import split_elements, split_heads
 from flexgen_dist.memory.tiers import Tier, nbytes_of
-from flexgen_dist.models.layout import model_layers
-from flexgen_dist.models.opt import OPT_SIZES, config_by_name
+from flexgen_dist.models.family import config_by_name, model_layers
+from flexgen_dist.models.opt import OPT_SIZES
 from flexgen_dist.policy.memory_plan import plan_bytes, workspace_bytes
 
 
@@ -57,7 +57,7 @@ def test_plan_matches_measured_weights_and_cache(tmp_path, percent, extra):
     plan = plan_bytes(cfg, layers, policy, torch.bfloat16, torch.device("cpu"), prompt_len=16, gen_len=4)
     engine = StageEngine(cfg, layers, policy, DummyWeights(), torch.device("cpu"), torch.bfloat16, str(tmp_path))
     try:
-        block = BlockRun(0, [Sequence(list(range(4, 20)), 4) for _ in range(4)], 2, 1, 2, ignore_eos=True)
+        block = BlockRun(0, [Sequence(list(range(4, 20)), 4) for _ in range(4)], 2, 1, (2,), ignore_eos=True)
         engine.start_block(0, block.batch_sizes, block.capacity)
         assert {t: sum(h.nbytes(t) for h in engine.homes) for t in Tier} == plan.weights
         cached = {t: 0 for t in Tier}

@@ -13,8 +13,8 @@ from flexgen_dist.base.errors import UserError
 from flexgen_dist.engine.policy import Policy
 from flexgen_dist.memory.budget import MemoryBudget
 from flexgen_dist.memory.tiers import TIERS, Tier
-from flexgen_dist.models.layout import model_layers
-from flexgen_dist.models.opt import OptConfig, config_by_name
+from flexgen_dist.models.family import config_by_name, model_layers
+from flexgen_dist.models.opt import OptConfig
 from flexgen_dist.policy.cost_model import (
     CACHE_VARS,
     STAGED,

@@ -104,7 +104,7 @@ class _Recorder:
 def test_blocks_that_start_together_send_their_parts_in_turn():
     """Stage 1 then finishes block 0's prefill about one part after stage 0 is done, not a whole prefill later."""
     executor = _Recorder()
-    blocks = [BlockRun(i, [Sequence([5, 6, 7], 1) for _ in range(4)], 4, 1, 2, ignore_eos=True) for i in range(2)]
+    blocks = [BlockRun(i, [Sequence([5, 6, 7], 1) for _ in range(4)], 4, 1, (2,), ignore_eos=True) for i in range(2)]
     run_blocks(executor, iter(blocks), lambda block: block.head_task, max_in_flight=2, on_block_done=lambda b: None,
                prefill_chunks=2)
     parts = [PrefillPart(0, 0, 2), PrefillPart(0, 2, 4)]

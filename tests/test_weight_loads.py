@@ -13,7 +13,7 @@ from flexgen_dist.engine.policy import Policy
 from flexgen_dist.engine.stage_engine import StageEngine
 from flexgen_dist.io.weights import open_checkpoint
 from flexgen_dist.memory.weight_home import WeightHome
-from flexgen_dist.models.layout import model_layers
+from flexgen_dist.models.family import model_layers
 
 
 def test_two_weight_loads_run_at_once_and_the_logits_equal_a_serialized_run(tmp_path, opt_postln_dir, monkeypatch):

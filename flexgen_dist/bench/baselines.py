@@ -15,8 +15,7 @@ from pathlib import Path
 
 import torch
 
-from flexgen_dist.io.checkpoint_writer import hf_config
-from flexgen_dist.models.opt import OptConfig
+from flexgen_dist.models.family import ModelConfig, family_of
 
 SYSTEMS = ("hf", "accelerate", "vllm")  # vllm runs in its own interpreter: vllm_baseline.py
 
@@ -34,8 +33,16 @@ class BaselineSpec:
     offload_dir: str  # accelerate's offload folder is made (and removed) under it
 
 
-def _load(spec: BaselineSpec, cfg: OptConfig | None, offload_folder: str):
-    from transformers import OPTForCausalLM
+def _hf_config(cfg: ModelConfig):
+    """The transformers config of one of our model configs, for random weights of its size."""
+    from transformers import AutoConfig
+
+    fields = dict(family_of(cfg).hf_config(cfg))
+    return AutoConfig.for_model(fields.pop("model_type"), **fields)
+
+
+def _load(spec: BaselineSpec, cfg: ModelConfig | None, offload_folder: str):
+    from transformers import AutoModelForCausalLM
 
     dtype = getattr(torch, spec.dtype)
     device = torch.device(spec.device)
@@ -43,17 +50,17 @@ def _load(spec: BaselineSpec, cfg: OptConfig | None, offload_folder: str):
         max_memory = {("cpu" if tier == "cpu" else 0): size for tier, size in spec.max_memory.items()}
         if device.type == "cpu":  # accelerate counts a CPU run's memory as "cpu" only
             max_memory = {"cpu": sum(spec.max_memory.values())}
-        return OPTForCausalLM.from_pretrained(spec.model, dtype=dtype, device_map="auto", max_memory=max_memory,
+        return AutoModelForCausalLM.from_pretrained(spec.model, dtype=dtype, device_map="auto", max_memory=max_memory,
                                               offload_folder=offload_folder,
                                               offload_state_dict=True)
     if cfg is None:
-        return OPTForCausalLM.from_pretrained(spec.model, dtype=dtype).to(device)
+        return AutoModelForCausalLM.from_pretrained(spec.model, dtype=dtype).to(device)
     torch.manual_seed(0)
     with device:  # random weights drawn where they live: no host copy of the whole model
-        return OPTForCausalLM._from_config(hf_config(cfg), dtype=dtype)
+        return AutoModelForCausalLM.from_config(_hf_config(cfg), dtype=dtype)
 
 
-def run_baseline(spec: BaselineSpec, cfg: OptConfig | None = None) -> dict:
+def run_baseline(spec: BaselineSpec, cfg: ModelConfig | None = None) -> dict:
     """Greedy, exactly gen_len new tokens per prompt (EOS ignored), in batches of batch_size. Times the generate
     calls only (loading excluded, as for our engine). `cfg`: random weights of that size instead of a checkpoint."""
     Path(spec.offload_dir).mkdir(parents=True, exist_ok=True)

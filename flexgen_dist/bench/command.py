@@ -22,7 +22,7 @@ from flexgen_dist.bench.baselines import BaselineSpec, spec_json
 from flexgen_dist.bench.vllm_baseline import SETUP_HINT, vllm_command, why_not
 from flexgen_dist.io.prompts import synthetic_requests
 from flexgen_dist.memory.budget import MemoryBudget, format_bytes
-from flexgen_dist.models.opt import OptConfig
+from flexgen_dist.models.family import ModelConfig
 from flexgen_dist.policy.hardware import HardwareProfile
 from flexgen_dist.policy.profiler import measure_disk
 from flexgen_dist.policy.roofline import Workload, roofline
@@ -31,7 +31,7 @@ from flexgen_dist.policy.roofline import Workload, roofline
 @dataclass(frozen=True)
 class BenchSpec:
     model: str  # a size name (dummy weights) or a checkpoint directory (both systems read it)
-    config: OptConfig
+    config: ModelConfig
     prompt_len: int
     gen_len: int
     num_prompts: int | None  # None: one block per stage for each point
@@ -60,7 +60,7 @@ def parse_blocks(text: str) -> tuple[tuple[int, int], ...]:
     return tuple(blocks)
 
 
-def hf_resident_bytes(cfg: OptConfig, batch: int, prompt_len: int, gen_len: int, dtype_bytes: int) -> int:
+def hf_resident_bytes(cfg: ModelConfig, batch: int, prompt_len: int, gen_len: int, dtype_bytes: int) -> int:
     """Memory HF `generate` needs with every weight resident: weights, the whole KV cache, the widest prefill
     activation (attention scores or the MLP's hidden) and float32 logits of the last position."""
     activations = batch * prompt_len * max(cfg.ffn_dim, cfg.num_heads * prompt_len) * dtype_bytes * 2
@@ -126,7 +126,7 @@ def run_ours(spec: BenchSpec, generate_flags: list[str], block: tuple[int, int] 
         return _last_json_line(subprocess.run(cmd, capture_output=True, text=True), "our run")
 
 
-def run_baseline(spec: BaselineSpec, cfg: OptConfig, vllm_python: str | None = None) -> dict | None:
+def run_baseline(spec: BaselineSpec, cfg: ModelConfig, vllm_python: str | None = None) -> dict | None:
     """The baseline's result ({"skipped": why} where vLLM does not import); None when its process was SIGKILLed, as the
     OOM killer does to a batch that does not fit a cgroup's memory limit: that batch is then not the baseline's best,
     and the other candidates still run."""

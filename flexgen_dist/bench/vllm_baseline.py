@@ -17,9 +17,8 @@ from pathlib import Path
 from flexgen_dist.base.devices import DTYPES
 from flexgen_dist.base.errors import UserError
 from flexgen_dist.bench.baselines import BaselineSpec
-from flexgen_dist.io.checkpoint_writer import hf_config
 from flexgen_dist.memory.budget import format_bytes
-from flexgen_dist.models.opt import OptConfig
+from flexgen_dist.models.family import ModelConfig, family_of
 
 PYTHON_ENV = "FLEXGEN_VLLM_PYTHON"
 SETUP_VENV = Path(__file__).resolve().parents[2] / ".venv-vllm"  # where launch/setup_vllm.sh installs it
@@ -42,16 +41,16 @@ def vllm_python(explicit: str | None = None) -> str | None:
     return sys.executable if importlib.util.find_spec("vllm") is not None else None
 
 
-def kv_cache_bytes(cfg: OptConfig, batch: int, seq_len: int, dtype_bytes: int) -> int:
+def kv_cache_bytes(cfg: ModelConfig, batch: int, seq_len: int, dtype_bytes: int) -> int:
     """The KV cache vLLM is given: `batch` sequences of `seq_len` positions, rounded up to 16-token pages, and a
     64 MiB margin, so that it never preempts a sequence (vLLM sizes the cache from this, not from the model)."""
     pages = math.ceil(seq_len / 16) * 16
     return cfg.cache_bytes(batch, pages, dtype_bytes) + (64 << 20)
 
 
-def why_not(cfg: OptConfig, device: str, batch: int, seq_len: int, dtype: str, memory_limit: int | None) -> str:
+def why_not(cfg: ModelConfig, device: str, batch: int, seq_len: int, dtype: str, memory_limit: int | None) -> str:
     """Why vLLM cannot run this point, or "" where it can."""
-    head_size = cfg.hidden_size // cfg.num_heads
+    head_size = cfg.head_dim
     if device == "cpu" and head_size not in CPU_HEAD_SIZES:
         return f"vLLM's CPU attention takes head sizes {', '.join(map(str, CPU_HEAD_SIZES))}, not {head_size}"
     dtype_bytes = DTYPES[dtype].itemsize
@@ -62,16 +61,16 @@ def why_not(cfg: OptConfig, device: str, batch: int, seq_len: int, dtype: str, m
     return ""
 
 
-def vllm_command(python: str, spec: BaselineSpec, cfg: OptConfig, tmp: Path) -> list[str]:
+def vllm_command(python: str, spec: BaselineSpec, cfg: ModelConfig, tmp: Path) -> list[str]:
     """The command that runs vLLM on the spec's prompts, at most spec.batch_size sequences at a time; its files (the
     runner's spec, a dummy model's config.json) are written under `tmp`."""
     if Path(spec.model).is_dir():
         model_dir, load_format = spec.model, "auto"
     else:
         model_dir, load_format = str(tmp / "model"), "dummy"
-        config = hf_config(cfg)
-        config.architectures = ["OPTForCausalLM"]  # vLLM picks its model class by this name
-        config.save_pretrained(model_dir)
+        Path(model_dir).mkdir(parents=True, exist_ok=True)
+        # vLLM picks its model class by the config's "architectures".
+        (Path(model_dir) / "config.json").write_text(json.dumps({**family_of(cfg).hf_config(cfg), "dtype": spec.dtype}))
     seq_len = max(map(len, spec.prompts)) + spec.gen_len
     # On a GPU the memory budget is the device's: what does not fit of the weights goes to vLLM's CPU offload.
     weights = cfg.param_count() * DTYPES[spec.dtype].itemsize

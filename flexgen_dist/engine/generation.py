@@ -202,10 +202,10 @@ class Sequence:
         if self.head.logprobs is not None and self.logprobs is None:
             self.logprobs = SequenceLogprobs(self.head.logprobs)
 
-    def add_token(self, token: int, eos_id: int | None) -> None:
-        """Record one generated token and whether it ends the sequence (`eos_id` None: EOS does not)."""
+    def add_token(self, token: int, eos_ids: tuple[int, ...]) -> None:
+        """Record one generated token and whether it ends the sequence (any of `eos_ids`; none: EOS does not)."""
         self.output_ids.append(token)
-        if token == eos_id:
+        if token in eos_ids:
             self.finish_reason = "eos"
         elif self._reached_stop_string():
             self.finish_reason = "stop"
@@ -243,10 +243,10 @@ def left_pad(rows: list[list[int]], width: int, pad_id: int) -> tuple[torch.Tens
 class BlockRun:
     """One block of up to gpu_batch_size x num_gpu_batches sequences, from prefill to its last token."""
 
-    def __init__(self, block_id: int, sequences: list[Sequence], gpu_batch_size: int, pad_id: int, eos_id: int,
-                 ignore_eos: bool) -> None:
+    def __init__(self, block_id: int, sequences: list[Sequence], gpu_batch_size: int, pad_id: int,
+                 eos_ids: tuple[int, ...], ignore_eos: bool) -> None:
         self.block_id, self.sequences = block_id, sequences
-        self.pad_id, self.eos_id, self.ignore_eos = pad_id, eos_id, ignore_eos
+        self.pad_id, self.eos_ids, self.ignore_eos = pad_id, eos_ids, ignore_eos
         self.batches = [sequences[i : i + gpu_batch_size] for i in range(0, len(sequences), gpu_batch_size)]
         prompt_len = max(len(s.prompt_ids) for s in sequences)
         self.capacity = prompt_len + max(s.max_new_tokens for s in sequences)
@@ -272,7 +272,7 @@ class BlockRun:
     def advance(self, outputs: list[torch.Tensor | Sampled]) -> None:
         """Record one step's output per GPU batch: the sampled token per sequence ([B]), with log-probabilities
         (`Sampled`) where one of the batch's sequences asked for them."""
-        eos_id = None if self.ignore_eos else self.eos_id
+        eos_ids = () if self.ignore_eos else self.eos_ids
         for k, batch in enumerate(self.batches):
             out = outputs[k]
             next_ids = out.tokens if isinstance(out, Sampled) else out
@@ -281,7 +281,7 @@ class BlockRun:
                     continue
                 if s.logprobs is not None:
                     s.logprobs.add(out, row, len(s.prompt_ids), s.head.echo)
-                s.add_token(int(next_ids[row]), eos_id)
+                s.add_token(int(next_ids[row]), eos_ids)
             # Finished rows keep computing (fed padding) so shapes stay fixed; their outputs are ignored.
             running = torch.tensor([s.finish_reason is None for s in batch])
             self.tokens[k] = next_ids.cpu().where(running, self.pad_id)[:, None]

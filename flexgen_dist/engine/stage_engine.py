@@ -24,7 +24,9 @@ from flexgen_dist.memory.disk import DiskTensor, aligned_empty
 from flexgen_dist.memory.placement import single_tier
 from flexgen_dist.memory.tiers import Tier, TierSet
 from flexgen_dist.memory.weight_home import WeightHome
-from flexgen_dist.models import opt, prepack
+from flexgen_dist.models import prepack
+from flexgen_dist.models.attention import attend, attend_rows, attention_mask, position_ids, top_probabilities
+from flexgen_dist.models.family import ModelConfig, family_of
 from flexgen_dist.models.layout import LayerSpec
 
 # On a CPU device a step runs each GPU batch in chunks of whole sequences of about this many tokens (in practice the
@@ -111,9 +113,10 @@ def _used_by_compute(loaded: list[LoadedPiece]) -> None:
 
 
 class StageEngine:
-    def __init__(self, cfg: opt.OptConfig, layers: list[LayerSpec], policy: Policy, source: WeightSource,
+    def __init__(self, cfg: ModelConfig, layers: list[LayerSpec], policy: Policy, source: WeightSource,
                  device: torch.device, dtype: torch.dtype, offload_dir: str | None = None) -> None:
         self.cfg, self.layers, self.policy, self.device, self.dtype = cfg, layers, policy, device, dtype
+        self.model = family_of(cfg)  # the layer math of the model's family
         self.tiers = TierSet(device, offload_dir)
         self.homes: list[WeightHome] = []
         self.act_tier = single_tier(policy.act_percents())
@@ -161,7 +164,7 @@ class StageEngine:
         for j, layer in enumerate(self.layers):
             if layer.kind == "attention":
                 for k, b in enumerate(batch_sizes):
-                    caches[j, k] = CacheHome(self.tiers, b, self.cfg.num_heads, self.cfg.head_dim, capacity,
+                    caches[j, k] = CacheHome(self.tiers, b, self.cfg.num_kv_heads, self.cfg.head_dim, capacity,
                                              self.dtype, self.policy.cache_percents(), f"{layer.label}-blk{block_id}-b{k}",
                                              self.policy.cache_quant(self.cfg.head_dim))
         self.blocks[block_id] = _Block(caches, ActivationStore(self.tiers, self.act_tier))
@@ -206,7 +209,8 @@ class StageEngine:
         batch_of = [part.batch] if part else list(range(len(inputs)))  # input k -> the block's GPU batch
         rows = slice(part.start, part.stop) if part else slice(None)
         valid = [x.valid.to(self.device) for x in inputs]
-        masks = [opt.attention_mask(v, query_len) for v in valid]
+        masks = [attention_mask(v, query_len) for v in valid]
+        positions = [position_ids(v, query_len) for v in valid]
         if not self.has_embedding:
             for k, x in enumerate(inputs):
                 acts.put(k, x.data.to(self.device, self.dtype))
@@ -238,25 +242,25 @@ class StageEngine:
                 prefetched = weight_loads.pop(j).result()
             w = self._weights(j, prefetched)
             if past and layer.kind != "embed":
-                outputs += self._decode_layer(j, w, [x.data.shape[0] for x in inputs], acts, caches, masks, past,
-                                              keep, head, loaded_cache)
+                outputs += self._decode_layer(j, w, [x.data.shape[0] for x in inputs], acts, caches, masks,
+                                              _cat(positions), past, keep, head, loaded_cache)
                 self._next_weights(j, weight_loads)
                 continue
             for k, x in enumerate(inputs):
                 if layer.kind == "embed":
-                    acts.put(k, opt.embed(w, x.data.to(self.device), opt.position_ids(valid[k], query_len)))
+                    acts.put(k, self.model.embed(self.cfg, w, x.data.to(self.device), positions[k]))
                     continue
                 hidden = acts.get(k)
                 if layer.kind == "head" and head is not None:
                     # Per GPU batch, so the [B, S, V] float32 logits never exist for the whole block at once.
                     needed = hidden if head_columns is None else hidden[:, hidden.shape[1] - head_columns[k] :]
-                    outputs.append(head(k, opt.lm_head(self.cfg, w, needed)))
+                    outputs.append(head(k, self.model.lm_head(self.cfg, w, needed)))
                 elif layer.kind == "head":
-                    outputs.append(opt.lm_head(self.cfg, w, hidden[:, -1]))
+                    outputs.append(self.model.lm_head(self.cfg, w, hidden[:, -1]))
                 elif layer.kind == "mlp":
-                    acts.put(k, _cat([opt.mlp(self.cfg, w, hidden[c]) for c in self._chunks(hidden)]))
+                    acts.put(k, _cat([self.model.mlp(self.cfg, w, hidden[c]) for c in self._chunks(hidden)]))
                 else:
-                    acts.put(k, self._prefill_attention(caches[j, batch_of[k]], w, hidden, masks[k], rows))
+                    acts.put(k, self._prefill_attention(caches[j, batch_of[k]], w, hidden, masks[k], positions[k], rows))
             self._next_weights(j, weight_loads)
         with self.tiers.stats.waiting("drain"):
             self._cache_lane.drain()
@@ -271,7 +275,8 @@ class StageEngine:
             weight_loads[j + 2] = self._weight_lane.submit(self._prefetch_weights, j + 2)
 
     def _decode_layer(self, j: int, w, sizes: list[int], acts: ActivationStore, caches: dict, masks: list[torch.Tensor],
-                      past: int, keep: int | None, head, loaded_cache: Callable[[tuple[int, int]], list]) -> list:
+                      positions: torch.Tensor, past: int, keep: int | None, head,
+                      loaded_cache: Callable[[tuple[int, int]], list]) -> list:
         """Layer j of a decode step for every GPU batch of the block at once: its GEMMs run once over all the batches'
         rows (one token each), so the layer's weights are read from memory once per step, not once per batch; only
         attention, which reads each batch's own cache, runs batch by batch. On the 2-core AVX2 EPYC in float32, an
@@ -280,12 +285,12 @@ class StageEngine:
         layer = self.layers[j]
         hidden = _cat([acts.get(k) for k in range(len(sizes))])  # [sum B, 1, H]
         if layer.kind == "head":
-            logits = opt.lm_head(self.cfg, w, hidden if head is not None else hidden[:, -1])
+            logits = self.model.lm_head(self.cfg, w, hidden if head is not None else hidden[:, -1])
             return [head(k, part) if head is not None else part for k, part in enumerate(logits.split(sizes))]
         if layer.kind == "mlp":
-            out = opt.mlp(self.cfg, w, hidden)
+            out = self.model.mlp(self.cfg, w, hidden)
         else:
-            q, key, value = opt.attention_input(self.cfg, w, hidden)  # [sum B, N, 1, D] each
+            q, key, value = self.model.attention_input(self.cfg, w, hidden, positions)  # [sum B, N or n, 1, D]
             contexts, start = [], 0
             for k, size in enumerate(sizes):
                 loaded = loaded_cache((j, k))
@@ -294,7 +299,7 @@ class StageEngine:
                                                      past, keep))
                 self._cache_lane.submit(caches[j, k].store_token, loaded, past)
                 start += size
-            out = opt.attention_output(self.cfg, w, hidden, _cat(contexts))
+            out = self.model.attention_output(self.cfg, w, hidden, _cat(contexts))
         for k, part in enumerate(out.split(sizes)):
             acts.put(k, part)
         return []
@@ -306,12 +311,12 @@ class StageEngine:
         per = batch if self.device.type != "cpu" else max(1, _CPU_CHUNK_TOKENS // tokens)
         return [slice(i, min(batch, i + per)) for i in range(0, batch, per)]
 
-    def _prefill_attention(self, cache: CacheHome, w, hidden: torch.Tensor, mask: torch.Tensor,
+    def _prefill_attention(self, cache: CacheHome, w, hidden: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
                            rows: slice) -> torch.Tensor:
         outs, keys, values = [], [], []
         for c in self._chunks(hidden):  # attention is per sequence: chunks of sequences are independent
-            q, key, value = opt.attention_input(self.cfg, w, hidden[c])  # [b, N, S, D] each
-            outs.append(opt.attention_output(self.cfg, w, hidden[c], opt.attend(q, key, value, mask[c])))
+            q, key, value = self.model.attention_input(self.cfg, w, hidden[c], positions[c])  # [b, N or n, S, D]
+            outs.append(self.model.attention_output(self.cfg, w, hidden[c], attend(q, key, value, mask[c])))
             keys.append(key)
             values.append(value)
         self._cache_lane.submit(cache.store_prefill, _cat(keys), _cat(values), rows)
@@ -320,23 +325,23 @@ class StageEngine:
     def _decode_context(self, cache: CacheHome, q: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                         loaded: list[LoadedPiece], mask: torch.Tensor, past: int, keep: int | None) -> torch.Tensor:
         """One GPU batch's decode attention over its cache, the new token's key and value stored into it first.
-        q, key, value [B, N, 1, D] -> context [B, N, 1, D]."""
-        contexts = []
+        q [B, N, 1, D], key, value [B, n, 1, D] -> context [B, N, 1, D]."""
+        contexts, group = [], q.shape[1] // key.shape[1]  # query heads per key/value head
         for lp in loaded:  # one piece per tier holding a range of heads; attention is independent per head
-            h0, h1 = lp.piece.head_start, lp.piece.head_stop
+            h0, h1 = lp.piece.head_start, lp.piece.head_stop  # key/value heads; their query heads are g times these
             where = lp.k.device  # the compute device, or the CPU for --cpu-cache-compute: only q and the output move
             lp.k[:, :, past] = key[:, h0:h1, 0].to(where)
             # Attend over the whole contiguous buffer (a strided prefix view makes bf16 bmm copy it); the
             # positions past this token are masked out.
             span_mask = F.pad(mask, (0, lp.k.shape[2] - mask.shape[-1]), value=False).to(where)
-            q_piece = q[:, h0:h1].to(where)
+            q_piece = q[:, h0 * group : h1 * group].to(where)
             if lp.v is None:  # values not staged: fetch only the rows top-k keeps
                 lp.new_v = value[:, h0:h1, 0].to(where)
-                top, index = opt.top_probabilities(q_piece, lp.k, span_mask, keep)
-                context = opt.attend_rows(top, cache.value_rows(lp, index.squeeze(2), past))
+                top, index = top_probabilities(q_piece, lp.k, span_mask, keep)
+                context = attend_rows(top, cache.value_rows(lp, index.flatten(2), past))
             else:
                 lp.v[:, :, past] = value[:, h0:h1, 0].to(where)
-                context = opt.attend(q_piece, lp.k, lp.v, span_mask, keep)
+                context = attend(q_piece, lp.k, lp.v, span_mask, keep)
             contexts.append(context.to(self.device))
         return contexts[0] if len(contexts) == 1 else torch.cat(contexts, dim=1)
 

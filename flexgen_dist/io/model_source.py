@@ -10,14 +10,14 @@ import torch
 
 from flexgen_dist.base.errors import UserError
 from flexgen_dist.io.weights import DummyWeights, WeightSource, load_checkpoint_config, open_checkpoint
-from flexgen_dist.models.opt import OptConfig, config_by_name
+from flexgen_dist.models.family import ModelConfig, config_by_name
 
 _TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer_config.json")
 
 
 @dataclass
 class ModelSource:
-    config: OptConfig
+    config: ModelConfig
     weights: WeightSource
     tokenizer: object | None  # a transformers tokenizer, when the checkpoint ships one
 
@@ -34,7 +34,7 @@ def load_tokenizer(directory: Path) -> object | None:
         raise UserError(f"{directory}: unreadable tokenizer ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
 
 
-def model_config(model: str) -> OptConfig:
+def model_config(model: str) -> ModelConfig:
     """The model's configuration, without touching its weights or tokenizer (for synthetic prompts)."""
     path = Path(model).expanduser()
     return load_checkpoint_config(path) if path.is_dir() else config_by_name(model)

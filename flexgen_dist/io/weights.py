@@ -14,8 +14,8 @@ from typing import Protocol
 import torch
 
 from flexgen_dist.base.errors import UserError
-from flexgen_dist.models.layout import LayerSpec, WeightSpec, model_layers
-from flexgen_dist.models.opt import OptConfig, config_from_hf
+from flexgen_dist.models.family import ModelConfig, config_from_hf, model_layers
+from flexgen_dist.models.layout import LayerSpec, WeightSpec
 
 DUMMY_STD = 0.02
 _CHUNK = 1 << 22  # dummy weights are seeded per chunk, so any range can be generated without the whole tensor
@@ -68,12 +68,18 @@ class DummyWeights:
 
 
 def _canonical(key: str) -> str:
-    """Checkpoints name weights `decoder.…` (OPTModel) or `model.decoder.…` (OPTForCausalLM)."""
+    """Checkpoints name weights `decoder.…` (OPTModel) or `model.decoder.…` (OPTForCausalLM, and `model.layers.…` for
+    the Llama family); only an untied head is `lm_head.weight`, outside `model.`."""
     return key.removeprefix("model.")
 
 
+def hf_key(canonical: str) -> str:
+    """The key a *ForCausalLM checkpoint writes for a canonical key: _canonical's inverse."""
+    return canonical if canonical.startswith("lm_head.") else f"model.{canonical}"
+
+
 class CheckpointWeights:
-    """An HF OPT checkpoint directory: safetensors (memory-mapped) or pytorch_model*.bin (weights_only)."""
+    """An HF checkpoint directory of any supported family: safetensors (memory-mapped) or pytorch_model*.bin (weights_only)."""
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
@@ -138,7 +144,7 @@ class CheckpointWeights:
         out.copy_(flat[start:stop])
 
 
-def load_checkpoint_config(directory: Path) -> OptConfig:
+def load_checkpoint_config(directory: Path) -> ModelConfig:
     path = directory / "config.json"
     try:
         hf = json.loads(path.read_text())
@@ -149,7 +155,7 @@ def load_checkpoint_config(directory: Path) -> OptConfig:
     return config_from_hf(hf, directory.name)
 
 
-def open_checkpoint(directory: Path) -> tuple[OptConfig, CheckpointWeights]:
+def open_checkpoint(directory: Path) -> tuple[ModelConfig, CheckpointWeights]:
     """Config and a validated weight source for a checkpoint directory."""
     cfg = load_checkpoint_config(directory)
     source = CheckpointWeights(directory)

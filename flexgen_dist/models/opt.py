@@ -1,19 +1,22 @@
-"""OPT: the size table and the pure layer math.
+"""OPT, one model family (models/family.py): the size table, the config reader, the weight layout and the pure
+layer math.
 
 Weights are arguments (dicts of tensors), never `nn.Parameter`s: the engine streams them through the memory tiers.
 A linear weight may be oneDNN-packed (models/prepack.py); `linear` takes either.
-No I/O and no placement here. Shapes: B batch, S query length, T key length, H hidden, E word-embedding dim,
-N heads, D head dim, V vocab.
+No I/O and no placement here. Shapes: B batch, S query length, H hidden, E word-embedding dim, N heads, D head dim,
+V vocab.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 
 from flexgen_dist.base.errors import UserError
+from flexgen_dist.models.layout import LayerSpec, WeightSpec, linear_weights, norm_weights
 from flexgen_dist.models.prepack import linear
 
 POSITION_OFFSET = 2  # OPT's learned positions are shifted by 2 (a fairseq legacy)
@@ -23,6 +26,8 @@ ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu}
 
 @dataclass(frozen=True)
 class OptConfig:
+    family: ClassVar[str] = "opt"
+    ffn_temporaries: ClassVar[int] = 1  # [tokens, ffn_dim] tensors the MLP holds at once (fc1's output)
     name: str
     hidden_size: int
     num_layers: int
@@ -42,6 +47,19 @@ class OptConfig:
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.num_heads
+
+    @property
+    def kv_dim(self) -> int:
+        """Width of one position's keys (and of its values) in the cache."""
+        return self.hidden_size
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        return (self.eos_token_id,)
 
     @property
     def embed_dim(self) -> int:
@@ -88,11 +106,15 @@ OPT_SIZES: dict[str, OptConfig] = {
 }
 
 
-def config_by_name(name: str) -> OptConfig:
-    key = name.lower().removeprefix("facebook/")
-    if key not in OPT_SIZES:
-        raise UserError(f"unknown model {name!r}: expected one of {', '.join(OPT_SIZES)} or a checkpoint directory")
-    return OPT_SIZES[key]
+def hf_config(cfg: OptConfig) -> dict:
+    """The config.json of an OPTForCausalLM checkpoint with these sizes (config_from_hf's inverse)."""
+    return {"architectures": ["OPTForCausalLM"], "model_type": "opt", "vocab_size": cfg.vocab_size,
+            "hidden_size": cfg.hidden_size, "num_hidden_layers": cfg.num_layers, "ffn_dim": cfg.ffn_dim,
+            "num_attention_heads": cfg.num_heads, "max_position_embeddings": cfg.max_positions,
+            "do_layer_norm_before": cfg.do_layer_norm_before, "word_embed_proj_dim": cfg.embed_dim,
+            "_remove_final_layer_norm": cfg.do_layer_norm_before and not cfg.has_final_layer_norm,
+            "activation_function": cfg.activation, "enable_bias": True, "layer_norm_elementwise_affine": True,
+            "pad_token_id": cfg.pad_token_id, "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id}
 
 
 def config_from_hf(hf: dict, name: str) -> OptConfig:
@@ -132,10 +154,59 @@ def config_from_hf(hf: dict, name: str) -> OptConfig:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Layer math. `w` maps the short weight names of models/layout.py to tensors on the compute device.
+# Weight layout: which weights each engine layer holds. Checkpoint keys are OPTForCausalLM's without "model.".
 
 
-def embed(w: dict[str, torch.Tensor], input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+def _embed_layer(cfg: OptConfig) -> LayerSpec:
+    weights = [
+        WeightSpec("embed_tokens", (cfg.vocab_size, cfg.embed_dim), "decoder.embed_tokens.weight", "normal"),
+        WeightSpec("embed_positions", (cfg.max_positions + POSITION_OFFSET, cfg.hidden_size),
+                   "decoder.embed_positions.weight", "normal"),
+    ]
+    if cfg.projects_embeddings:
+        weights.append(WeightSpec("project_in", (cfg.hidden_size, cfg.embed_dim), "decoder.project_in.weight", "normal"))
+    return LayerSpec("embed", -1, tuple(weights))
+
+
+def _attention_layer(cfg: OptConfig, i: int) -> LayerSpec:
+    h, key = cfg.hidden_size, f"decoder.layers.{i}"
+    weights = norm_weights("self_attn_layer_norm", f"{key}.self_attn_layer_norm", h)
+    for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
+        weights += linear_weights(proj, f"{key}.self_attn.{proj}", h, h)
+    return LayerSpec("attention", i, weights)
+
+
+def _mlp_layer(cfg: OptConfig, i: int) -> LayerSpec:
+    h, f, key = cfg.hidden_size, cfg.ffn_dim, f"decoder.layers.{i}"
+    weights = norm_weights("final_layer_norm", f"{key}.final_layer_norm", h)
+    weights += linear_weights("fc1", f"{key}.fc1", f, h) + linear_weights("fc2", f"{key}.fc2", h, f)
+    return LayerSpec("mlp", i, weights)
+
+
+def _head_layer(cfg: OptConfig) -> LayerSpec:
+    weights: list[WeightSpec] = []
+    if cfg.has_final_layer_norm:
+        weights += norm_weights("final_layer_norm", "decoder.final_layer_norm", cfg.hidden_size)
+    if cfg.projects_embeddings:
+        weights.append(WeightSpec("project_out", (cfg.embed_dim, cfg.hidden_size), "decoder.project_out.weight", "normal"))
+    # The LM head is tied to the token embedding; a checkpoint's own lm_head.weight, when present, wins (weights.py).
+    weights.append(WeightSpec("lm_head", (cfg.vocab_size, cfg.embed_dim), "decoder.embed_tokens.weight", "normal"))
+    return LayerSpec("head", -1, tuple(weights))
+
+
+def layers(cfg: OptConfig) -> list[LayerSpec]:
+    """All engine layers of the model, in execution order."""
+    out = [_embed_layer(cfg)]
+    for i in range(cfg.num_layers):
+        out += [_attention_layer(cfg, i), _mlp_layer(cfg, i)]
+    return out + [_head_layer(cfg)]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Layer math. `w` maps the short weight names of the layout above to tensors on the compute device.
+
+
+def embed(cfg: OptConfig, w: dict[str, torch.Tensor], input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
     """Token + learned position embeddings. input_ids, position_ids: [B, S] -> [B, S, H]."""
     tokens = F.embedding(input_ids, w["embed_tokens"])  # [B, S, E]
     if "project_in" in w:
@@ -147,8 +218,9 @@ def _layer_norm(x: torch.Tensor, w: dict[str, torch.Tensor], prefix: str, eps: f
     return F.layer_norm(x, (x.shape[-1],), w[prefix + ".weight"], w[prefix + ".bias"], eps)
 
 
-def attention_input(cfg: OptConfig, w: dict[str, torch.Tensor], hidden: torch.Tensor):
-    """Queries, keys and values of a layer's self-attention. hidden [B, S, H] -> 3 x [B, N, S, D]."""
+def attention_input(cfg: OptConfig, w: dict[str, torch.Tensor], hidden: torch.Tensor, position_ids: torch.Tensor):
+    """Queries (pre-scaled), keys and values of a layer's self-attention. hidden [B, S, H] -> 3 x [B, N, S, D].
+    OPT's positions are in its embeddings, so `position_ids` is not used here."""
     x = _layer_norm(hidden, w, "self_attn_layer_norm", cfg.layer_norm_eps) if cfg.do_layer_norm_before else hidden
     b, s, _ = x.shape
     scaling = cfg.head_dim**-0.5
@@ -161,42 +233,6 @@ def attention_input(cfg: OptConfig, w: dict[str, torch.Tensor], hidden: torch.Te
     k = linear(x, w["k_proj.weight"], w["k_proj.bias"])
     v = linear(x, w["v_proj.weight"], w["v_proj.bias"])
     return heads(q), heads(k), heads(v)
-
-
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, keep: int | None = None) -> torch.Tensor:
-    """Masked attention, q pre-scaled. q [B, n, S, D], k/v [B, n, T, D], mask [B, 1, S, T] bool -> [B, n, S, D].
-
-    `keep` (decode only): top-k sparse attention — each query attends to its `keep` most probable positions and reads
-    only those value rows (see top_probabilities).
-    """
-    if q.shape[2] > 1:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)
-    if keep is None or keep >= k.shape[2]:
-        # Decode: two small batched matmuls beat SDPA's CPU kernel ~4x in bf16 (measured on AVX-512).
-        return torch.matmul(torch.softmax(decode_scores(q, k, mask), dim=-1, dtype=torch.float32).to(q.dtype), v)
-    top, index = top_probabilities(q, k, mask, keep)
-    rows = torch.gather(v, 2, index.squeeze(2).unsqueeze(-1).expand(-1, -1, -1, v.shape[-1]))  # [B, n, keep, D]
-    return attend_rows(top, rows)
-
-
-def decode_scores(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """One query's masked attention scores. q [B, n, 1, D], k [B, n, T, D], mask [B, 1, 1, T] -> [B, n, 1, T]."""
-    return torch.matmul(q, k.transpose(-1, -2)).masked_fill_(~mask, torch.finfo(q.dtype).min)
-
-
-def top_probabilities(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor, keep: int):
-    """The `keep` largest attention probabilities per query and their positions: ([B, n, 1, keep] float32, index).
-
-    The kept positions keep their dense softmax probabilities, not renormalized over the kept set (as FlexGen does):
-    on the trained tiny OPT of docs/quality.md, greedy agreement with dense attention was 0.897 vs 0.886 at F = 0.5
-    and 0.891 vs 0.666 at F = 0.25 with renormalization.
-    """
-    return torch.softmax(decode_scores(q, k, mask), dim=-1, dtype=torch.float32).topk(keep, dim=-1)
-
-
-def attend_rows(top_probs: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """Sparse decode attention over the selected positions only. top_probs [B, n, 1, keep], rows [B, n, keep, D]."""
-    return torch.matmul(top_probs.to(rows.dtype), rows)
 
 
 def attention_output(cfg: OptConfig, w: dict[str, torch.Tensor], hidden: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
@@ -226,30 +262,3 @@ def lm_head(cfg: OptConfig, w: dict[str, torch.Tensor], hidden: torch.Tensor) ->
     if "project_out" in w:
         hidden = linear(hidden, w["project_out"])
     return linear(hidden, w["lm_head"]).float()
-
-
-def attention_mask(valid: torch.Tensor, query_len: int) -> torch.Tensor:
-    """Causal + padding mask for the last `query_len` positions. valid [B, T] bool -> [B, 1, S, T] bool.
-
-    Every query may see itself, so left-padding rows never softmax over nothing (which would give NaN and leak
-    through 0 * NaN into the real rows' values).
-    """
-    t = valid.shape[1]
-    q_pos = torch.arange(t - query_len, t, device=valid.device)[:, None]  # [S, 1]
-    k_pos = torch.arange(t, device=valid.device)[None, :]  # [1, T]
-    causal = k_pos <= q_pos  # [S, T]
-    return ((causal & valid[:, None, :]) | (k_pos == q_pos))[:, None]
-
-
-def position_ids(valid: torch.Tensor, query_len: int) -> torch.Tensor:
-    """HF's positions: the count of real tokens before each one; padding gets 0 (it is masked anyway). -> [B, S]."""
-    pos = valid.long().cumsum(dim=1) - 1
-    return pos.clamp(min=0)[:, -query_len:]
-
-
-def flops_per_token(cfg: OptConfig, context_len: int) -> float:
-    """Forward FLOPs for one token at a given context length (matmuls only), for throughput reports."""
-    h, f = cfg.hidden_size, cfg.ffn_dim
-    per_layer = 2 * (4 * h * h + 2 * h * f) + 4 * h * context_len
-    return cfg.num_layers * per_layer + 2 * cfg.embed_dim * cfg.vocab_size + (4 * h * cfg.embed_dim if cfg.projects_embeddings else 0)
-

@@ -20,8 +20,8 @@ from flexgen_dist.base.devices import DTYPES, dtype_name, resolve_device
 from flexgen_dist.base.errors import UserError
 from flexgen_dist.engine.policy import Policy
 from flexgen_dist.memory.budget import MemoryBudget
-from flexgen_dist.models.layout import LayerSpec, model_layers
-from flexgen_dist.models.opt import OptConfig
+from flexgen_dist.models.family import ModelConfig, model_layers
+from flexgen_dist.models.layout import LayerSpec
 from flexgen_dist.policy.hardware import HardwareProfile, detect_capacities, load_profile, save_profile
 from flexgen_dist.policy.pipeline_model import predict_pipeline
 from flexgen_dist.policy.search import SearchResult, SearchSpace, search_policy
@@ -122,7 +122,7 @@ def profile_memory(budget: MemoryBudget, device: torch.device) -> int:
 OnStages = Callable[..., list]
 
 
-def stage_hardware(auto: AutoPolicy, cfg: OptConfig, device: torch.device, dtype: torch.dtype,
+def stage_hardware(auto: AutoPolicy, cfg: ModelConfig, device: torch.device, dtype: torch.dtype,
                    offload_dir: str | None, budget: MemoryBudget, stages: int,
                    on_stages: OnStages | None) -> list[HardwareProfile]:
     """Each stage's profile: `--hardware FILE` for every stage (capacities detected here), else measured where each
@@ -140,7 +140,7 @@ def stage_hardware(auto: AutoPolicy, cfg: OptConfig, device: torch.device, dtype
     return on_stages(stage_profile, *args)
 
 
-def stage_layers(cfg: OptConfig, stages: int) -> list[LayerSpec]:
+def stage_layers(cfg: ModelConfig, stages: int) -> list[LayerSpec]:
     """The layers of the heaviest pipeline stage: every stage runs the same policy, the heaviest bounds it. The run
     cuts the model one way when the policy keeps every weight on the device, another otherwise
     (partition.layer_cost), so the heaviest stage of either cut."""
@@ -150,7 +150,7 @@ def stage_layers(cfg: OptConfig, stages: int) -> list[LayerSpec]:
     return layers[a:b]
 
 
-def choose_policy(auto: AutoPolicy, cfg: OptConfig, hardware: HardwareProfile, dtype: torch.dtype, prompt_len: int,
+def choose_policy(auto: AutoPolicy, cfg: ModelConfig, hardware: HardwareProfile, dtype: torch.dtype, prompt_len: int,
                   gen_len: int, budget: MemoryBudget, stages: int = 1, num_sequences: int | None = None) -> SearchResult:
     # Never fewer blocks than stages where the prompts allow: one block of every prompt leaves all but one stage
     # idle (issue 19: S=2 chose one block of 128, and ran at 0.95x one stage).
@@ -159,7 +159,7 @@ def choose_policy(auto: AutoPolicy, cfg: OptConfig, hardware: HardwareProfile, d
                          auto.space(max_block), blocks_in_flight=stages)
 
 
-def stage_policies(result: SearchResult, cfg: OptConfig, hardware: list[HardwareProfile], dtype: torch.dtype,
+def stage_policies(result: SearchResult, cfg: ModelConfig, hardware: list[HardwareProfile], dtype: torch.dtype,
                    prompt_len: int, gen_len: int, budget: MemoryBudget) -> list[SearchResult]:
     """Each stage's own placement, searched on its own layers (the first holds the embedding, the last the head)
     with its own hardware (`hardware`, one per stage) under its own budget, with the block shape and compression
@@ -183,7 +183,7 @@ def stage_policies(result: SearchResult, cfg: OptConfig, hardware: list[Hardware
     return results
 
 
-def resolve(policy: Policy | AutoPolicy, cfg: OptConfig, dtype: torch.dtype, device: torch.device, prompt_len: int,
+def resolve(policy: Policy | AutoPolicy, cfg: ModelConfig, dtype: torch.dtype, device: torch.device, prompt_len: int,
             gen_len: int, num_sequences: int, budget: MemoryBudget, stages: int, offload_dir: str | None,
             on_stages: OnStages | None = None, chunks: int | None = None) -> tuple[list[Policy], dict | None]:
     """Each stage's policy: searched per stage when the run asked for --policy auto (else `policy` for every

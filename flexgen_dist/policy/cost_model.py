@@ -26,8 +26,8 @@ from flexgen_dist.memory.compression import QuantConfig, record_nbytes
 from flexgen_dist.memory.placement import single_tier
 from flexgen_dist.memory.tiers import TIERS, Tier
 from flexgen_dist.memory.weight_home import FlatLayout, PackedLayout
+from flexgen_dist.models.family import ModelConfig
 from flexgen_dist.models.layout import LayerSpec
-from flexgen_dist.models.opt import OptConfig
 from flexgen_dist.policy.hardware import DtypeSpeeds, HardwareProfile
 from flexgen_dist.policy.memory_plan import CACHE_LOADS_IN_FLIGHT, plan_bytes, workspace_bytes
 
@@ -110,7 +110,7 @@ class CostModel:
     """The cost of one pipeline stage (`layers`, the whole model for one stage) under a policy's shape: its batch
     sizes, compression, CPU attention, activation tier and overlap. Its placement fractions are the variables."""
 
-    cfg: OptConfig
+    cfg: ModelConfig
     layers: list[LayerSpec]
     policy: Policy
     hardware: HardwareProfile
@@ -173,17 +173,19 @@ class CostModel:
         def gemm(out_features: int, in_features: int, gemm_rows: int) -> Linear:
             return self._gemm(out_features, in_features, gemm_rows * merged) * (1 / merged)
 
+        # The layer's GEMMs, from its weight shapes: every family's projections (OPT's 4 square ones, Llama's
+        # narrower k/v under GQA and its three-matrix MLP) are priced as what they are.
+        shapes = layer.linear_shapes
         if layer.kind == "embed":
-            t = Linear(self._elementwise(3 * rows * h * item))
-            if cfg.projects_embeddings:
-                t += self._gemm(h, cfg.embed_dim, rows)
-            return t
-        if layer.kind == "head":  # LayerNorm and the LM head on each sequence's last position only
-            return gemm(cfg.vocab_size, cfg.embed_dim, batch) + self._elementwise(batch * cfg.vocab_size * (item + 4))
+            return sum((self._gemm(o, i, rows) for o, i in shapes), Linear(self._elementwise(3 * rows * h * item)))
+        if layer.kind == "head":  # the final norm and the LM head on each sequence's last position only
+            return sum((gemm(o, i, batch) for o, i in shapes),
+                       Linear(self._elementwise(batch * cfg.vocab_size * (item + 4))))
         if layer.kind == "mlp":
-            return gemm(cfg.ffn_dim, h, rows) + gemm(h, cfg.ffn_dim, rows) + \
-                self._elementwise(rows * (_MLP_ELEMENTWISE * h + 2 * cfg.ffn_dim) * item)
-        t = gemm(h, h, rows) * 4 + self._elementwise(_ATTENTION_ELEMENTWISE * rows * h * item)
+            width = cfg.ffn_temporaries * cfg.ffn_dim
+            return sum((gemm(o, i, rows) for o, i in shapes),
+                       Linear(self._elementwise(rows * (_MLP_ELEMENTWISE * h + 2 * width) * item)))
+        t = sum((gemm(o, i, rows) for o, i in shapes), Linear(self._elementwise(_ATTENTION_ELEMENTWISE * rows * h * item)))
         if past == 0:  # prefill: softmax(QK^T)V over the prompt, and the new K, V written to the cache homes
             t += 4 * batch * cfg.num_heads * query_len * query_len * cfg.head_dim / s.attention_flops
             return t + self._cache_store(rows)
@@ -192,10 +194,10 @@ class CostModel:
     def _cache_store(self, rows: int) -> Linear:
         """Prefill's K, V of `rows` tokens written into the cache homes that compute can address (a memory copy);
         quantized on the device first when compressed."""
-        h, item = self.cfg.hidden_size, self.dtype.itemsize
-        t = fractions(CACHE_VARS, {t for t in TIERS if self.addressable(t)}, self._elementwise(4 * rows * h * item))
+        kv, item = self.cfg.kv_dim, self.dtype.itemsize
+        t = fractions(CACHE_VARS, {t for t in TIERS if self.addressable(t)}, self._elementwise(4 * rows * kv * item))
         if self.policy.compress_cache:
-            t += Linear(2 * rows * h / self.speeds.dequantize_elements_per_s)
+            t += Linear(2 * rows * kv / self.speeds.dequantize_elements_per_s)
         return t
 
     def _decode_attention(self, past: int) -> Linear:
@@ -204,7 +206,7 @@ class CostModel:
         compressed."""
         cfg, s, p = self.cfg, self.speeds, self.policy
         batch, item, capacity = p.gpu_batch_size, self.dtype.itemsize, self.prompt_len + self.gen_len
-        per_position = 2 * batch * cfg.hidden_size * item
+        per_position = 2 * batch * cfg.kv_dim * item
         t = Linear()
         for tier in TIERS:
             on_cpu = tier is Tier.CPU and p.cpu_cache_compute and not self.cpu_device
@@ -213,7 +215,7 @@ class CostModel:
             rate = s.cpu_decode_attention_bytes_per_s if on_cpu else s.decode_attention_bytes_per_s
             seconds = positions * per_position / rate
             if p.compress_cache:
-                seconds += past * 2 * batch * cfg.hidden_size / s.dequantize_elements_per_s
+                seconds += past * 2 * batch * cfg.kv_dim / s.dequantize_elements_per_s
             t += var(CACHE_VARS[tier], seconds)
         return t
 
@@ -245,7 +247,7 @@ class CostModel:
         """One GPU batch's KV cache traffic on an attention layer: at decode the cached prefix is read from the
         tiers compute cannot address and the new position written back; at prefill the prompt's K, V are written."""
         hw, p = self.hardware, self.policy
-        heads_bytes = p.gpu_batch_size * self.cfg.num_heads * self.cache_position_bytes()
+        heads_bytes = p.gpu_batch_size * self.cfg.num_kv_heads * self.cache_position_bytes()
         read_positions, written_positions = (past, 1) if past else (0, query_len)
         disk = var(CACHE_VARS[Tier.DISK], read_positions * heads_bytes / hw.disk_read_bytes_per_s
                    + written_positions * heads_bytes / hw.disk_write_bytes_per_s)
@@ -329,7 +331,7 @@ class CostModel:
         p = self.policy
         num_attention = sum(layer.kind == "attention" for layer in self.layers)
         per_head = p.gpu_batch_size * (self.prompt_len + self.gen_len) * self.cache_position_bytes()
-        return blocks_in_flight * num_attention * p.num_gpu_batches * self.cfg.num_heads * per_head
+        return blocks_in_flight * num_attention * p.num_gpu_batches * self.cfg.num_kv_heads * per_head
 
     def tier_bytes(self, blocks_in_flight: int = 1) -> dict[Tier, Linear]:
         """Bytes each tier holds, linear in the placement; mirrors plan_bytes (which rounds to pages and heads)."""
@@ -354,9 +356,9 @@ class CostModel:
             on_cpu = t is Tier.CPU and p.cpu_cache_compute
             if p.compress_cache or not (self.addressable(t) or on_cpu):
                 staged_in = Tier.CPU if on_cpu else Tier.GPU
-                mem[staged_in] += var(CACHE_VARS[t], CACHE_LOADS_IN_FLIGHT * cfg.num_heads * head_bytes)
+                mem[staged_in] += var(CACHE_VARS[t], CACHE_LOADS_IN_FLIGHT * cfg.num_kv_heads * head_bytes)
                 if t is Tier.DISK:
-                    mem[Tier.CPU] += var(CACHE_VARS[t], CACHE_LOADS_IN_FLIGHT * cfg.num_heads * stored_head)
+                    mem[Tier.CPU] += var(CACHE_VARS[t], CACHE_LOADS_IN_FLIGHT * cfg.num_kv_heads * stored_head)
         act_tier = single_tier(p.act_percents())
         mem[act_tier] += Linear(blocks_in_flight * blocks * batch * self.prompt_len * cfg.hidden_size * item)
         mem[Tier.GPU] += Linear(workspace_bytes(cfg, batch, self.prompt_len, capacity, item, blocks))
@@ -414,7 +416,7 @@ def step_seconds(model: CostModel, past: int, x: Mapping[str, float]) -> float:
     return sum(count * window.seconds(x, model.policy.overlap, overlap) for count, window in model.step_windows(past))
 
 
-def predict(cfg: OptConfig, layers: list[LayerSpec], policy: Policy, hardware: HardwareProfile, dtype: torch.dtype,
+def predict(cfg: ModelConfig, layers: list[LayerSpec], policy: Policy, hardware: HardwareProfile, dtype: torch.dtype,
             prompt_len: int, gen_len: int, blocks_in_flight: int = 1) -> Prediction:
     """Predicted time of one block (prefill, then every decode step at its own cache length) and the peak bytes
     per tier for `policy` on one stage holding `layers`."""

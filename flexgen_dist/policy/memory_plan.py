@@ -18,8 +18,8 @@ from flexgen_dist.memory.disk import ALIGN
 from flexgen_dist.memory.placement import single_tier, split_elements, split_heads
 from flexgen_dist.memory.tiers import TIERS, Tier
 from flexgen_dist.memory.weight_home import FlatLayout, PackedLayout
+from flexgen_dist.models.family import ModelConfig
 from flexgen_dist.models.layout import LayerSpec
-from flexgen_dist.models.opt import OptConfig
 
 CACHE_LOADS_IN_FLIGHT = 3  # decode: next batch loading, current computing, previous writing back
 
@@ -38,7 +38,7 @@ class TierPlan:
         return {t.value: self.total(t) for t in TIERS}
 
 
-def plan_bytes(cfg: OptConfig, layers: list[LayerSpec], policy: Policy, dtype: torch.dtype, device: torch.device,
+def plan_bytes(cfg: ModelConfig, layers: list[LayerSpec], policy: Policy, dtype: torch.dtype, device: torch.device,
                prompt_len: int, gen_len: int, blocks_in_flight: int = 1) -> TierPlan:
     """`blocks_in_flight`: blocks whose KV cache a stage holds at once (one per pipeline stage)."""
     item = dtype.itemsize
@@ -70,10 +70,10 @@ def plan_bytes(cfg: OptConfig, layers: list[LayerSpec], policy: Policy, dtype: t
     batch, blocks = policy.gpu_batch_size, policy.num_gpu_batches
     capacity = prompt_len + gen_len
     num_attention = sum(layer.kind == "attention" for layer in layers)
-    head_bytes = 2 * batch * capacity * cfg.head_dim * item  # K and V of one head for one GPU batch, uncompressed
+    head_bytes = 2 * batch * capacity * cfg.head_dim * item  # K and V of one key/value head for one GPU batch, uncompressed
     quant = policy.cache_quant(cfg.head_dim)
     stored_head_bytes = 2 * batch * capacity * record_nbytes(cfg.head_dim, quant) if quant else head_bytes
-    for tier, (h0, h1) in split_heads(cfg.num_heads, policy.cache_percents()).items():
+    for tier, (h0, h1) in split_heads(cfg.num_kv_heads, policy.cache_percents()).items():
         cache[tier] += blocks_in_flight * num_attention * blocks * (h1 - h0) * stored_head_bytes
         on_cpu = tier is Tier.CPU and policy.cpu_cache_compute
         if quant or not (tier in addressable or on_cpu):  # staged (dequantized) where attention runs
@@ -86,12 +86,12 @@ def plan_bytes(cfg: OptConfig, layers: list[LayerSpec], policy: Policy, dtype: t
     return TierPlan(weights, cache, acts, buffers)
 
 
-def workspace_bytes(cfg: OptConfig, batch: int, prompt_len: int, capacity: int, item: int, batches: int) -> int:
+def workspace_bytes(cfg: ModelConfig, batch: int, prompt_len: int, capacity: int, item: int, batches: int) -> int:
     """The larger of one GPU batch computing a layer at prefill (q/k/v/context, MLP hidden, fp32 attention scores,
     fp32 logits) and a decode step computing a layer for all the block's `batches` at once (stage_engine._decode_layer:
     one token per sequence, the same tensors but the scores)."""
     def layer(tokens: int, sequences: int) -> int:
-        return tokens * (6 * cfg.hidden_size + cfg.ffn_dim) * item + 2 * sequences * cfg.vocab_size * 4
+        return tokens * (6 * cfg.hidden_size + cfg.ffn_temporaries * cfg.ffn_dim) * item + 2 * sequences * cfg.vocab_size * 4
 
     prefill = layer(batch * prompt_len, batch) + batch * cfg.num_heads * prompt_len * capacity * 4
     return max(prefill, layer(batch * batches, batch * batches))

@@ -17,8 +17,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from flexgen_dist.engine.policy import Policy
-from flexgen_dist.models.layout import model_layers
-from flexgen_dist.models.opt import OptConfig
+from flexgen_dist.models.family import ModelConfig, model_layers
 from flexgen_dist.policy.cost_model import CostModel, placement_values, predict, step_seconds
 from flexgen_dist.policy.hardware import HardwareProfile
 from flexgen_dist.policy.memory_plan import plan_bytes
@@ -146,7 +145,7 @@ def simulate(stages: list[StageTimes], num_blocks: int, parts_per_prefill: int, 
     return end, busy, idle
 
 
-def stage_times(cfg: OptConfig, layers, policy: Policy, hardware: HardwareProfile, dtype: torch.dtype,
+def stage_times(cfg: ModelConfig, layers, policy: Policy, hardware: HardwareProfile, dtype: torch.dtype,
                 prompt_len: int, gen_len: int, parts: int, last: bool) -> StageTimes:
     """A stage's step times from the cost model: each prefill part priced as a step of its own sequences (it reads
     the stage's weights again), each decode step at its cache length."""
@@ -169,7 +168,7 @@ def stage_times(cfg: OptConfig, layers, policy: Policy, hardware: HardwareProfil
     return StageTimes(tuple(prefill), decode, hops)
 
 
-def predict_pipeline(cfg: OptConfig, policies: list[Policy], hardware: list[HardwareProfile], dtype: torch.dtype,
+def predict_pipeline(cfg: ModelConfig, policies: list[Policy], hardware: list[HardwareProfile], dtype: torch.dtype,
                      prompt_len: int, gen_len: int, num_prompts: int, prefill_chunks: int = 1) -> PipelinePrediction:
     """A generation run of `num_prompts` prompts through one stage per policy (each stage's own placement, one block
     shape) on each stage's own hardware, cut as `run.plan_stages` cuts them."""
@@ -183,7 +182,7 @@ def predict_pipeline(cfg: OptConfig, policies: list[Policy], hardware: list[Hard
     return PipelinePrediction(total, num_prompts * gen_len, tuple(busy), tuple(idle), tuple(ranges))
 
 
-def pipeline_plan(cfg: OptConfig, policies: list[Policy], hardware: HardwareProfile, dtype: torch.dtype,
+def pipeline_plan(cfg: ModelConfig, policies: list[Policy], hardware: HardwareProfile, dtype: torch.dtype,
                   prompt_len: int, gen_len: int, num_prompts: int, prefill_chunks: int, budgets: Budgets) -> dict:
     """Every stage's plan (its layers and placement, predicted step times, peak bytes per tier, and the tier it
     overflows if any) and the pipeline's predicted throughput and bubble, for `flexgen-dist policy --stages S`."""

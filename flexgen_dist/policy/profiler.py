@@ -1,6 +1,6 @@
 """`flexgen-dist profile`: measure this machine's hardware constants with the engine's own kernels and I/O path.
 
-Every figure is timed with the code the engine runs (model math from models/opt.py, the quantizer's dequantization,
+Every figure is timed with the code the engine runs (model math from models/, the quantizer's dequantization,
 DiskTensor's O_DIRECT reads and writes), so the cost model predicts the engine rather than an idealized machine.
 """
 
@@ -21,6 +21,7 @@ from flexgen_dist.memory.compression import QuantConfig, dequantize_into, quanti
 from flexgen_dist.memory.disk import ALIGN, DiskTensor, aligned_empty
 from flexgen_dist.memory.tiers import ensure_offload_root
 from flexgen_dist.models import opt, prepack
+from flexgen_dist.models.attention import attend, attention_mask
 from flexgen_dist.policy.hardware import DtypeSpeeds, HardwareProfile, detect_capacities, gemm_shape_key
 
 GEMM_ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 1024)
@@ -122,8 +123,8 @@ def measure_gemm(device: torch.device, dtype: torch.dtype, out_features: int, in
 def measure_prefill_attention(device: torch.device, dtype: torch.dtype, scope: ProfileScope = ProfileScope()) -> float:
     batch, heads, seq, head_dim = 4, 16, 256, 64
     q, k, v = (torch.randn(batch, heads, seq, head_dim, device=device).to(dtype) for _ in range(3))
-    mask = opt.attention_mask(torch.ones(batch, seq, dtype=torch.bool, device=device), seq)
-    seconds = _timed(lambda: opt.attend(q, k, v, mask), _sync(device), scope.min_seconds)
+    mask = attention_mask(torch.ones(batch, seq, dtype=torch.bool, device=device), seq)
+    seconds = _timed(lambda: attend(q, k, v, mask), _sync(device), scope.min_seconds)
     return 4 * batch * heads * seq * seq * head_dim / seconds
 
 
@@ -133,7 +134,7 @@ def measure_decode_attention(device: torch.device, dtype: torch.dtype, scope: Pr
     q = torch.randn(batch, heads, 1, head_dim, device=device).to(dtype)
     k, v = (torch.randn(batch, heads, length, head_dim, device=device).to(dtype) for _ in range(2))
     mask = torch.ones(batch, 1, 1, length, dtype=torch.bool, device=device)
-    seconds = _timed(lambda: opt.attend(q, k, v, mask), _sync(device), scope.min_seconds)
+    seconds = _timed(lambda: attend(q, k, v, mask), _sync(device), scope.min_seconds)
     return 2 * k.numel() * k.element_size() / seconds
 
 
@@ -256,7 +257,7 @@ def measure_step_overhead(device: torch.device, dtype: torch.dtype, offload_dir:
     from flexgen_dist.engine.policy import Policy
     from flexgen_dist.engine.stage_engine import BatchInput, StageEngine
     from flexgen_dist.io.weights import DummyWeights
-    from flexgen_dist.models.layout import model_layers
+    from flexgen_dist.models.family import model_layers
     from flexgen_dist.policy.cost_model import CostModel, placement_values, step_seconds
 
     prompt_len = 16
@@ -270,7 +271,7 @@ def measure_step_overhead(device: torch.device, dtype: torch.dtype, offload_dir:
         engine = StageEngine(cfg, layers, policy, DummyWeights(device=device), device, dtype, offload_dir)
         try:
             sequences = [Sequence(list(range(1, prompt_len + 1)), steps + 3) for _ in range(policy.block_size)]
-            block = BlockRun(0, sequences, gpu_batch_size, 0, 1, True)
+            block = BlockRun(0, sequences, gpu_batch_size, 0, (1,), True)
             engine.start_block(0, block.batch_sizes, block.capacity)
             model = CostModel(cfg, layers, policy, profile, dtype, prompt_len, steps + 3)
             placement = placement_values(policy, profile.shared_memory)

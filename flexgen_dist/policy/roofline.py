@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from flexgen_dist.base.devices import DTYPES
-from flexgen_dist.models.opt import OptConfig
+from flexgen_dist.models.family import ModelConfig, model_layers
 from flexgen_dist.policy.hardware import HardwareProfile
 
 
@@ -23,20 +23,22 @@ class Workload:
     gpu_batch_size: int  # sequences that share one read of the weights in a matmul
 
 
-def generation_flops(cfg: OptConfig, w: Workload) -> float:
+def generation_flops(cfg: ModelConfig, w: Workload) -> float:
     """Useful FLOPs: layer matmuls for every position, causal attention, and the LM head for each new token."""
-    h, ffn = cfg.hidden_size, cfg.ffn_dim
-    per_token_layer = 2 * (4 * h * h + 2 * h * ffn)
+    def weights(kinds: tuple[str, ...]) -> int:  # multiply-adds per token: the matrices the layers multiply by
+        return sum(o * i for layer in model_layers(cfg) if layer.kind in kinds for o, i in layer.linear_shapes)
+
     positions = w.prompt_len + w.gen_len - 1  # the last new token is sampled, never fed back
-    matmul = per_token_layer * cfg.num_layers * positions
-    prefill_attention = 2 * w.prompt_len * w.prompt_len * h  # QK^T and PV over the causal half
-    decode_attention = sum(4 * (w.prompt_len + t) * h for t in range(1, w.gen_len))
+    matmul = 2 * weights(("attention", "mlp")) * positions
+    q_dim = cfg.num_heads * cfg.head_dim
+    prefill_attention = 2 * w.prompt_len * w.prompt_len * q_dim  # QK^T and PV over the causal half
+    decode_attention = sum(4 * (w.prompt_len + t) * q_dim for t in range(1, w.gen_len))
     attention = (prefill_attention + decode_attention) * cfg.num_layers
-    head = 2 * cfg.embed_dim * cfg.vocab_size * w.gen_len
+    head = 2 * weights(("head",)) * w.gen_len
     return float(w.num_seqs * (matmul + attention + head))
 
 
-def device_memory_bytes(cfg: OptConfig, w: Workload, dtype_bytes: int) -> float:
+def device_memory_bytes(cfg: ModelConfig, w: Workload, dtype_bytes: int) -> float:
     """Bytes decode must read from device memory at least: every weight once per GPU batch per step, and the cache."""
     batches = -(-w.num_seqs // w.gpu_batch_size)
     weights = cfg.param_count() * dtype_bytes * batches * (w.gen_len - 1)
@@ -63,7 +65,7 @@ def peak_flops(hardware: HardwareProfile, dtype: str) -> float:
     return max(max(points.values()) for points in speeds.gemm_flops.values())
 
 
-def roofline(cfg: OptConfig, w: Workload, hardware: HardwareProfile, dtype: str, transfers: dict[str, dict],
+def roofline(cfg: ModelConfig, w: Workload, hardware: HardwareProfile, dtype: str, transfers: dict[str, dict],
              measured_s: float) -> dict:
     """`dtype`: the compute dtype's name ("float16", …); `transfers`: the run summary's, {} for none."""
     dtype_bytes = DTYPES[dtype].itemsize

@@ -23,8 +23,8 @@ from flexgen_dist.base.errors import UserError
 from flexgen_dist.engine.policy import Policy
 from flexgen_dist.memory.budget import MemoryBudget, format_bytes
 from flexgen_dist.memory.tiers import TIERS, Tier
+from flexgen_dist.models.family import ModelConfig
 from flexgen_dist.models.layout import LayerSpec
-from flexgen_dist.models.opt import OptConfig
 from flexgen_dist.policy.cost_model import (
     CACHE_VARS,
     STAGED,
@@ -260,7 +260,7 @@ def _as_policy(shape: Policy, values: dict[str, float], num_heads: int) -> Polic
                    cache_gpu_percent=100 * gpu_heads / num_heads, cache_cpu_percent=100 * cpu_heads / num_heads)
 
 
-def search_policy(cfg: OptConfig, layers: list[LayerSpec], hardware: HardwareProfile, dtype: torch.dtype,
+def search_policy(cfg: ModelConfig, layers: list[LayerSpec], hardware: HardwareProfile, dtype: torch.dtype,
                   prompt_len: int, gen_len: int, budget: MemoryBudget, base: Policy = Policy(),
                   space: SearchSpace = SearchSpace(), blocks_in_flight: int = 1) -> SearchResult:
     """The policy with the best predicted throughput that fits the budgets, for one stage holding `layers`
@@ -287,7 +287,7 @@ def search_policy(cfg: OptConfig, layers: list[LayerSpec], hardware: HardwarePro
         for (bound, shape, model, shrink, tries), values in zip(batch, results):
             if values is None:
                 continue
-            policy = _as_policy(shape, values, cfg.num_heads)
+            policy = _as_policy(shape, values, cfg.num_kv_heads)
             plan = plan_bytes(cfg, layers, policy, dtype, device, prompt_len, gen_len, blocks_in_flight)
             over = budgets.fits(plan)
             if over is not None:  # rounding to pages and heads overshot the LP's budget: tighten, try again
@@ -307,7 +307,7 @@ def search_policy(cfg: OptConfig, layers: list[LayerSpec], hardware: HardwarePro
     return SearchResult(policy, prediction, budgets, solved, len(shapes), time.perf_counter() - start)
 
 
-def _infeasible_message(cfg: OptConfig, layers: list[LayerSpec], base: Policy, dtype: torch.dtype,
+def _infeasible_message(cfg: ModelConfig, layers: list[LayerSpec], base: Policy, dtype: torch.dtype,
                         device: torch.device, prompt_len: int, gen_len: int, budgets: Budgets,
                         blocks_in_flight: int) -> str:
     """Why nothing fits: what the smallest policy (one sequence, weights and cache on disk, compressed) needs."""

@@ -24,7 +24,7 @@ from flexgen_dist.engine.stage_engine import BatchInput, PrefillPart, StageEngin
 from flexgen_dist.io.model_source import resolve_model
 from flexgen_dist.memory.host_heap import keep_freed_memory
 from flexgen_dist.memory.tiers import stage_offload_dir
-from flexgen_dist.models.layout import model_layers
+from flexgen_dist.models.family import model_layers
 from flexgen_dist.models.likelihood import TargetScores, target_scores
 from flexgen_dist.runtime.stage_snapshot import StageSnapshot, take_snapshot
 
