@@ -283,7 +283,7 @@ def _execute(run: RunConfig, source: ModelSource, work: list[tuple[Request, Sequ
     summary = {"model": cfg.name, "device": device.type, "dtype": dtype_name(dtype),
                "stages": run.stages, "executor": run.executor, "sequences": len(work), "generated_tokens": 0,
                "prompt_tokens": sum(len(s.prompt_ids) for _, s in work), "failed_requests": len(errors),
-               "stage_restarts": 0}
+               "stage_restarts": 0, "decode_row_steps": 0, "finished_row_steps": 0}
     work.clear()  # from here only the blocks hold the sequences, each block's let go once written (finished)
     stage_stats: list[dict] = []
     metrics = RunMetrics()
@@ -344,7 +344,11 @@ def _execute(run: RunConfig, source: ModelSource, work: list[tuple[Request, Sequ
                 if block.steps_done == 1:  # prefill: no earlier token to time the new one against
                     metrics.prefill_done(sum(len(s.prompt_ids) for s in block.sequences), new_tokens)
                 else:
-                    metrics.decode_done(new_tokens, latency_s)
+                    # A block steps until its last sequence stops: the rows of those that stopped earlier are wasted.
+                    finished_rows = len(block.sequences) - new_tokens
+                    summary["decode_row_steps"] += len(block.sequences)
+                    summary["finished_row_steps"] += finished_rows
+                    metrics.decode_done(new_tokens, finished_rows, latency_s)
                 if bar is not None:
                     bar.step_done(new_tokens)
 
@@ -360,7 +364,8 @@ def _execute(run: RunConfig, source: ModelSource, work: list[tuple[Request, Sequ
     total = timing.total_s if timing else 0.0
     summary.update(total_s=total, prefill_s=timing.prefill_s if timing else 0.0,
                    decode_s=timing.decode_s if timing else 0.0,
-                   generation_throughput_tok_s=summary["generated_tokens"] / total if total else 0.0)
+                   generation_throughput_tok_s=summary["generated_tokens"] / total if total else 0.0,
+                   finished_row_share=summary["finished_row_steps"] / max(summary["decode_row_steps"], 1))
     summary.update(resource_summary(stages, stage_stats))
     summary["policy"] = policy.to_dict()
     if run.stages > 1:  # each stage's own placement (--policy auto plans each on its own layers and budget)

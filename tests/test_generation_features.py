@@ -1,6 +1,7 @@
 """Stop strings, per-prompt sampling and log-probabilities (issue 21), through the CLI: greedy output with stop strings
 equals HF generate cut the same way, log-probabilities equal HF's float32 log-softmax, sampled output does not depend
-on block shape or pipeline, and bad settings are one line and exit 2."""
+on block shape or pipeline, the decode rows spent on sequences that already stopped are counted, and bad settings are
+one line and exit 2."""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ from hf_oracle import hf_greedy, hf_log_softmax
 from test_cli_errors import _fails, _prompts
 from test_parity import PROMPTS
 
+from flexgen_dist import run as run_module
 from flexgen_dist.cli import main
+from flexgen_dist.observability.metrics import RunMetrics
 
 MAX_NEW = 12
 TOL = 1e-5
@@ -156,6 +159,53 @@ def test_per_prompt_sampling_through_a_ray_pipeline(tmp_path, ray_cluster, opt_p
     assert _sampled(ray) == _sampled(local)
     for a, b in zip(ray, local):
         assert a["logprobs"]["token_logprobs"] == pytest.approx(b["logprobs"]["token_logprobs"], abs=TOL)
+
+
+# Prompt lengths fall line by line, so blocks take the lines in order (a run sorts them longest first).
+BUDGETS = [{"input_ids": list(range(10, 18 - i)), "max_new_tokens": n} for i, n in enumerate((2, 8, 4, 4))]
+
+
+def _row_steps(tmp_path, model_dir, monkeypatch, capsys, lines, *flags, executor="local"):
+    """Run `lines` with EOS ignored; the summary's decode row-step counts and the exporter's (live, finished)."""
+    made: list[RunMetrics] = []
+
+    def recorded() -> RunMetrics:
+        made.append(RunMetrics())
+        return made[-1]
+
+    monkeypatch.setattr(run_module, "RunMetrics", recorded)
+    records = _generate(tmp_path, model_dir, lines, "--ignore-eos", *flags, executor=executor)
+    assert [len(r["output_ids"]) for r in records] == [line["max_new_tokens"] for line in lines]
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    exported = [made[0].registry.get_sample_value("flexgen_decode_row_steps_total", {"state": state})
+                for state in ("live", "finished")]
+    return (summary["decode_row_steps"], summary["finished_row_steps"], summary["finished_row_share"]), exported
+
+
+@pytest.mark.parametrize("flags,expected", [
+    # Blocks (2, 8) and (4, 4): 7 decode steps x 2 rows, the first sequence live in 1 of them; 3 x 2, none wasted.
+    (["--gpu-batch-size", "2"], (20, 6, 0.3)),
+    (["--gpu-batch-size", "1", "--num-gpu-batches", "2", "--stages", "2", "--prefill-chunks", "2"], (20, 6, 0.3)),
+    # One block: 7 decode steps x 4 rows; live 1 + 7 + 3 + 3 of them.
+    (["--gpu-batch-size", "4"], (28, 14, 0.5)),
+], ids=["blocks-of-2", "stages-2-gpu-batches", "one-block"])
+def test_rows_of_stopped_sequences_are_counted(tmp_path, opt_preln_dir, monkeypatch, capsys, flags, expected):
+    counts, exported = _row_steps(tmp_path, opt_preln_dir, monkeypatch, capsys, BUDGETS, *flags)
+    assert counts == expected
+    assert exported == [expected[0] - expected[1], expected[1]]
+
+
+def test_rows_of_stopped_sequences_are_counted_through_a_ray_pipeline(tmp_path, ray_cluster, opt_preln_dir,
+                                                                      monkeypatch, capsys):
+    counts, exported = _row_steps(tmp_path, opt_preln_dir, monkeypatch, capsys, BUDGETS, "--gpu-batch-size", "2",
+                                  "--stages", "2", "--ray-address", ray_cluster["address"], executor="ray")
+    assert counts == (20, 6, 0.3) and exported == [14.0, 6.0]
+
+
+def test_no_waste_exports_finished_rows_at_zero(tmp_path, opt_preln_dir, monkeypatch, capsys):
+    lines = [{**line, "max_new_tokens": 3} for line in BUDGETS]
+    counts, exported = _row_steps(tmp_path, opt_preln_dir, monkeypatch, capsys, lines, "--gpu-batch-size", "2")
+    assert counts == (8, 0, 0.0) and exported == [8.0, 0.0]
 
 
 @pytest.mark.parametrize("line,needle", [

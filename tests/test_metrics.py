@@ -40,13 +40,13 @@ def _snapshot(compute_s: float, idle_s: float = 1.0) -> StageSnapshot:
 
 
 def _fed_metrics() -> RunMetrics:
-    """A RunMetrics with every family fed: one prefill and one decode step, two sequences finished of four, stage 1
-    restarted once."""
+    """A RunMetrics with every family fed: one prefill and one decode step (one row of it a stopped sequence's), two
+    sequences finished of four, stage 1 restarted once."""
     metrics = RunMetrics()
     metrics.set_budget(MemoryBudget(gpu=1000))
     metrics.run_started(4)
     metrics.prefill_done(prompt_tokens=10, new_tokens=4)
-    metrics.decode_done(new_tokens=4, latency_s=0.05)
+    metrics.decode_done(new_tokens=4, finished_rows=1, latency_s=0.05)
     metrics.sequences_finished(["eos", "length"])
     metrics.stage_restarted(1)
     return metrics
@@ -78,6 +78,7 @@ def test_exporter_serves_every_family_over_http():
     assert first["flexgen_prompt_tokens_total"][()] == 10
     assert first["flexgen_requests_total"] == {(("status", "eos"),): 1, (("status", "length"),): 1}
     assert first["flexgen_pending_sequences"][()] == 2
+    assert first["flexgen_decode_row_steps_total"] == {(("state", "live"),): 4, (("state", "finished"),): 1}
     assert first["flexgen_time_per_output_token_seconds_count"][()] == 1
     assert first["flexgen_time_per_output_token_seconds_sum"][()] == pytest.approx(0.05)
     assert first["flexgen_generation_throughput_tokens_per_second"][()] > 0
@@ -350,6 +351,12 @@ def test_known_kinds_are_exported_at_zero_before_any_transfer():
     assert samples["flexgen_stage_io_wait_seconds_total"] == {(("kind", k), ("stage", "0")): 0.0
                                                               for k in ("weights", "cache", "drain")}
     assert samples["flexgen_stage_compute_seconds_total"] == {(("stage", "0"),): 1.0}
+
+
+def test_decode_row_steps_are_exported_at_zero_before_any_step():
+    with serve(RunMetrics(), "127.0.0.1", _free_port()) as url:
+        samples = _scrape(url)
+    assert samples["flexgen_decode_row_steps_total"] == {(("state", "live"),): 0.0, (("state", "finished"),): 0.0}
 
 
 def test_each_stage_placement_is_a_gauge_per_tensor_and_tier():

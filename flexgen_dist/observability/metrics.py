@@ -1,9 +1,9 @@
 """The Prometheus exporter of one run, served from the driver (`--metrics-port`).
 
-Run-level families (tokens, requests, throughput, time per output token, pending sequences) are updated by the run
-loop as each step's tokens arrive. Per-stage families (compute, I/O, idle seconds, bytes moved, memory per tier) are
-read from the stages at scrape time, through whatever executor runs them: this module knows nothing of Ray. Why one
-endpoint on the driver rather than Ray's own metrics export: docs/observability.md.
+Run-level families (tokens, requests, throughput, time per output token, decode row-steps, pending sequences) are
+updated by the run loop as each step's tokens arrive. Per-stage families (compute, I/O, idle seconds, bytes moved,
+memory per tier) are read from the stages at scrape time, through whatever executor runs them: this module knows
+nothing of Ray. Why one endpoint on the driver rather than Ray's own metrics export: docs/observability.md.
 """
 
 from __future__ import annotations
@@ -140,6 +140,13 @@ class RunMetrics:
         self._time_per_output_token = Histogram(
             "flexgen_time_per_output_token_seconds", "Seconds between successive output tokens of a block's "
             "sequences (one observation per decode step)", buckets=TIME_PER_OUTPUT_TOKEN_BUCKETS, registry=r)
+        # A block steps until its last sequence stops: the rows of those that stopped earlier are computed for
+        # nothing. Both states exported from the start, so a run without waste shows finished at 0.
+        self._row_steps = Counter("flexgen_decode_row_steps", "Rows computed by decode steps, by whether the row's "
+                                  "sequence was still running (live) or had already stopped (finished)", ["state"],
+                                  registry=r)
+        for state in ("live", "finished"):
+            self._row_steps.labels(state)
         self._pending = Gauge("flexgen_pending_sequences", "Sequences of this run not finished yet", registry=r)
         self._budget = Gauge("flexgen_memory_budget_bytes", "Each stage's --max-memory budget per tier", ["tier"],
                              registry=r)
@@ -174,9 +181,12 @@ class RunMetrics:
         self._prompt.inc(prompt_tokens)
         self._count_generated(new_tokens)
 
-    def decode_done(self, new_tokens: int, latency_s: float) -> None:
+    def decode_done(self, new_tokens: int, finished_rows: int, latency_s: float) -> None:
+        """`new_tokens`: one per live row; `finished_rows`: rows of sequences that had stopped before the step."""
         self._time_per_output_token.observe(latency_s)
         self._count_generated(new_tokens)
+        self._row_steps.labels("live").inc(new_tokens)
+        self._row_steps.labels("finished").inc(finished_rows)
 
     def stage_restarted(self, stage: int) -> None:
         self._restarts.labels(str(stage)).inc()
