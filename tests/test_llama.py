@@ -11,6 +11,7 @@ import torch
 from conftest import LLAMA_FAMILY, tiny_llama_family
 from hf_oracle import hf_greedy
 from test_parity import CASES, MAX_NEW, PROMPTS, run_cli
+from test_pipeline import PLACEMENTS
 
 from flexgen_dist.base.errors import UserError
 from flexgen_dist.cli import main
@@ -24,11 +25,13 @@ def family_and_oracle(llama_family_dir):
     return llama_family_dir, hf_greedy(llama_family_dir, PROMPTS, MAX_NEW)
 
 
+@pytest.mark.parametrize("stages", [1, 2])
 @pytest.mark.parametrize("name,percent,gbs,ngb,extra", CASES, ids=[c[0] for c in CASES])
-def test_greedy_matches_hf(tmp_path, family_and_oracle, name, percent, gbs, ngb, extra):
+def test_greedy_matches_hf(tmp_path, family_and_oracle, name, percent, gbs, ngb, extra, stages):
+    """Every placement, as one stage and cut into two (in process here; through Ray below)."""
     model_dir, expected = family_and_oracle
     ours, _ = run_cli(tmp_path, model_dir, "--percent", *percent.split(), "--gpu-batch-size", str(gbs),
-                      "--num-gpu-batches", str(ngb), *extra)
+                      "--num-gpu-batches", str(ngb), "--stages", str(stages), *extra)
     assert ours == expected
 
 
@@ -49,9 +52,10 @@ def test_cpu_cache_compute_matches_hf(tmp_path, family_and_oracle, name):
 
 
 @pytest.mark.parametrize("stages", [2, 3])
-def test_ray_pipeline_matches_hf(tmp_path, ray_cluster, llama_dir, stages, capsys):
-    ours, _ = run_cli(tmp_path, llama_dir, "--percent", *"30 30 30 30 100 0".split(), "--gpu-batch-size", "1",
-                      "--num-gpu-batches", "3", "--stages", str(stages), "--ray-address", ray_cluster["address"],
+@pytest.mark.parametrize("name,percent,gbs,ngb", PLACEMENTS, ids=[p[0] for p in PLACEMENTS])
+def test_ray_pipeline_matches_hf(tmp_path, ray_cluster, llama_dir, stages, name, percent, gbs, ngb, capsys):
+    ours, _ = run_cli(tmp_path, llama_dir, "--percent", *percent.split(), "--gpu-batch-size", str(gbs),
+                      "--num-gpu-batches", str(ngb), "--stages", str(stages), "--ray-address", ray_cluster["address"],
                       executor="ray")
     assert ours == hf_greedy(llama_dir, PROMPTS, MAX_NEW)
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -155,3 +159,26 @@ def test_policy_prices_llama_70b_on_the_paper_node(capsys):
     assert "tok/s" in out or "throughput" in out
     cfg = config_by_name("llama-3.1-70b")
     assert cfg.cache_bytes(1, 1, 2) * 8 == 2 * cfg.num_layers * cfg.num_heads * cfg.head_dim * 2
+
+
+def test_bench_runs_both_hf_baselines_on_a_llama_checkpoint(tmp_path, llama_dir, capsys):
+    """HF generate (resident) and accelerate (under a budget below the model: weights partly on disk) load the
+    family's checkpoint as it is."""
+    base = ["bench", "--model", str(llama_dir), "--prompt-len", "8", "--gen-len", "4", "--sweep", "2x1", "--device",
+            "cpu", "--dtype", "float32", "--executor", "local", "--offload-dir", str(tmp_path / "offload"), "--no-roofline"]
+    budget = ["--max-memory", "gpu=512KiB,cpu=64KiB", "--percent", "0", "0", "100", "0", "100", "0"]
+    for system, flags in (("hf", []), ("accelerate", budget)):
+        assert main([*base, "--baseline", system, *flags]) == 0
+        points = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["points"]
+        assert {p["system"] for p in points if p.get("generation_throughput_tok_s", 0) > 0} == {"flexgen_dist", system}
+    assert all(p["disk_offload_bytes"] > 0 for p in points if p["system"] == "accelerate")
+
+
+def test_random_baseline_weights_take_the_size_table_config():
+    """bench's HF baseline on a size name builds the family's transformers model from our config."""
+    from flexgen_dist.bench.baselines import _hf_config
+
+    hf = _hf_config(config_by_name("llama-3.1-8b"))
+    assert type(hf).__name__ == "LlamaConfig" and hf.num_key_value_heads == 8 and hf.head_dim == 128
+    assert hf.rope_parameters["rope_type"] == "llama3" and hf.rope_parameters["factor"] == 8.0
+    assert type(_hf_config(config_by_name("qwen2.5-7b"))).__name__ == "Qwen2Config"
