@@ -24,6 +24,7 @@ from flexgen_dist.base.typed_fields import dataclass_from_mapping, known_keys, m
 from flexgen_dist.engine.generation import Sampling
 from flexgen_dist.engine.policy import Policy, load_policy_file
 from flexgen_dist.io.model_source import model_config
+from flexgen_dist.io.openai_batch import FORMATS
 from flexgen_dist.io.prompts import Request, load_prompts_file, requests_from_cli, synthetic_requests
 from flexgen_dist.memory.budget import MemoryBudget, parse_max_memory
 from flexgen_dist.policy.auto import AutoPolicy
@@ -53,6 +54,7 @@ class JobConfig:
     run: RunConfig
     # Exactly one input is set.
     prompts_file: str | None = None
+    prompts_format: str = "auto"  # of prompts_file: io/openai_batch.FORMATS
     prompts: tuple[str, ...] = ()
     synthetic: tuple[int, int] | None = None  # (count, prompt length)
     evaluation: EvalJob | None = None  # an evaluation job instead: no input
@@ -221,12 +223,18 @@ def _with_input(run: RunConfig, value: Any, where: str) -> JobConfig:
     if value is None:
         raise UserError(f"{where}: missing; give one of {', '.join(INPUT_KINDS)}")
     value = mapping(value, where)
-    known_keys(value, INPUT_KINDS, where)
-    if len(value) != 1:
-        raise UserError(f"{where}: give exactly one of {', '.join(INPUT_KINDS)}, got {', '.join(value) or 'none'}")
-    kind, spec = next(iter(value.items()))
+    known_keys(value, (*INPUT_KINDS, "prompts_format"), where)
+    kinds = [k for k in value if k != "prompts_format"]
+    if len(kinds) != 1:
+        raise UserError(f"{where}: give exactly one of {', '.join(INPUT_KINDS)}, got {', '.join(kinds) or 'none'}")
+    kind, spec = kinds[0], value[kinds[0]]
+    if "prompts_format" in value and kind != "prompts":
+        raise UserError(f"{where}.prompts_format: only a prompts file has a format")
     if kind == "prompts":
-        return JobConfig(run, prompts_file=_absolute(typed(spec, str, f"{where}.prompts")))
+        fmt = value.get("prompts_format", "auto")
+        if fmt not in FORMATS:
+            raise UserError(f"{where}.prompts_format: {fmt!r} is not one of {', '.join(FORMATS)}")
+        return JobConfig(run, prompts_file=_absolute(typed(spec, str, f"{where}.prompts")), prompts_format=fmt)
     if kind == "prompt":
         if not isinstance(spec, list) or not spec:
             raise UserError(f"{where}.prompt: expected a non-empty list of texts")

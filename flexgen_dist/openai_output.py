@@ -10,7 +10,7 @@ import time
 import uuid
 from typing import Any
 
-from flexgen_dist.base.errors import UserError
+from flexgen_dist.base.errors import ContextLengthExceeded, UserError
 from flexgen_dist.engine.generation import Sequence
 from flexgen_dist.io.model_source import model_config
 from flexgen_dist.io.openai_batch import BatchFile, LineError, custom_id_key, is_batch_file, load_batch_file
@@ -50,8 +50,8 @@ class BatchOutput:
 
     def refused(self, request: Request, error: UserError) -> dict:
         line = self.batch.line_of[request.id]
-        return _error_record(LineError(line, request.id, custom_id_key(request.id), "invalid_request",
-                                       f"line {line}: {error}"))
+        code = "context_length_exceeded" if isinstance(error, ContextLengthExceeded) else "invalid_request"
+        return _error_record(LineError(line, request.id, custom_id_key(request.id), code, f"line {line}: {error}"))
 
     def record(self, request: Request, seq: Sequence, tokenizer: Any) -> dict:
         prompt_text = ""

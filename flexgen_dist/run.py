@@ -20,7 +20,7 @@ from typing import Any, Protocol
 import torch
 
 from flexgen_dist.base.devices import dtype_name, resolve_device, resolve_dtype
-from flexgen_dist.base.errors import UserError
+from flexgen_dist.base.errors import ContextLengthExceeded, UserError
 from flexgen_dist.engine.generation import BlockRun, Sampling, Sequence, SequenceHead, generator_seed
 from flexgen_dist.engine.policy import Policy
 from flexgen_dist.io.model_source import ModelSource, resolve_model
@@ -80,7 +80,7 @@ def _sequence(r: Request, source: ModelSource, run: RunConfig) -> Sequence:
     ids = prompt_ids(r, source)
     new = r.max_new_tokens or run.max_new_tokens
     if len(ids) + new > cfg.max_positions:
-        raise UserError(f"prompt {r.id}: {len(ids)} prompt tokens + {new} new tokens exceed the model's "
+        raise ContextLengthExceeded(f"prompt {r.id}: {len(ids)} prompt tokens + {new} new tokens exceed the model's "
                         f"{cfg.max_positions} positions")
     stop = run.stop if r.stop is None else r.stop
     if stop and detokenize is None:

@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
                                                  job.run.output))
             print(json.dumps({"results": results["results"], "jobs": results["flexgen_dist"]["jobs"]}), flush=True)
             return 0
-        batch = batch_input(job.prompts_file, "auto", job.run) if job.prompts_file else None
+        batch = batch_input(job.prompts_file, job.prompts_format, job.run) if job.prompts_file else None
         print(json.dumps(generate(job.run, *batch) if batch else generate(job.run, job.requests())), flush=True)
         return 0
 

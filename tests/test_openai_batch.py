@@ -237,7 +237,7 @@ def test_bad_lines_get_error_records_and_the_rest_run(tmp_path, opt_preln_dir, c
     errors = [r for r in records if r["error"] is not None]
     assert all(r["response"] is None and r["id"].startswith("batch_req_") for r in errors)
     assert {(r["custom_id"], r["error"]["code"], r["error"]["line"]) for r in errors} == {
-        (None, "invalid_json_line", 2), ("b", "invalid_request", 3), ("c", "invalid_request", 4),
+        (None, "invalid_json_line", 2), ("b", "context_length_exceeded", 3), ("c", "invalid_request", 4),
         ("a", "duplicate_custom_id", 5)}
     by_line = {r["error"]["line"]: r["error"]["message"] for r in errors}
     assert "exceed the model's 128 positions" in by_line[3] and "outside the vocabulary" in by_line[4]

@@ -89,6 +89,14 @@ def test_config_maps_onto_run_config(tmp_path, monkeypatch):
     assert [len(r.input_ids) for r in requests] == [5, 5, 5]
 
 
+def test_a_prompts_file_may_name_its_format(tmp_path):
+    """An OpenAI batch file named as such (launch/generate_job.py passes the format to batch_input); auto otherwise."""
+    job = load_job_config(_write(tmp_path, {"model": "opt-125m", "input": {"prompts": "b.jsonl",
+                                                                          "prompts_format": "openai-batch"}}))
+    assert (job.prompts_file, job.prompts_format) == (str(Path.cwd() / "b.jsonl"), "openai-batch")
+    assert load_job_config(_write(tmp_path, {"model": "opt-125m", "input": {"prompts": "b.jsonl"}})).prompts_format == "auto"
+
+
 def test_defaults_named_policy_and_overrides(tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)
     path = _write(tmp_path, {"model": "opt-125m", "policy": "all-disk.yaml", "input": {"prompt": ["hi"]}})
@@ -128,6 +136,9 @@ def test_evaluation_job_config(tmp_path, monkeypatch):
     ({"input": {"synthetic": {"n": 2, "prompt_len": 3}, "prompt": ["hi"]}}, [], "exactly one of prompts, synthetic"),
     ({"input": None}, [], "input: missing"),
     ({"input": {"synthetic": {"n": 2}}}, [], "synthetic: give both n and prompt_len"),
+    ({"input": {"synthetic": {"n": 2, "prompt_len": 3}, "prompts_format": "openai-batch"}}, [],
+     "prompts_format: only a prompts file has a format"),
+    ({"input": {"prompts": "p.jsonl", "prompts_format": "csv"}}, [], "prompts_format: 'csv' is not one of auto"),
     ({"stages": "two"}, [], "stages: expected an integer"),
     ({"dummy_weights": "yes"}, [], "dummy_weights: expected true or false"),
     ({"placement_strategy": "ANYWHERE"}, [], "placement_strategy 'ANYWHERE': expected one of PACK"),

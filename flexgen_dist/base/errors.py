@@ -8,6 +8,10 @@ class UserError(Exception):
     exit_code = 2
 
 
+class ContextLengthExceeded(UserError):
+    """A prompt and its new tokens do not fit the model's positions (OpenAI's error code for it names it so)."""
+
+
 class RunFailed(UserError):
     """The run started and cannot finish (a stage lost for good, a cluster that stopped answering); what was written
     is kept, so the same command resumes."""
