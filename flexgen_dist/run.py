@@ -287,6 +287,7 @@ def _execute(run: RunConfig, source: ModelSource, work: list[tuple[Request, Sequ
     work.clear()  # from here only the blocks hold the sequences, each block's let go once written (finished)
     stage_stats: list[dict] = []
     metrics = RunMetrics()
+    metrics.requests_refused(len(errors))
     metrics.set_budget(run.budget)
     for i, spec in enumerate(stages.specs):
         metrics.set_stage_placement(i, spec.policy.placement())

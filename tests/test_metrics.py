@@ -41,13 +41,14 @@ def _snapshot(compute_s: float, idle_s: float = 1.0) -> StageSnapshot:
 
 def _fed_metrics() -> RunMetrics:
     """A RunMetrics with every family fed: one prefill and one decode step (one row of it a stopped sequence's), two
-    sequences finished of four, stage 1 restarted once."""
+    sequences finished of four, two error records, stage 1 restarted once."""
     metrics = RunMetrics()
     metrics.set_budget(MemoryBudget(gpu=1000))
     metrics.run_started(4)
     metrics.prefill_done(prompt_tokens=10, new_tokens=4)
     metrics.decode_done(new_tokens=4, finished_rows=1, latency_s=0.05)
     metrics.sequences_finished(["eos", "length"])
+    metrics.requests_refused(2)
     metrics.stage_restarted(1)
     return metrics
 
@@ -76,7 +77,8 @@ def test_exporter_serves_every_family_over_http():
         first, second = _scrape(url), _scrape(url)
     assert first["flexgen_generated_tokens_total"][()] == 8
     assert first["flexgen_prompt_tokens_total"][()] == 10
-    assert first["flexgen_requests_total"] == {(("status", "eos"),): 1, (("status", "length"),): 1}
+    assert first["flexgen_requests_total"] == {(("status", "eos"),): 1, (("status", "stop"),): 0,
+                                               (("status", "length"),): 1, (("status", "error"),): 2}
     assert first["flexgen_pending_sequences"][()] == 2
     assert first["flexgen_decode_row_steps_total"] == {(("state", "live"),): 4, (("state", "finished"),): 1}
     assert first["flexgen_time_per_output_token_seconds_count"][()] == 1

@@ -367,3 +367,14 @@ def test_a_job_config_reads_a_batch_file(tmp_path, ray_cluster, opt_preln_dir, m
     records = _by_custom_id(json.loads(line) for line in out.read_text().splitlines())
     assert set(records) == {"a", None} and records[None]["error"]["code"] == "invalid_json_line"
     assert len(records["a"]["response"]["body"]["choices"][0]["token_ids"]) <= 3
+
+
+def test_error_records_count_in_the_requests_metric(tmp_path, opt_preln_dir, capsys, monkeypatch):
+    """flexgen_requests_total{status="error"} counts the run's error records, as the summary's failed_requests does."""
+    from flexgen_dist.observability.metrics import RunMetrics
+
+    counted = []
+    original = RunMetrics.requests_refused
+    monkeypatch.setattr(RunMetrics, "requests_refused", lambda self, n: (counted.append(n), original(self, n))[1])
+    _, summary = _run(tmp_path, opt_preln_dir, [_line("a", {"prompt": PROMPTS[0]}), "not json", "{}"], capsys=capsys)
+    assert counted == [summary["failed_requests"]] == [2]

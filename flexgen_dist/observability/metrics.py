@@ -131,8 +131,11 @@ class RunMetrics:
         self._generated = Counter("flexgen_generated_tokens", "Tokens generated, counted as each step returns",
                                   registry=r)
         self._prompt = Counter("flexgen_prompt_tokens", "Prompt tokens prefilled", registry=r)
-        self._requests = Counter("flexgen_requests", "Sequences finished and written, by finish reason "
-                                 "(eos: EOS token, stop: a stop string, length: max new tokens)", ["status"], registry=r)
+        self._requests = Counter("flexgen_requests", "Requests answered, by how: a sequence finished and written, by "
+                                 "finish reason (eos: EOS token, stop: a stop string, length: max new tokens), or an "
+                                 "error record for a request that could not run (error)", ["status"], registry=r)
+        for status in ("eos", "stop", "length", "error"):  # known in advance: exported from the start, at 0
+            self._requests.labels(status)
         self._throughput = Gauge("flexgen_generation_throughput_tokens_per_second",
                                  "Generated tokens over seconds since the first step (as in the run's summary)",
                                  registry=r)
@@ -190,6 +193,10 @@ class RunMetrics:
 
     def stage_restarted(self, stage: int) -> None:
         self._restarts.labels(str(stage)).inc()
+
+    def requests_refused(self, count: int) -> None:
+        """Error records written for requests that could not run (an OpenAI batch file's bad lines)."""
+        self._requests.labels("error").inc(count)
 
     def sequences_finished(self, finish_reasons: Iterable[str]) -> None:
         for reason in finish_reasons:
