@@ -1,6 +1,7 @@
 """The Llama family (Llama, Mistral, Qwen2) through the same engine: greedy float32 output equals HF `generate` token
-for token in every placement of the OPT parity matrix, through Ray, with CPU attention; configs, sizes and
-checkpoints read and written as HF does; unsupported features refused in one line."""
+for token in every placement of the OPT parity matrix, at one and two stages, with CPU attention (through Ray:
+test_pipeline.py); configs, sizes and checkpoints read and written as HF does; unsupported features refused in one
+line."""
 
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ import torch
 from conftest import LLAMA_FAMILY, tiny_llama_family
 from hf_oracle import hf_greedy
 from test_parity import CASES, MAX_NEW, PROMPTS, run_cli
-from test_pipeline import PLACEMENTS
 
 from flexgen_dist.base.errors import UserError
 from flexgen_dist.cli import main
@@ -49,17 +49,6 @@ def test_cpu_cache_compute_matches_hf(tmp_path, family_and_oracle, name):
     ours, _ = run_cli(tmp_path, model_dir, "--percent", *percent.split(), "--gpu-batch-size", "2",
                       "--num-gpu-batches", "2", "--cpu-cache-compute")
     assert ours == expected
-
-
-@pytest.mark.parametrize("stages", [2, 3])
-@pytest.mark.parametrize("name,percent,gbs,ngb", PLACEMENTS, ids=[p[0] for p in PLACEMENTS])
-def test_ray_pipeline_matches_hf(tmp_path, ray_cluster, llama_dir, stages, name, percent, gbs, ngb, capsys):
-    ours, _ = run_cli(tmp_path, llama_dir, "--percent", *percent.split(), "--gpu-batch-size", str(gbs),
-                      "--num-gpu-batches", str(ngb), "--stages", str(stages), "--ray-address", ray_cluster["address"],
-                      executor="ray")
-    assert ours == hf_greedy(llama_dir, PROMPTS, MAX_NEW)
-    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert [s["stage"] for s in summary["stage_stats"]] == list(range(stages))
 
 
 def test_text_in_and_out_through_the_tokenizer(tmp_path, llama_dir):

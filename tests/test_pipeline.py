@@ -1,4 +1,5 @@
-"""The Ray pipeline on a real local cluster: S = 1, 2, 3 stages give HF's greedy output for several placements."""
+"""The Ray pipeline on a real local cluster: S = 1, 2, 3 stages give HF's greedy output for several placements, for
+OPT and the Llama family."""
 
 from __future__ import annotations
 
@@ -15,13 +16,15 @@ PLACEMENTS = [
 ]
 
 
+@pytest.mark.parametrize("model", ["opt_postln_dir", "llama_dir"])  # OPT-350m's layout; GQA, rotary, untied head
 @pytest.mark.parametrize("stages", [1, 2, 3])
 @pytest.mark.parametrize("name,percent,gbs,ngb", PLACEMENTS, ids=[p[0] for p in PLACEMENTS])
-def test_ray_pipeline_matches_hf(tmp_path, ray_cluster, opt_postln_dir, stages, name, percent, gbs, ngb, capsys):
-    ours, _ = run_cli(tmp_path, opt_postln_dir, "--percent", *percent.split(), "--gpu-batch-size", str(gbs),
+def test_ray_pipeline_matches_hf(tmp_path, request, ray_cluster, model, stages, name, percent, gbs, ngb, capsys):
+    model_dir = request.getfixturevalue(model)
+    ours, _ = run_cli(tmp_path, model_dir, "--percent", *percent.split(), "--gpu-batch-size", str(gbs),
                       "--num-gpu-batches", str(ngb), "--stages", str(stages), "--ray-address", ray_cluster["address"],
                       executor="ray")
-    assert ours == hf_greedy(opt_postln_dir, PROMPTS, MAX_NEW)
+    assert ours == hf_greedy(model_dir, PROMPTS, MAX_NEW)
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert [s["stage"] for s in summary["stage_stats"]] == list(range(stages))
     assert all(s["busy_s"] > 0 for s in summary["stage_stats"])
