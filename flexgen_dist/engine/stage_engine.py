@@ -211,6 +211,10 @@ class StageEngine:
         valid = [x.valid.to(self.device) for x in inputs]
         masks = [attention_mask(v, query_len) for v in valid]
         positions = [position_ids(v, query_len) for v in valid]
+        # What the attention layers take of them (Llama: rotary cos and sin), made once a step rather than in every
+        # layer; a decode step's attention layers run all GPU batches at once.
+        attn_positions = [self.model.attention_positions(self.cfg, p, self.dtype) for p in positions]
+        decode_positions = _cat(attn_positions) if past else None
         if not self.has_embedding:
             for k, x in enumerate(inputs):
                 acts.put(k, x.data.to(self.device, self.dtype))
@@ -243,7 +247,7 @@ class StageEngine:
             w = self._weights(j, prefetched)
             if past and layer.kind != "embed":
                 outputs += self._decode_layer(j, w, [x.data.shape[0] for x in inputs], acts, caches, masks,
-                                              _cat(positions), past, keep, head, loaded_cache)
+                                              decode_positions, past, keep, head, loaded_cache)
                 self._next_weights(j, weight_loads)
                 continue
             for k, x in enumerate(inputs):
@@ -260,7 +264,8 @@ class StageEngine:
                 elif layer.kind == "mlp":
                     acts.put(k, _cat([self.model.mlp(self.cfg, w, hidden[c]) for c in self._chunks(hidden)]))
                 else:
-                    acts.put(k, self._prefill_attention(caches[j, batch_of[k]], w, hidden, masks[k], positions[k], rows))
+                    acts.put(k, self._prefill_attention(caches[j, batch_of[k]], w, hidden, masks[k], attn_positions[k],
+                                                        rows))
             self._next_weights(j, weight_loads)
         with self.tiers.stats.waiting("drain"):
             self._cache_lane.drain()
@@ -275,7 +280,7 @@ class StageEngine:
             weight_loads[j + 2] = self._weight_lane.submit(self._prefetch_weights, j + 2)
 
     def _decode_layer(self, j: int, w, sizes: list[int], acts: ActivationStore, caches: dict, masks: list[torch.Tensor],
-                      positions: torch.Tensor, past: int, keep: int | None, head,
+                      attn_positions: torch.Tensor, past: int, keep: int | None, head,
                       loaded_cache: Callable[[tuple[int, int]], list]) -> list:
         """Layer j of a decode step for every GPU batch of the block at once: its GEMMs run once over all the batches'
         rows (one token each), so the layer's weights are read from memory once per step, not once per batch; only
@@ -290,7 +295,7 @@ class StageEngine:
         if layer.kind == "mlp":
             out = self.model.mlp(self.cfg, w, hidden)
         else:
-            q, key, value = self.model.attention_input(self.cfg, w, hidden, positions)  # [sum B, N or n, 1, D]
+            q, key, value = self.model.attention_input(self.cfg, w, hidden, attn_positions)  # [sum B, N or n, 1, D]
             contexts, start = [], 0
             for k, size in enumerate(sizes):
                 loaded = loaded_cache((j, k))
@@ -311,11 +316,11 @@ class StageEngine:
         per = batch if self.device.type != "cpu" else max(1, _CPU_CHUNK_TOKENS // tokens)
         return [slice(i, min(batch, i + per)) for i in range(0, batch, per)]
 
-    def _prefill_attention(self, cache: CacheHome, w, hidden: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
-                           rows: slice) -> torch.Tensor:
+    def _prefill_attention(self, cache: CacheHome, w, hidden: torch.Tensor, mask: torch.Tensor,
+                           attn_positions: torch.Tensor, rows: slice) -> torch.Tensor:
         outs, keys, values = [], [], []
         for c in self._chunks(hidden):  # attention is per sequence: chunks of sequences are independent
-            q, key, value = self.model.attention_input(self.cfg, w, hidden[c], positions[c])  # [b, N or n, S, D]
+            q, key, value = self.model.attention_input(self.cfg, w, hidden[c], attn_positions[c])  # [b, N or n, S, D]
             outs.append(self.model.attention_output(self.cfg, w, hidden[c], attend(q, key, value, mask[c])))
             keys.append(key)
             values.append(value)

@@ -271,18 +271,24 @@ def embed(cfg: LlamaConfig, w: dict[str, torch.Tensor], input_ids: torch.Tensor,
     return F.embedding(input_ids, w["embed_tokens"])
 
 
-def attention_input(cfg: LlamaConfig, w: dict[str, torch.Tensor], hidden: torch.Tensor, position_ids: torch.Tensor):
+def attention_positions(cfg: LlamaConfig, position_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The rotary cos and sin of position_ids [B, S] (attention.position_ids: correct under left padding), in the
+    compute dtype: [B, 2, S, D]. Every attention layer of a step rotates by the same angles, so they are made once."""
+    freqs = position_ids[..., None].float() * _inverse_frequencies(cfg, position_ids.device)  # [B, S, D/2]
+    angles = torch.cat((freqs, freqs), dim=-1)[:, None]  # [B, 1, S, D]
+    return torch.cat((angles.cos(), angles.sin()), dim=1).to(dtype)
+
+
+def attention_input(cfg: LlamaConfig, w: dict[str, torch.Tensor], hidden: torch.Tensor, rotary: torch.Tensor):
     """Queries (rotated, pre-scaled) [B, N, S, D], and rotated keys and values [B, n, S, D], of a layer's
-    self-attention. position_ids [B, S] (attention.position_ids: correct under left padding)."""
+    self-attention. rotary [B, 2, S, D]: attention_positions' cos and sin."""
     x = _rms_norm(hidden, w["input_layernorm.weight"], cfg.rms_norm_eps)
     b, s, _ = x.shape
 
     def heads(name: str, count: int) -> torch.Tensor:
         return linear(x, w[f"{name}.weight"], w.get(f"{name}.bias")).view(b, s, count, cfg.head_dim).transpose(1, 2)
 
-    freqs = position_ids.to(x.device)[..., None].float() * _inverse_frequencies(cfg, x.device)  # [B, S, D/2]
-    angles = torch.cat((freqs, freqs), dim=-1)[:, None]  # [B, 1, S, D]
-    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    cos, sin = rotary.split(1, dim=1)  # [B, 1, S, D] each, broadcast over the heads
     q = _rotate(heads("q_proj", cfg.num_heads), cos, sin) * cfg.head_dim**-0.5
     return q, _rotate(heads("k_proj", cfg.num_kv_heads), cos, sin), heads("v_proj", cfg.num_kv_heads)
 

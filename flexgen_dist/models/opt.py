@@ -218,9 +218,15 @@ def _layer_norm(x: torch.Tensor, w: dict[str, torch.Tensor], prefix: str, eps: f
     return F.layer_norm(x, (x.shape[-1],), w[prefix + ".weight"], w[prefix + ".bias"], eps)
 
 
-def attention_input(cfg: OptConfig, w: dict[str, torch.Tensor], hidden: torch.Tensor, position_ids: torch.Tensor):
+def attention_positions(cfg: OptConfig, position_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """OPT's positions enter once, as learned embeddings (embed); its attention layers take nothing of them, so the
+    ids pass through as they are."""
+    return position_ids
+
+
+def attention_input(cfg: OptConfig, w: dict[str, torch.Tensor], hidden: torch.Tensor, positions: torch.Tensor):
     """Queries (pre-scaled), keys and values of a layer's self-attention. hidden [B, S, H] -> 3 x [B, N, S, D].
-    OPT's positions are in its embeddings, so `position_ids` is not used here."""
+    OPT's positions are in its embeddings, so `positions` is not used here."""
     x = _layer_norm(hidden, w, "self_attn_layer_norm", cfg.layer_norm_eps) if cfg.do_layer_norm_before else hidden
     b, s, _ = x.shape
     scaling = cfg.head_dim**-0.5
