@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING
 import pytest
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from transformers import OPTForCausalLM
 
 VOCAB_SIZE = 512
@@ -181,21 +183,33 @@ def opt_sharded_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer_dir
     return _with_tokenizer(out, tiny_tokenizer_dir)
 
 
+@pytest.fixture(scope="session")
+def _llama_checkpoint(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer_dir: Path) -> Callable[[str], Path]:
+    """kind -> that tiny Llama-family checkpoint's directory (safetensors with the tiny tokenizer), each built once a
+    session: llama_dir and llama_family_dir's llama leg are the same directory."""
+    built: dict[str, Path] = {}
+
+    def checkpoint(kind: str) -> Path:
+        if kind not in built:
+            out = tmp_path_factory.mktemp(f"tiny_{kind}")
+            tiny_llama_family(kind).save_pretrained(out)
+            built[kind] = _with_tokenizer(out, tiny_tokenizer_dir)
+        return built[kind]
+
+    return checkpoint
+
+
 @pytest.fixture(scope="session", params=list(LLAMA_FAMILY))
-def llama_family_dir(request, tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer_dir: Path) -> Path:
+def llama_family_dir(request, _llama_checkpoint) -> Path:
     """Each tiny Llama-family checkpoint in turn (GQA; Llama: untied head, Llama 3 rope scaling; Mistral: no sliding
-    window; Qwen2: q/k/v biases, tied head), as safetensors with the tiny tokenizer."""
-    out = tmp_path_factory.mktemp(f"tiny_{request.param}")
-    tiny_llama_family(request.param).save_pretrained(out)
-    return _with_tokenizer(out, tiny_tokenizer_dir)
+    window; Qwen2: q/k/v biases, tied head)."""
+    return _llama_checkpoint(request.param)
 
 
 @pytest.fixture(scope="session")
-def llama_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer_dir: Path) -> Path:
+def llama_dir(_llama_checkpoint) -> Path:
     """The tiny Llama alone (GQA, untied head, Llama 3 rope scaling)."""
-    out = tmp_path_factory.mktemp("tiny_llama")
-    tiny_llama_family("llama").save_pretrained(out)
-    return _with_tokenizer(out, tiny_tokenizer_dir)
+    return _llama_checkpoint("llama")
 
 
 def _free_port() -> int:
