@@ -3,9 +3,11 @@
 Held-out prompts of a checkpoint made by benchmarks/train_tiny_opt.py (its `heldout.jsonl`), cut to `--prompt-len`
 tokens, each stopping at "." or a blank line or after `--max-new-tokens`; one `flexgen-dist generate` run per block
 shape, in process. Prints per block shape the run summary's decode row-steps, the finished ones and their share, and
-how the sequences stopped. Figures: docs/evaluation.md and docs/benchmark-history.md.
+how the sequences stopped. Figures: docs/evaluation.md and docs/benchmark-history.md. `--lengths-out` keeps each
+sequence's output length (of the first block shape's run) for benchmarks/ragged_lengths.py, which replays them on a
+real model size.
 
-    python benchmarks/finished_rows.py --model /tmp/tiny-llama --blocks 16x1,16x4,64x1
+    python benchmarks/finished_rows.py --model /tmp/tiny-llama --blocks 16x1,16x4,64x1 --lengths-out lengths.json
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--blocks", default="16x1,16x4,64x1", help="gpu_batch_size x num_gpu_batches, comma-separated")
+    ap.add_argument("--lengths-out", type=Path, help="write the output lengths, in prompt order, as a JSON list")
     args = ap.parse_args()
     heldout = [json.loads(line) for line in (args.model / "heldout.jsonl").read_text().splitlines()][: args.prompts]
     with tempfile.TemporaryDirectory() as tmp:
@@ -42,6 +45,9 @@ def main() -> None:
                                  capture_output=True, text=True, check=True)
             summary = json.loads(run.stdout.strip().splitlines()[-1])
             records = [json.loads(line) for line in out.read_text().splitlines()]
+            if args.lengths_out and block == args.blocks.split(",")[0]:
+                by_id = {r["id"]: len(r["output_ids"]) for r in records}
+                args.lengths_out.write_text(json.dumps([by_id[str(r["id"])] for r in heldout]) + "\n")
             lengths = sorted(len(r["output_ids"]) for r in records)
             print(json.dumps({"block": block, **{k: summary[k] for k in ("decode_row_steps", "finished_row_steps",
                                                                           "finished_row_share")},

@@ -244,3 +244,27 @@ def test_logprobs_without_a_tokenizer_have_no_texts(tmp_path, opt_preln_dir):
     assert "text" not in record and set(record["logprobs"]) == {"token_logprobs", "top_logprobs", "prompt_logprobs",
                                                                 "prompt_top_logprobs"}
     assert all(set(e) == {"id", "logprob"} for top in record["logprobs"]["top_logprobs"] for e in top)
+
+
+def test_finished_rows_leave_the_decode_gemms(tmp_path, opt_preln_dir, monkeypatch):
+    """Once a sequence stops, the block's decode steps run their GEMMs on the live rows alone, and every output is
+    what the sequence gives alone in its own block."""
+    from flexgen_dist.models import opt
+
+    decode_rows: list[int] = []
+    mlp = opt.mlp
+
+    def counted(cfg, w, hidden):
+        if hidden.shape[1] == 1:  # a decode step's [rows, 1, H]
+            decode_rows.append(hidden.shape[0])
+        return mlp(cfg, w, hidden)
+
+    monkeypatch.setattr(opt, "mlp", counted)
+    together = _generate(tmp_path / "block", opt_preln_dir, BUDGETS, "--ignore-eos", "--gpu-batch-size", "2",
+                         "--num-gpu-batches", "2")
+    layers = len(decode_rows) // 7  # one block of 4, 7 decode steps, each through every layer's MLP
+    # Live after each step: 4 (budgets 2, 8, 4, 4), then 3 until the 4s end, then the 8 alone.
+    assert decode_rows == [rows for rows in (4, 3, 3, 1, 1, 1, 1) for _ in range(layers)]
+    alone = [_generate(tmp_path / f"alone{i}", opt_preln_dir, [line], "--ignore-eos")[0]
+             for i, line in enumerate(BUDGETS)]
+    assert [r["output_ids"] for r in together] == [r["output_ids"] for r in alone]

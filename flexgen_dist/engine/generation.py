@@ -282,8 +282,9 @@ class BlockRun:
                 if s.logprobs is not None:
                     s.logprobs.add(out, row, len(s.prompt_ids), s.head.echo)
                 s.add_token(int(next_ids[row]), eos_ids)
-            # Finished rows keep computing (fed padding) so shapes stay fixed; their outputs are ignored.
+            # Finished rows stay in the block, so shapes stay fixed, fed padding: their new position is not valid,
+            # which tells every stage to leave them out of the step's GEMMs (stage_engine._live_rows).
             running = torch.tensor([s.finish_reason is None for s in batch])
             self.tokens[k] = next_ids.cpu().where(running, self.pad_id)[:, None]
-            self.valid[k] = torch.cat([self.valid[k], torch.ones((len(batch), 1), dtype=torch.bool)], dim=1)
+            self.valid[k] = torch.cat([self.valid[k], running[:, None]], dim=1)
         self.steps_done += 1

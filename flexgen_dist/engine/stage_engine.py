@@ -41,6 +41,23 @@ def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
+def _live_rows(valid: list[torch.Tensor]) -> torch.Tensor | None:
+    """A decode step's rows, over all its GPU batches, whose sequence still generates: a finished sequence's new
+    position is padding (generation.BlockRun.advance). None: every row."""
+    live = _cat([v[:, -1] for v in valid])
+    return None if bool(live.all()) else live.nonzero().squeeze(1)
+
+
+def _scatter_rows(rows: torch.Tensor, live_rows: torch.Tensor | None, total: int,
+                  base: torch.Tensor | None = None) -> torch.Tensor:
+    """`rows` computed for live_rows placed among `total` rows: into a copy of `base` (the finished rows keep theirs),
+    or zeros. live_rows None: `rows` is every row already."""
+    if live_rows is None:
+        return rows
+    out = rows.new_zeros((total, *rows.shape[1:])) if base is None else base.clone()
+    return out.index_copy_(0, live_rows, rows)
+
+
 @dataclass
 class BatchInput:
     """One GPU batch's input to a stage for one step."""
@@ -215,6 +232,7 @@ class StageEngine:
         # layer; a decode step's attention layers run all GPU batches at once.
         attn_positions = [self.model.attention_positions(self.cfg, p, self.dtype) for p in positions]
         decode_positions = _cat(attn_positions) if past else None
+        live_rows = _live_rows(valid) if past else None
         if not self.has_embedding:
             for k, x in enumerate(inputs):
                 acts.put(k, x.data.to(self.device, self.dtype))
@@ -246,8 +264,8 @@ class StageEngine:
                 prefetched = weight_loads.pop(j).result()
             w = self._weights(j, prefetched)
             if past and layer.kind != "embed":
-                outputs += self._decode_layer(j, w, [x.data.shape[0] for x in inputs], acts, caches, masks,
-                                              decode_positions, past, keep, head, loaded_cache)
+                outputs += self._decode_layer(j, w, [x.data.shape[0] for x in inputs], live_rows, acts, caches,
+                                              masks, decode_positions, past, keep, head, loaded_cache)
                 self._next_weights(j, weight_loads)
                 continue
             for k, x in enumerate(inputs):
@@ -279,23 +297,31 @@ class StageEngine:
             # Layer j's slot is free: its compute is done (on a GPU, queued: the lane's fence waits for it).
             weight_loads[j + 2] = self._weight_lane.submit(self._prefetch_weights, j + 2)
 
-    def _decode_layer(self, j: int, w, sizes: list[int], acts: ActivationStore, caches: dict, masks: list[torch.Tensor],
-                      attn_positions: torch.Tensor, past: int, keep: int | None, head,
-                      loaded_cache: Callable[[tuple[int, int]], list]) -> list:
+    def _decode_layer(self, j: int, w, sizes: list[int], live_rows: torch.Tensor | None, acts: ActivationStore,
+                      caches: dict, masks: list[torch.Tensor], attn_positions: torch.Tensor, past: int,
+                      keep: int | None, head, loaded_cache: Callable[[tuple[int, int]], list]) -> list:
         """Layer j of a decode step for every GPU batch of the block at once: its GEMMs run once over all the batches'
         rows (one token each), so the layer's weights are read from memory once per step, not once per batch; only
         attention, which reads each batch's own cache, runs batch by batch. On the 2-core AVX2 EPYC in float32, an
         opt-1.3b layer's GEMMs run at 37-39 GFLOP/s on 16 rows and 87-89 on 1024 (benchmarks/bench_corun.py). Returns the
-        head's outputs per batch, else []."""
+        head's outputs per batch, else [].
+
+        `live_rows` (None: all): the rows whose sequence still generates. The GEMMs run on those alone; a finished
+        row keeps its hidden state, gets zero logits, and attends with zero queries (its outputs are never read).
+        Rows are independent, so a live row computes what it would beside any others."""
         layer = self.layers[j]
         hidden = _cat([acts.get(k) for k in range(len(sizes))])  # [sum B, 1, H]
+        live = hidden if live_rows is None else hidden.index_select(0, live_rows)
         if layer.kind == "head":
-            logits = self.model.lm_head(self.cfg, w, hidden if head is not None else hidden[:, -1])
+            logits = _scatter_rows(self.model.lm_head(self.cfg, w, live if head is not None else live[:, -1]),
+                                   live_rows, hidden.shape[0])
             return [head(k, part) if head is not None else part for k, part in enumerate(logits.split(sizes))]
         if layer.kind == "mlp":
-            out = self.model.mlp(self.cfg, w, hidden)
+            out = _scatter_rows(self.model.mlp(self.cfg, w, live), live_rows, hidden.shape[0], hidden)
         else:
-            q, key, value = self.model.attention_input(self.cfg, w, hidden, attn_positions)  # [sum B, N or n, 1, D]
+            positions = attn_positions if live_rows is None else attn_positions.index_select(0, live_rows)
+            q, key, value = (_scatter_rows(t, live_rows, hidden.shape[0])  # [sum B, N or n, 1, D]
+                             for t in self.model.attention_input(self.cfg, w, live, positions))
             contexts, start = [], 0
             for k, size in enumerate(sizes):
                 loaded = loaded_cache((j, k))
@@ -304,7 +330,9 @@ class StageEngine:
                                                      past, keep))
                 self._cache_lane.submit(caches[j, k].store_token, loaded, past)
                 start += size
-            out = self.model.attention_output(self.cfg, w, hidden, _cat(contexts))
+            context = _cat(contexts) if live_rows is None else _cat(contexts).index_select(0, live_rows)
+            out = _scatter_rows(self.model.attention_output(self.cfg, w, live, context), live_rows, hidden.shape[0],
+                                hidden)
         for k, part in enumerate(out.split(sizes)):
             acts.put(k, part)
         return []
