@@ -269,6 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--compress-weight", action="store_true")
     g.add_argument("--compress-cache", action="store_true")
     g.add_argument("--cpu-cache-compute", action="store_true")
+    g.add_argument("--no-compression", action="store_true", help="never choose compression, as generate's flag")
     po.set_defaults(func=_policy_command)
     return parser
 
@@ -305,17 +306,22 @@ def _policy_fields(args: argparse.Namespace) -> dict:
     return fields
 
 
+def _auto_policy(fields: dict, no_compression: bool, hardware: str | None) -> AutoPolicy:
+    """The search, with the policy fields given pinned (and with --no-compression, compression pinned off)."""
+    pinned = frozenset(fields) & set(SEARCHED)
+    if no_compression:
+        if fields.get("compress_weight") or fields.get("compress_cache"):
+            raise UserError("--no-compression contradicts --compress-weight/--compress-cache")
+        pinned |= {"compress_weight", "compress_cache"}  # pinned to the defaults: off
+    return AutoPolicy(replace(Policy(), **fields), pinned, hardware)
+
+
 def _policy(args: argparse.Namespace) -> Policy | AutoPolicy:
     fields = _policy_fields(args)
     if args.policy == "auto":
         if args.percent:
             raise UserError("--percent cannot be given with --policy auto: the search chooses the placement")
-        pinned = frozenset(fields) & set(SEARCHED)
-        if args.no_compression:
-            if fields.get("compress_weight") or fields.get("compress_cache"):
-                raise UserError("--no-compression contradicts --compress-weight/--compress-cache")
-            pinned |= {"compress_weight", "compress_cache"}  # pinned to the defaults: off
-        return AutoPolicy(replace(Policy(), **fields), pinned, args.hardware)
+        return _auto_policy(fields, args.no_compression, args.hardware)
     if args.no_compression:
         raise UserError("--no-compression restricts --policy auto: without it, compression is off unless asked for")
     if args.hardware:
@@ -436,7 +442,7 @@ def _policy_command(args: argparse.Namespace) -> int:
         dtype = resolve_dtype(args.dtype, device)
         hardware = machine_profile(device, dtype, None)
     pinned = {name: getattr(args, name) for name in SEARCHED if getattr(args, name) not in (None, False)}
-    auto = AutoPolicy(replace(Policy(), **pinned), frozenset(pinned), args.hardware)
+    auto = _auto_policy(pinned, args.no_compression, args.hardware)
     budget = parse_max_memory(args.max_memory) if args.max_memory else MemoryBudget()
     result = choose_policy(auto, cfg, hardware, dtype, args.prompt_len, args.gen_len, budget, args.stages,
                            args.num_prompts)

@@ -168,7 +168,7 @@ def plan_stages(run: RunConfig, cfg: ModelConfig, dtype: torch.dtype, device: to
     last = plans[-1]
     plans[-1] = replace(last, buffers={**last.buffers, Tier.GPU: last.buffers[Tier.GPU] + head_workspace})
     for plan in plans:
-        check_budget(plan, run.budget)
+        check_budget(plan, run.budget, one_ram=device.type == "cpu")
     if any(plan.total(Tier.DISK) for plan in plans):
         ensure_offload_root(run.offload_dir)
     if stages_on_this_machine(run):

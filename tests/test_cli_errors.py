@@ -127,8 +127,26 @@ def test_offload_dir_that_cannot_be_created(capsys, tmp_path, opt_preln_dir, ids
 
 
 def test_budget_too_small_names_the_tier_and_shortfall(capsys, ids_file, opt_preln_dir):
+    # A CPU device: its gpu and cpu tiers are one RAM, held together to the sum of their budgets.
     _fails(capsys, ["generate", "--model", str(opt_preln_dir), "--prompts", ids_file, "--percent", "0", "100", "100", "0",
-                    "100", "0", "--max-memory", "gpu=1GiB,cpu=100KiB"], "cpu tier", "short by")
+                    "100", "0", "--device", "cpu", "--max-memory", "gpu=64KiB,cpu=64KiB"], "gpu and cpu tiers",
+           "128.00 KiB", "short by")
+
+
+def test_one_ram_pools_the_memory_budgets_and_a_gpu_holds_each_tier_to_its_own():
+    from flexgen_dist.base.errors import UserError
+    from flexgen_dist.memory.budget import MemoryBudget
+    from flexgen_dist.memory.tiers import Tier
+    from flexgen_dist.policy.memory_plan import TierPlan, check_budget
+
+    none = {t: 0 for t in Tier}
+    plan = TierPlan(weights={**none, Tier.GPU: 3 << 20}, cache={**none, Tier.CPU: 1 << 20}, activations=none,
+                    buffers=none)
+    check_budget(plan, MemoryBudget(gpu=2 << 20, cpu=2 << 20), one_ram=True)  # 4 MiB in all: fits
+    with pytest.raises(UserError, match="gpu tier .*short by 1.00 MiB"):
+        check_budget(plan, MemoryBudget(gpu=2 << 20, cpu=2 << 20), one_ram=False)
+    with pytest.raises(UserError, match="gpu and cpu tiers .*short by 1.00 MiB"):
+        check_budget(plan, MemoryBudget(gpu=3 << 20), one_ram=True)  # one given alone bounds both
 
 
 def test_text_prompt_without_tokenizer(capsys):

@@ -33,7 +33,7 @@ from flexgen_dist.policy.hardware import (
     profile_from_mapping,
     save_profile,
 )
-from flexgen_dist.policy.memory_plan import plan_bytes
+from flexgen_dist.policy.memory_plan import check_budget, plan_bytes
 from flexgen_dist.policy.search import SearchSpace, resolve_budgets, search_policy
 
 REPO = Path(__file__).resolve().parents[1]
@@ -264,6 +264,19 @@ def test_a_budget_smaller_than_the_weights_puts_them_partly_on_disk_and_fits() -
     assert p.w_disk_percent > 0  # (all of them, here: a split layer's memory piece costs the cores a copy)
     plan = _plan(cfg, p, "cpu")
     assert plan.total(Tier.GPU) + plan.total(Tier.CPU) <= weights // 2  # cpu= alone bounds the one RAM
+
+
+def test_both_memory_budgets_of_a_cpu_device_are_one_ram_for_the_search() -> None:
+    """gpu= and cpu= on a CPU device name the same RAM: the search may fill the gpu tier (where weights and cache are
+    used in place) with both, and the run's budget check accepts the plan."""
+    cfg = config_by_name("opt-125m")
+    weights = sum(layer.numel for layer in model_layers(cfg)) * 4
+    budget = MemoryBudget(gpu=weights * 3 // 4, cpu=weights * 3 // 4)
+    p = _search(_profile(), budget, cfg=cfg, max_block_size=32).policy
+    plan = _plan(cfg, p, "cpu")
+    assert plan.total(Tier.GPU) > budget.gpu  # every weight in memory: more than gpu= alone holds
+    assert p.w_disk_percent == 0 and plan.total(Tier.GPU) + plan.total(Tier.CPU) <= budget.gpu + budget.cpu
+    check_budget(plan, budget, one_ram=True)
 
 
 def test_a_gpu_smaller_than_the_model_streams_weights_from_cpu_memory() -> None:

@@ -62,6 +62,12 @@ class MemoryBudget:
 
         return ", ".join(f"{f.name}={show(getattr(self, f.name))}" for f in fields(self))
 
+    def one_ram(self) -> int | None:
+        """On a CPU compute device the gpu and cpu tiers are the same RAM: the bytes both may hold together, the sum
+        of the budgets given (one alone: that one; None: neither given)."""
+        given = [b for b in (self.gpu, self.cpu) if b is not None]
+        return sum(given) if given else None
+
 
 def parse_max_memory(text: str) -> MemoryBudget:
     """Parse "gpu=16GiB,cpu=64GiB,disk=500GiB": any subset of the tiers, in any order."""

@@ -113,9 +113,8 @@ def stage_profile(device_name: str | None, dtype: str, offload_dir: str | None, 
 def profile_memory(budget: MemoryBudget, device: torch.device) -> int:
     """The most a stage's profile may hold at once: the stage's memory budget (on a CPU device both memory tiers are
     RAM; on a GPU the host buffers count against the CPU budget), 2 GiB where none is given."""
-    tiers = (budget.gpu, budget.cpu) if device.type == "cpu" else (budget.cpu,)
-    given = [b for b in tiers if b is not None]
-    return sum(given) if given else 2 << 30
+    memory = budget.one_ram() if device.type == "cpu" else budget.cpu
+    return 2 << 30 if memory is None else memory
 
 
 # Runs a function once in each stage's place, returning its results in stage order (an executor's on_each_stage).

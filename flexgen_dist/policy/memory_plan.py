@@ -97,14 +97,19 @@ def workspace_bytes(cfg: ModelConfig, batch: int, prompt_len: int, capacity: int
     return max(prefill, layer(batch * batches, batch * batches))
 
 
-def check_budget(plan: TierPlan, budget: MemoryBudget) -> None:
-    """Refuse, with the tier and the shortfall, a plan that does not fit the user's budgets."""
-    for tier in TIERS:
-        limit = getattr(budget, tier.value)
-        need = plan.total(tier)
-        if limit is not None and need > limit:
-            raise UserError(
-                f"policy needs {format_bytes(need)} on the {tier.value} tier (weights {format_bytes(plan.weights[tier])}, "
-                f"KV cache {format_bytes(plan.cache[tier])}, activations {format_bytes(plan.activations[tier])}, "
-                f"buffers {format_bytes(plan.buffers[tier])}) but --max-memory gives {format_bytes(limit)}: "
-                f"short by {format_bytes(need - limit)}; move weights or cache to a lower tier or use smaller batches")
+def check_budget(plan: TierPlan, budget: MemoryBudget, one_ram: bool) -> None:
+    """Refuse, with the tier and the shortfall, a plan that does not fit the user's budgets. `one_ram`: a CPU compute
+    device, whose gpu and cpu tiers are the same RAM, held together to the sum of their budgets."""
+    groups = ([((Tier.GPU, Tier.CPU), "the gpu and cpu tiers (one RAM on a CPU device)", budget.one_ram()),
+               ((Tier.DISK,), "the disk tier", budget.disk)] if one_ram else
+              [((tier,), f"the {tier.value} tier", getattr(budget, tier.value)) for tier in TIERS])
+    for tiers, where, limit in groups:
+        need = sum(plan.total(t) for t in tiers)
+        if limit is None or need <= limit:
+            continue
+        weights, cache, activations, buffers = (format_bytes(sum(part[t] for t in tiers)) for part in
+                                                (plan.weights, plan.cache, plan.activations, plan.buffers))
+        raise UserError(
+            f"policy needs {format_bytes(need)} on {where} (weights {weights}, KV cache {cache}, activations "
+            f"{activations}, buffers {buffers}) but --max-memory gives {format_bytes(limit)}: short by "
+            f"{format_bytes(need - limit)}; move weights or cache to a lower tier or use smaller batches")
