@@ -215,6 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--baseline-calls", type=int, metavar="N",
                     help="time at most N generate calls of each baseline batch size (default: all the prompts): its "
                          "calls are the same work, so a slow baseline can be measured on a sample")
+    be.add_argument("--baseline-max-memory", metavar="gpu=…,cpu=…",
+                    help="the baselines' memory budgets, where a peer's best differs from ours (default: --max-memory); "
+                         "e.g. accelerate under a hard limit needs room beside its weights for its KV cache")
     be.add_argument("--results", metavar="FILE.jsonl", help="append every measured point here")
     be.add_argument("--plot", metavar="FILE.png", help="latency/throughput plot of every system, or with several "
                                                        "--stages throughput against stages (needs matplotlib)")
@@ -515,7 +518,8 @@ def _bench(args: argparse.Namespace) -> int:
     spec = BenchSpec(args.model, cfg, args.prompt_len, args.gen_len, args.num_prompts, blocks, args.stages,
                      device.type, dtype, parse_max_memory(args.max_memory) if args.max_memory else MemoryBudget(),
                      args.offload_dir, tuple(dict.fromkeys(args.baseline)), tuple(args.baseline_batch_size), args.seed,
-                     args.baseline_calls, args.disk_now, vllm_python(args.vllm_python) if "vllm" in args.baseline else None)
+                     args.baseline_calls, args.disk_now, vllm_python(args.vllm_python) if "vllm" in args.baseline else None,
+                     parse_max_memory(args.baseline_max_memory) if args.baseline_max_memory else None)
     hardware = None
     if not args.no_roofline:
         hardware = load_profile(args.hardware) if args.hardware else machine_profile(device, DTYPES[dtype], None)

@@ -215,6 +215,33 @@ def test_bench_reports_a_killed_baseline_batch_and_runs_the_others(opt_preln_dir
     assert out["best"]["hf"]["at"] == "batch 2" and "killed" in err
 
 
+def test_bench_gives_the_baselines_their_own_budget(tmp_path, opt_preln_dir, capsys, monkeypatch):
+    """--baseline-max-memory: the budget accelerate is given (its weights in memory) and the one HF's batches must
+    fit, apart from ours (--max-memory)."""
+    import flexgen_dist.bench.command as bench
+
+    real_run, given = bench.subprocess.run, []
+
+    def run(cmd, **kwargs):
+        if "flexgen_dist.bench.baselines" in cmd:
+            given.append(json.loads(Path(cmd[-1]).read_text())["max_memory"])
+            cmd = [sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"]
+        return real_run(cmd, **kwargs)
+
+    monkeypatch.setattr(bench.subprocess, "run", run)
+    argv = ["bench", "--model", str(opt_preln_dir), "--prompt-len", "8", "--gen-len", "2", "--gpu-batch-size", "2",
+            "--baseline", "accelerate", "--baseline", "hf", "--device", "cpu", "--dtype", "float32", "--executor",
+            "local", "--no-roofline", "--offload-dir", str(tmp_path), "--max-memory", "gpu=1GiB,cpu=1GiB",
+            "--baseline-max-memory", "gpu=1KiB,cpu=2KiB"]
+    assert main(argv) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert given == [{"gpu": 1024, "cpu": 2048}]  # accelerate's; HF's batches fit no 3 KiB, so it never starts
+    (hf,) = [p for p in out["points"] if p["system"] == "hf"]
+    assert "does not fit" in hf["skipped"] and "budget 3.00 KiB" in hf["skipped"]
+    assert out["workload"]["max_memory"].startswith("gpu=1.00 GiB")
+    assert out["workload"]["baseline_max_memory"].startswith("gpu=1.00 KiB, cpu=2.00 KiB")
+
+
 @pytest.mark.parametrize("flags,message", [
     (["--baseline", "accelerate"], "--baseline accelerate loads a checkpoint"),
     (["--baseline", "bogus"], "--baseline bogus: unknown system (choose from hf, accelerate, vllm)"),

@@ -47,6 +47,11 @@ class BenchSpec:
     baseline_calls: int | None = None  # time at most this many generate calls per baseline batch size
     disk_now: bool = False  # measure the disk around each of our runs and give the roofline at that speed too
     vllm_python: str | None = None  # the interpreter that has vLLM (--baseline vllm); None: not installed
+    baseline_budget: MemoryBudget | None = None  # the baselines' own budgets (--baseline-max-memory); None: ours
+
+    @property
+    def baselines_budget(self) -> MemoryBudget:
+        return self.baseline_budget or self.budget
 
 
 def parse_blocks(text: str) -> tuple[tuple[int, int], ...]:
@@ -71,7 +76,8 @@ def hf_resident_bytes(cfg: ModelConfig, batch: int, prompt_len: int, gen_len: in
 def memory_budget_for_baselines(spec: BenchSpec) -> int | None:
     """What the baselines may hold in memory: the compute device's budget on a GPU; on a CPU device both memory tiers
     are the same RAM, so their sum. None: no budget given."""
-    tiers = [spec.budget.gpu] if spec.device == "cuda" else [spec.budget.gpu, spec.budget.cpu]
+    budget = spec.baselines_budget
+    tiers = [budget.gpu] if spec.device == "cuda" else [budget.gpu, budget.cpu]
     return None if any(t is None for t in tiers) else sum(tiers)
 
 
@@ -225,7 +231,7 @@ def run_bench(spec: BenchSpec, generate_flags: list[str], hardware: HardwareProf
                 measured.add((system, batch, num_prompts))
                 sample = prompts[: batch * spec.baseline_calls] if spec.baseline_calls else prompts
                 base = BaselineSpec(system, spec.model, sample, spec.gen_len, batch, spec.device, spec.dtype,
-                                    _budget_dict(spec.budget), spec.offload_dir or tempfile.gettempdir())
+                                    _budget_dict(spec.baselines_budget), spec.offload_dir or tempfile.gettempdir())
                 log(f"  {system}, batch {batch}")
                 result = run_baseline(base, spec.config, spec.vllm_python)
                 if result is None or "skipped" in result:
@@ -237,7 +243,8 @@ def run_bench(spec: BenchSpec, generate_flags: list[str], hardware: HardwareProf
                 log(f"    {points[-1]['generation_throughput_tok_s']:.3f} tok/s, latency {points[-1]['latency_s']:.1f} s")
     return {"workload": {"model": spec.config.name, "prompt_len": spec.prompt_len, "gen_len": spec.gen_len,
                          "device": spec.device, "dtype": spec.dtype, "stages": spec.stages,
-                         "max_memory": str(spec.budget)},
+                         "max_memory": str(spec.budget),
+                         **({"baseline_max_memory": str(spec.baseline_budget)} if spec.baseline_budget else {})},
             "points": points, "best": best_and_ratios(points), "scaling": scaling(points)}
 
 
