@@ -50,7 +50,8 @@ class BenchSpec:
     baseline_budget: MemoryBudget | None = None  # the baselines' own budgets (--baseline-max-memory); None: ours
 
     @property
-    def baselines_budget(self) -> MemoryBudget:
+    def budget_for_baselines(self) -> MemoryBudget:
+        """The budget the baselines get: their own where given, else ours."""
         return self.baseline_budget or self.budget
 
 
@@ -76,7 +77,7 @@ def hf_resident_bytes(cfg: ModelConfig, batch: int, prompt_len: int, gen_len: in
 def memory_budget_for_baselines(spec: BenchSpec) -> int | None:
     """What the baselines may hold in memory: the compute device's budget on a GPU; on a CPU device both memory tiers
     are the same RAM, so their sum. None: no budget given."""
-    budget = spec.baselines_budget
+    budget = spec.budget_for_baselines
     tiers = [budget.gpu] if spec.device == "cuda" else [budget.gpu, budget.cpu]
     return None if any(t is None for t in tiers) else sum(tiers)
 
@@ -231,7 +232,7 @@ def run_bench(spec: BenchSpec, generate_flags: list[str], hardware: HardwareProf
                 measured.add((system, batch, num_prompts))
                 sample = prompts[: batch * spec.baseline_calls] if spec.baseline_calls else prompts
                 base = BaselineSpec(system, spec.model, sample, spec.gen_len, batch, spec.device, spec.dtype,
-                                    _budget_dict(spec.baselines_budget), spec.offload_dir or tempfile.gettempdir())
+                                    _budget_dict(spec.budget_for_baselines), spec.offload_dir or tempfile.gettempdir())
                 log(f"  {system}, batch {batch}")
                 result = run_baseline(base, spec.config, spec.vllm_python)
                 if result is None or "skipped" in result:
