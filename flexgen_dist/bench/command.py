@@ -76,10 +76,9 @@ def hf_resident_bytes(cfg: ModelConfig, batch: int, prompt_len: int, gen_len: in
 
 def memory_budget_for_baselines(spec: BenchSpec) -> int | None:
     """What the baselines may hold in memory: the compute device's budget on a GPU; on a CPU device both memory tiers
-    are the same RAM, so their sum. None: no budget given."""
+    are the same RAM, bounded together as our run's are (MemoryBudget.one_ram). None: no budget given."""
     budget = spec.budget_for_baselines
-    tiers = [budget.gpu] if spec.device == "cuda" else [budget.gpu, budget.cpu]
-    return None if any(t is None for t in tiers) else sum(tiers)
+    return budget.gpu if spec.device == "cuda" else budget.one_ram()
 
 
 def baseline_batches(spec: BenchSpec, system: str, block_size: int) -> tuple[list[int], str]:
