@@ -231,8 +231,10 @@ class StageEngine:
         # What the attention layers take of them (Llama: rotary cos and sin), made once a step rather than in every
         # layer; a decode step's attention layers run all GPU batches at once.
         attn_positions = [self.model.attention_positions(self.cfg, p, self.dtype) for p in positions]
-        decode_positions = _cat(attn_positions) if past else None
         live_rows = _live_rows(valid) if past else None
+        decode_positions = _cat(attn_positions) if past else None  # the live rows' only: selected once, not per layer
+        if live_rows is not None:
+            decode_positions = decode_positions.index_select(0, live_rows)
         if not self.has_embedding:
             for k, x in enumerate(inputs):
                 acts.put(k, x.data.to(self.device, self.dtype))
@@ -306,7 +308,7 @@ class StageEngine:
         opt-1.3b layer's GEMMs run at 37-39 GFLOP/s on 16 rows and 87-89 on 1024 (benchmarks/bench_corun.py). Returns the
         head's outputs per batch, else [].
 
-        `live_rows` (None: all): the rows whose sequence still generates. The GEMMs run on those alone; a finished
+        `live_rows` (None: all): the rows whose sequence still generates (`attn_positions` holds theirs only). The GEMMs run on those alone; a finished
         row keeps its hidden state, gets zero logits, and attends with zero queries (its outputs are never read).
         Rows are independent, so a live row computes what it would beside any others."""
         layer = self.layers[j]
@@ -319,9 +321,8 @@ class StageEngine:
         if layer.kind == "mlp":
             out = _scatter_rows(self.model.mlp(self.cfg, w, live), live_rows, hidden.shape[0], hidden)
         else:
-            positions = attn_positions if live_rows is None else attn_positions.index_select(0, live_rows)
             q, key, value = (_scatter_rows(t, live_rows, hidden.shape[0])  # [sum B, N or n, 1, D]
-                             for t in self.model.attention_input(self.cfg, w, live, positions))
+                             for t in self.model.attention_input(self.cfg, w, live, attn_positions))
             contexts, start = [], 0
             for k, size in enumerate(sizes):
                 loaded = loaded_cache((j, k))
