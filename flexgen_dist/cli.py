@@ -115,6 +115,13 @@ def _add_distribution_flags(p: argparse.ArgumentParser, stage_counts: bool = Fal
                       help="ray: one actor per stage (default); local: the same stage workers in this process")
 
 
+def _add_refill_flag(group) -> None:
+    group.add_argument("--refill", action="store_true",
+                       help="a block's rows whose sequence has stopped take waiting prompts, computed just before its "
+                            "next step, so the block stops wasting them; its KV cache holds twice the longest "
+                            "generation (exact: every output stays what it is alone)")
+
+
 def _add_run_flags(p: argparse.ArgumentParser, stage_counts: bool = False) -> None:
     """What every command that runs the engine takes: the policy, the resources, the distribution."""
     _add_policy_flags(p)
@@ -144,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--logprobs", type=int, metavar="K",
                    help="each generated token's log-probability and its K most likely alternatives, 0-20 (default: "
                         "none; a prompt's own \"logprobs\" overrides it)")
+    _add_refill_flag(d)
     _add_run_flags(gen)
     _add_output_flags(gen)
     m = gen.add_argument_group("observability")
@@ -186,6 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="each document's requests, responses and metrics in the results JSON too")
     ev.add_argument("--output", metavar="FILE.json", help="lm-eval's results JSON, with each engine job's summary")
     ev.add_argument("--quiet", action="store_true", help="no progress bars of our jobs")
+    _add_refill_flag(ev)
     _add_run_flags(ev)
     ev.set_defaults(func=_eval)
 
@@ -369,6 +378,7 @@ def _run_config(args: argparse.Namespace, sampling: Sampling, **fields) -> RunCo
 def _generate(args: argparse.Namespace) -> int:
     run = _run_config(args, Sampling(args.temperature, args.top_p, args.seed, args.ignore_eos),
                       max_new_tokens=args.max_new_tokens, stop=tuple(args.stop), logprobs=args.logprobs,
+                      refill=args.refill,
                       metrics_port=args.metrics_port,
                       metrics_host=args.metrics_host, metrics_linger_s=args.metrics_linger)
     if args.prompts_format != "auto" and not args.prompts:
@@ -398,7 +408,7 @@ def _eval(args: argparse.Namespace) -> int:
 
     # Each request's generation settings come from its task; the model writes no per-prompt lines (--output is the
     # results JSON).
-    run = _run_config(args, Sampling(seed=args.seed))
+    run = _run_config(args, Sampling(seed=args.seed), refill=args.refill)
     run_eval(run, EvalSpec(args.tasks, args.include_path, args.num_fewshot, args.limit, args.log_samples, args.output))
     return 0
 

@@ -21,7 +21,7 @@ import torch
 
 from flexgen_dist.base.devices import dtype_name, resolve_device, resolve_dtype
 from flexgen_dist.base.errors import ContextLengthExceeded, UserError
-from flexgen_dist.engine.generation import BlockRun, Sampling, Sequence, SequenceHead, generator_seed
+from flexgen_dist.engine.generation import REFILL_SPAN, BlockRun, Sampling, Sequence, SequenceHead, generator_seed
 from flexgen_dist.engine.policy import Policy
 from flexgen_dist.io.model_source import ModelSource, resolve_model
 from flexgen_dist.io.outputs import ResultWriter, read_done_ids
@@ -256,7 +256,8 @@ def generate(run: RunConfig, requests: list[Request], results: Results | None = 
             return reserved[0].on_each_stage(fn, *args)
 
         prompt_len = max((len(s.prompt_ids) for _, s in work), default=1)
-        gen_len = max((s.max_new_tokens for _, s in work), default=1)
+        # With refill a block's cache holds REFILL_SPAN times its longest generation, and it runs about that long.
+        gen_len = max((s.max_new_tokens for _, s in work), default=1) * (REFILL_SPAN if run.refill else 1)
         policies, search = auto_policy.resolve(run.policy, cfg, dtype, device, prompt_len, gen_len, len(work),
                                                run.budget, run.stages, run.offload_dir, on_stages if work else None,
                                                run.prefill_chunks)
@@ -277,14 +278,18 @@ def _execute(run: RunConfig, source: ModelSource, work: list[tuple[Request, Sequ
     chunks = prefill_chunks(run.prefill_chunks, policies)
     stages = plan_stages(run, cfg, dtype, device, prompt_len, gen_len, policies=policies)
 
-    # Similar lengths share a block: less padding computed and cached.
+    # Similar lengths share a block: less padding computed and cached. Blocks are cut from the waiting sequences as
+    # they start, longest prompts first; with refill, a block's finished rows take waiting sequences too.
     work.sort(key=lambda rs: len(rs[1].prompt_ids), reverse=True)
-    blocks = [work[i : i + policy.block_size] for i in range(0, len(work), policy.block_size)]
+    request_of = {id(s): r for r, s in work}  # a sequence's request, until its record is written
+    waiting = [s for _, s in reversed(work)]  # a stack: the longest prompt last, popped first
     summary = {"model": cfg.name, "device": device.type, "dtype": dtype_name(dtype),
                "stages": run.stages, "executor": run.executor, "sequences": len(work), "generated_tokens": 0,
                "prompt_tokens": sum(len(s.prompt_ids) for _, s in work), "failed_requests": len(errors),
                "stage_restarts": 0, "decode_row_steps": 0, "finished_row_steps": 0}
-    work.clear()  # from here only the blocks hold the sequences, each block's let go once written (finished)
+    if run.refill:
+        summary["refilled_sequences"] = 0
+    work.clear()
     stage_stats: list[dict] = []
     metrics = RunMetrics()
     metrics.requests_refused(len(errors))
@@ -312,7 +317,7 @@ def _execute(run: RunConfig, source: ModelSource, work: list[tuple[Request, Sequ
         if errors:
             emit(errors)
         timing = None
-        if blocks:
+        if waiting:
             load_start = time.perf_counter()
             executor = executor or make_executor(run)
             stack.callback(executor.shutdown)  # frees tiers, deletes offload files, stops what the run started
@@ -324,34 +329,50 @@ def _execute(run: RunConfig, source: ModelSource, work: list[tuple[Request, Sequ
                     shares = ", ".join(f"{k} {'/'.join(f'{p:g}' for p in v)}" for k, v in spec.policy.placement().items())
                     print(f"flexgen-dist: stage {i}: layers {spec.layer_start}-{spec.layer_stop}, {shares} % "
                           "(gpu/cpu/disk)", file=sys.stderr, flush=True)
-            bar = stack.enter_context(progress(summary["sequences"], len(blocks), run.progress))
+            most_blocks = -(-len(waiting) // policy.block_size)  # fewer with refill
+            bar = stack.enter_context(progress(summary["sequences"], most_blocks, run.progress))
+
+            def take(max_prompt_len: int, max_new_tokens: int) -> Sequence | None:
+                """The waiting sequence with the longest prompt within both limits (one that echoes its prompt starts
+                a block of its own: a refill computes no prompt logits)."""
+                for i in range(len(waiting) - 1, -1, -1):
+                    s = waiting[i]
+                    if len(s.prompt_ids) <= max_prompt_len and s.max_new_tokens <= max_new_tokens and not s.head.echo:
+                        return waiting.pop(i)
+                return None
 
             def block_runs() -> Iterator[BlockRun]:
-                for i, block in enumerate(blocks):
-                    yield BlockRun(i, [s for _, s in block], policy.gpu_batch_size, cfg.pad_token_id,
-                                   cfg.eos_token_ids, run.sampling.ignore_eos)
+                block_id = 0
+                while waiting:
+                    sequences = [waiting.pop() for _ in range(min(policy.block_size, len(waiting)))]
+                    yield BlockRun(block_id, sequences, policy.gpu_batch_size, cfg.pad_token_id, cfg.eos_token_ids,
+                                   run.sampling.ignore_eos, take if run.refill else None)
+                    block_id += 1
 
             def finished(block: BlockRun) -> None:
                 summary["generated_tokens"] += sum(len(s.output_ids) for s in block.sequences)
-                emit([results.record(r, s, source.tokenizer) for r, s in blocks[block.block_id]])
-                blocks[block.block_id] = []  # written: else a long job's driver would hold every token it generated
+                # Written, then let go: else a long job's driver would hold every token it generated.
+                emit([results.record(request_of.pop(id(s)), s, source.tokenizer) for s in block.sequences])
                 metrics.sequences_finished(s.finish_reason for s in block.sequences)
+                if run.refill:
+                    summary["refilled_sequences"] += block.refilled
                 if bar is not None:
                     bar.block_done(len(block.sequences))
 
             def stepped(block: BlockRun, latency_s: float) -> None:
-                # Each sequence still running before this step got one token from it, as its steps_done-th.
-                new_tokens = sum(len(s.output_ids) == block.steps_done for s in block.sequences)
+                step = block.last_step
                 if block.steps_done == 1:  # prefill: no earlier token to time the new one against
-                    metrics.prefill_done(sum(len(s.prompt_ids) for s in block.sequences), new_tokens)
+                    metrics.prefill_done(step.prompt_tokens, step.generated_tokens)
                 else:
                     # A block steps until its last sequence stops: the rows of those that stopped earlier are wasted.
-                    finished_rows = len(block.sequences) - new_tokens
-                    summary["decode_row_steps"] += len(block.sequences)
+                    finished_rows = step.rows - step.generated_tokens
+                    summary["decode_row_steps"] += step.rows
                     summary["finished_row_steps"] += finished_rows
-                    metrics.decode_done(new_tokens, finished_rows, latency_s)
+                    metrics.decode_done(step.generated_tokens, finished_rows, latency_s)
+                    if step.prompt_tokens:  # the prompts of rows refilled before this step
+                        metrics.prefill_done(step.prompt_tokens, 0)
                 if bar is not None:
-                    bar.step_done(new_tokens)
+                    bar.step_done(step.generated_tokens)
 
             def restarted(stage: int) -> None:
                 summary["stage_restarts"] += 1
@@ -367,6 +388,11 @@ def _execute(run: RunConfig, source: ModelSource, work: list[tuple[Request, Sequ
                    decode_s=timing.decode_s if timing else 0.0,
                    generation_throughput_tok_s=summary["generated_tokens"] / total if total else 0.0,
                    finished_row_share=summary["finished_row_steps"] / max(summary["decode_row_steps"], 1))
+    # Issue 21's line: past a fifth of the row-steps wasted, refill pays (and it needs more prompts than a block).
+    if run.progress and not run.refill and summary["finished_row_share"] > 0.2 and \
+            summary["sequences"] > policy.block_size:
+        print(f"flexgen-dist: {summary['finished_row_share']:.0%} of the decode row-steps went to sequences that had "
+              "already stopped; --refill gives their rows to waiting prompts", file=sys.stderr, flush=True)
     summary.update(resource_summary(stages, stage_stats))
     summary["policy"] = policy.to_dict()
     if run.stages > 1:  # each stage's own placement (--policy auto plans each on its own layers and budget)

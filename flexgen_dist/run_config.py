@@ -35,6 +35,7 @@ class RunConfig:
     placement_strategy: str = "PACK"
     cpus_per_stage: float | None = None  # Ray CPUs (compute threads) per stage; None: an equal share of a node's CPUs
     prefill_chunks: int | None = None  # pipeline steps a block's prefill is cut into; None: chosen (run.py)
+    refill: bool = False  # rows whose sequence stopped take waiting prompts (generation.BlockRun)
     metrics_port: int = 0  # 0: no metrics server
     metrics_host: str = "127.0.0.1"
     metrics_linger_s: float = 0.0  # after the run, serve until a scrape has read the final figures, at most this long
@@ -48,3 +49,8 @@ class RunConfig:
             raise UserError(f"--cpus-per-stage must be > 0, got {self.cpus_per_stage:g}")
         if self.prefill_chunks is not None and self.prefill_chunks < 1:
             raise UserError(f"--prefill-chunks must be >= 1, got {self.prefill_chunks}")
+        sparsity = (self.policy.base if isinstance(self.policy, AutoPolicy) else self.policy).attn_sparsity
+        if self.refill and sparsity < 1:
+            # Top-k keeps a share of every position a row has, its padding too: a refilled row, padded further than
+            # it would be alone, would keep other positions.
+            raise UserError("--refill needs dense attention: drop --attn-sparsity")

@@ -168,6 +168,8 @@ def _assert_one_job_per_request_kind(results: dict) -> None:
                         "generate_until": 2 * len(PROMPTS)}
     windows = next(job["sequences"] for job in jobs if job["request_type"] == "loglikelihood_rolling")
     assert windows > len(TEXTS), "a document longer than the model's positions is scored in several windows"
+    lengths = next(job["output_tokens_quartiles"] for job in jobs if job["request_type"] == "generate_until")
+    assert len(lengths) == 5 and lengths == sorted(lengths) and 1 <= lengths[0] and lengths[-1] <= GEN_TOKENS
 
 
 @pytest.fixture(scope="module")
@@ -189,9 +191,12 @@ def test_sampled_requests_follow_their_settings(resident):
 
 def test_eval_with_weights_and_cache_on_disk_equals_hf_backend(tmp_path, opt_preln_dir, tasks_dir, hf_results,
                                                                resident, capsys):
+    # With refill too: a generate_until request whose sequence stops gives its row to a waiting one.
     ours = _eval(tmp_path, opt_preln_dir, tasks_dir, "--percent", *"0 0 0 0 100 0".split(), "--offload-dir",
-                 str(tmp_path / "offload"), "--gpu-batch-size", "2", capsys=capsys)
+                 str(tmp_path / "offload"), "--gpu-batch-size", "2", "--refill", capsys=capsys)
     _assert_matches_hf(ours, hf_results)
+    generating = next(job for job in ours["flexgen_dist"]["jobs"] if job["request_type"] == "generate_until")
+    assert generating["refilled_sequences"] > 0
     assert ours["samples"]["fg_sample"] == resident["samples"]["fg_sample"], "seeded sampling is block-independent"
     assert not any((tmp_path / "offload").rglob("*.bin")), "offload files must be removed when the jobs end"
 

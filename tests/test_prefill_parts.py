@@ -88,7 +88,7 @@ class _Recorder:
     def start_block(self, *args) -> None: ...
     def end_block(self, block_id: int) -> None: ...
 
-    def submit_step(self, block_id, tokens, valid, part=None):
+    def submit_step(self, block_id, tokens, valid, part=None, refills=()):
         self.order.append((block_id, part))
         rows = tokens[0].shape[0] if part is None else None
         return (block_id, part, rows)

@@ -10,13 +10,19 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
 import torch
 
 from flexgen_dist.base.errors import UserError
+from flexgen_dist.engine.stage_engine import RefillRows
 from flexgen_dist.models.likelihood import next_token_targets, target_logprobs
+
+# With refill, a block's KV cache holds its prompt width plus this many times its longest generation, and a finished
+# row takes a waiting sequence while the cache has room for that sequence's whole generation: a block then runs up to
+# about twice its longest generation, and its cache (and decode attention) costs what a generation twice as long does.
+REFILL_SPAN = 2
 
 
 @dataclass(frozen=True)
@@ -94,6 +100,11 @@ def sample(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def sequence_generator(head: SequenceHead) -> torch.Generator | None:
+    """A sampled sequence's own generator, seeded from its head (None: greedy)."""
+    return torch.Generator().manual_seed(head.sampling.seed) if head.sampling.temperature > 0 else None
+
+
 @dataclass(frozen=True, eq=False)
 class Decoding:
     """A block's head task when generating (scoring's is `Scoring`): per GPU batch, each sequence's head and, where
@@ -104,8 +115,15 @@ class Decoding:
 
     def generators(self) -> list[list[torch.Generator | None]]:
         """Per GPU batch, each sampled sequence's own generator (None: greedy)."""
-        return [[torch.Generator().manual_seed(h.sampling.seed) if h.sampling.temperature > 0 else None
-                 for h in batch] for batch in self.heads]
+        return [[sequence_generator(h) for h in batch] for batch in self.heads]
+
+    def with_rows(self, batch: int, rows: tuple[int, ...], heads: tuple[SequenceHead, ...]) -> Decoding:
+        """This task with rows of GPU batch `batch` running new sequences (a refill; they never echo, so the
+        prompt targets, which only a block's first prefill reads, stay)."""
+        changed = list(self.heads[batch])
+        for row, head in zip(rows, heads):
+            changed[row] = head
+        return replace(self, heads=(*self.heads[:batch], tuple(changed), *self.heads[batch + 1 :]))
 
     def prefill_head(self, part_batch: int | None, rows: slice) -> Callable[[int, torch.Tensor], object] | None:
         """What the head makes of a prefill's every-position logits per GPU batch k (`part_batch`: the block's batch
@@ -240,17 +258,36 @@ def left_pad(rows: list[list[int]], width: int, pad_id: int) -> tuple[torch.Tens
     return ids, valid
 
 
+@dataclass(frozen=True)
+class StepCount:
+    """What one step of a block computed: prompt tokens (a prefill, or the prompts of rows refilled before it),
+    generated tokens (one per row whose sequence was still running) and rows (all of them, finished or not)."""
+
+    prompt_tokens: int
+    generated_tokens: int
+    rows: int
+
+
+# waiting(max_prompt_len, max_new_tokens) -> a waiting sequence within both, taken from the queue; None: none fits.
+Waiting = Callable[[int, int], "Sequence | None"]
+
+
 class BlockRun:
-    """One block of up to gpu_batch_size x num_gpu_batches sequences, from prefill to its last token."""
+    """One block of up to gpu_batch_size x num_gpu_batches sequences, from prefill to its last token. With `waiting`
+    (refill), a row whose sequence has stopped takes a waiting one and the block runs on (see `_refill`)."""
 
     def __init__(self, block_id: int, sequences: list[Sequence], gpu_batch_size: int, pad_id: int,
-                 eos_ids: tuple[int, ...], ignore_eos: bool) -> None:
-        self.block_id, self.sequences = block_id, sequences
-        self.pad_id, self.eos_ids, self.ignore_eos = pad_id, eos_ids, ignore_eos
+                 eos_ids: tuple[int, ...], ignore_eos: bool, waiting: Waiting | None = None) -> None:
+        self.block_id, self.sequences = block_id, list(sequences)  # every sequence it ran: refills join
+        self.pad_id, self.eos_ids, self.ignore_eos, self.waiting = pad_id, eos_ids, ignore_eos, waiting
         self.batches = [sequences[i : i + gpu_batch_size] for i in range(0, len(sequences), gpu_batch_size)]
         prompt_len = max(len(s.prompt_ids) for s in sequences)
-        self.capacity = prompt_len + max(s.max_new_tokens for s in sequences)
+        self.capacity = prompt_len + max(s.max_new_tokens for s in sequences) * (REFILL_SPAN if waiting else 1)
         self.steps_done = 0
+        self.refilled = 0  # sequences that took a finished row
+        self.last_step: StepCount | None = None
+        self._prompt_tokens_next = sum(len(s.prompt_ids) for s in sequences)  # computed by the next step
+        self._refills: list[tuple[RefillRows, torch.Tensor, torch.Tensor]] = []  # computed by the next step
         self.tokens: list[torch.Tensor] = []  # next step's input ids per batch: [B, S]
         self.valid: list[torch.Tensor] = []  # [B, T] bool: real tokens (False = left padding)
         prompt_targets = []
@@ -269,10 +306,17 @@ class BlockRun:
     def done(self) -> bool:
         return all(s.finish_reason is not None for s in self.sequences)
 
+    def take_refills(self) -> list[tuple[RefillRows, torch.Tensor, torch.Tensor]]:
+        """The refills the next step computes (each with its input ids and valid), once."""
+        refills, self._refills = self._refills, []
+        return refills
+
     def advance(self, outputs: list[torch.Tensor | Sampled]) -> None:
         """Record one step's output per GPU batch: the sampled token per sequence ([B]), with log-probabilities
-        (`Sampled`) where one of the batch's sequences asked for them."""
+        (`Sampled`) where one of the batch's sequences asked for them; then, with refill, give the rows whose
+        sequence has stopped waiting sequences."""
         eos_ids = () if self.ignore_eos else self.eos_ids
+        generated = 0
         for k, batch in enumerate(self.batches):
             out = outputs[k]
             next_ids = out.tokens if isinstance(out, Sampled) else out
@@ -282,9 +326,54 @@ class BlockRun:
                 if s.logprobs is not None:
                     s.logprobs.add(out, row, len(s.prompt_ids), s.head.echo)
                 s.add_token(int(next_ids[row]), eos_ids)
+                generated += 1
             # Finished rows stay in the block, so shapes stay fixed, fed padding: their new position is not valid,
             # which tells every stage to leave them out of the step's GEMMs (stage_engine._live_rows).
             running = torch.tensor([s.finish_reason is None for s in batch])
             self.tokens[k] = next_ids.cpu().where(running, self.pad_id)[:, None]
             self.valid[k] = torch.cat([self.valid[k], running[:, None]], dim=1)
         self.steps_done += 1
+        self.last_step = StepCount(self._prompt_tokens_next, generated, sum(self.batch_sizes))
+        self._prompt_tokens_next = 0
+        if self.waiting is not None:
+            self._refill()
+
+    def _refill(self) -> None:
+        """Rows whose sequence has stopped take waiting sequences, each one whose prompt fits before the next
+        position and whose whole generation fits in the cache. A new sequence's prompt takes the positions that end
+        at the next one: the next step computes all but its last token as a prefill of the refilled rows alone
+        (RefillRows), then takes the last as the row's input, which gives its first token. The row's earlier
+        positions (the stopped sequence's) become padding, so it attends to its own tokens only and computes what it
+        would alone."""
+        column = self.valid[0].shape[1] - 1  # the next step's input position
+        placed: dict[int, list[tuple[int, Sequence]]] = {}  # GPU batch -> (row, its new sequence)
+        for k, batch in enumerate(self.batches):
+            for row, s in enumerate(batch):
+                if s.finish_reason is None:
+                    continue
+                taken = self.waiting(column + 1, self.capacity - column)
+                if taken is None:  # nothing waiting fits this step, for any row
+                    break
+                placed.setdefault(k, []).append((row, taken))
+            else:
+                continue
+            break
+        for k, pairs in placed.items():
+            self._place(k, [row for row, _ in pairs], [s for _, s in pairs], column)
+
+    def _place(self, k: int, rows: list[int], new: list[Sequence], column: int) -> None:
+        width = max(len(s.prompt_ids) for s in new) - 1
+        ids, mask = left_pad([s.prompt_ids[:-1] for s in new], width, self.pad_id)
+        tokens, valid = self.tokens[k].clone(), self.valid[k].clone()  # the coordinator keeps the sent ones to replay
+        for row, s in zip(rows, new):
+            valid[row] = False
+            valid[row, column + 1 - len(s.prompt_ids) :] = True
+            tokens[row, 0] = s.prompt_ids[-1]
+            self.batches[k][row] = s
+        self.tokens[k], self.valid[k] = tokens, valid
+        heads = tuple(s.head for s in new)
+        self.head_task = self.head_task.with_rows(k, tuple(rows), heads)
+        self._refills.append((RefillRows(k, tuple(rows), column - width, heads), ids, mask))
+        self.sequences += new
+        self.refilled += len(new)
+        self._prompt_tokens_next += sum(len(s.prompt_ids) for s in new)

@@ -96,6 +96,9 @@ class ScoreBlock:
     def done(self) -> bool:
         return self.steps_done > self.decode_tokens
 
+    def take_refills(self) -> list:
+        return []  # a scoring block's sequences all end together
+
     @property
     def _end(self) -> int:
         """Positions fed once the next step has run: the prefill covers all but the last `decode_tokens`."""

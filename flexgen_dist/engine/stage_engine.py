@@ -76,6 +76,36 @@ class PrefillPart:
     stop: int
 
 
+@dataclass(frozen=True)
+class RefillRows:
+    """Rows `rows` of GPU batch `batch` given new sequences in the middle of a block (generation.BlockRun): their
+    prompts but the last token, left padded to one width, computed inside the block's next decode step, layer by
+    layer with the weights that step loads, as a prefill of those rows alone (a refilled row attends to its own
+    positions only), and cached at positions [column, column + width). The prompt's last token is the row's input to
+    that decode step, whose output is its first token. `heads`: what the last stage does with each row's logits
+    from then on (generation.SequenceHead)."""
+
+    batch: int
+    rows: tuple[int, ...]
+    column: int
+    heads: tuple = ()
+
+
+@dataclass
+class _Prompt:
+    """Input computed as a prefill within a step: a GPU batch of a prefill, a part of one, or a refill."""
+
+    slot: int  # where its hidden states live in the block's ActivationStore (and the head's input index)
+    data: torch.Tensor  # token ids [b, S] or hidden states [b, S, H]
+    batch: int  # the block's GPU batch whose KV cache it writes
+    rows: slice | torch.Tensor  # of that batch: a slice, or (refill) an index
+    column: int  # the first cache position written
+    mask: torch.Tensor
+    positions: torch.Tensor
+    attn_positions: torch.Tensor
+    logits: bool  # False: a refill, whose last token's logits come from the decode step
+
+
 class ActivationStore:
     """Hidden states between layers, per GPU batch, kept on the policy's activation tier."""
 
@@ -117,6 +147,18 @@ class ActivationStore:
 class _Block:
     caches: dict[tuple[int, int], CacheHome]  # (layer index, GPU batch) -> KV cache
     acts: ActivationStore
+
+
+def _place_refill(loaded: list[LoadedPiece], rows: torch.Tensor, column: int, keys: torch.Tensor,
+                  values: torch.Tensor) -> None:
+    """Refilled rows' prompt keys and values [b, n, S, D] into a loaded cache at positions [column, column + S)."""
+    width = keys.shape[2]
+    for lp in loaded:
+        h0, h1, where = lp.piece.head_start, lp.piece.head_stop, lp.k.device
+        index = rows.to(where)
+        lp.k[index, :, column : column + width] = keys[:, h0:h1].to(where, lp.k.dtype)
+        if lp.v is not None:  # sparse attention fetches value rows from the home (refill needs dense attention)
+            lp.v[index, :, column : column + width] = values[:, h0:h1].to(where, lp.v.dtype)
 
 
 def _used_by_compute(loaded: list[LoadedPiece]) -> None:
@@ -212,25 +254,34 @@ class StageEngine:
 
     def step(self, block_id: int, inputs: list[BatchInput],
              head: Callable[[int, torch.Tensor], object] | None = None,
-             part: PrefillPart | None = None, head_columns: list[int] | None = None) -> list:
+             part: PrefillPart | None = None, head_columns: list[int] | None = None,
+             refills: list[tuple[RefillRows, BatchInput]] = ()) -> list:
         """Run all GPU batches of a block through the slice. Returns per batch the last position's float32 logits
         [B, V] when the slice ends with the head, else the hidden states [B, S, H]. `head(k, logits)`: the head
         returns instead what it makes of input k's every-position logits [B, S, V] (scoring: summed NLLs; a prefill
         that echoes: prompt log-probabilities), or with `head_columns` of its last head_columns[k] positions' only.
-        `part`: `inputs` is that part of a prefill, its sequences alone (one BatchInput)."""
+        `part`: `inputs` is that part of a prefill, its sequences alone (one BatchInput). `refills` (decode steps):
+        rows given new sequences, computed in this step (RefillRows); a slice without the head returns their hidden
+        states after the batches'."""
         caches, acts = self.blocks[block_id].caches, self.blocks[block_id].acts
         query_len = inputs[0].data.shape[1]
         past = inputs[0].valid.shape[1] - query_len
         if part is not None and (past or len(inputs) != 1):
             raise ValueError("a prefill part is one GPU batch's sequences, before anything is cached")
-        batch_of = [part.batch] if part else list(range(len(inputs)))  # input k -> the block's GPU batch
-        rows = slice(part.start, part.stop) if part else slice(None)
+        if refills and not past:
+            raise ValueError("refills run inside a decode step")
         valid = [x.valid.to(self.device) for x in inputs]
         masks = [attention_mask(v, query_len) for v in valid]
         positions = [position_ids(v, query_len) for v in valid]
         # What the attention layers take of them (Llama: rotary cos and sin), made once a step rather than in every
         # layer; a decode step's attention layers run all GPU batches at once.
         attn_positions = [self.model.attention_positions(self.cfg, p, self.dtype) for p in positions]
+        if past:
+            prompts = [self._refill_prompt(len(inputs) + i, refill, x) for i, (refill, x) in enumerate(refills)]
+        else:
+            prompts = [_Prompt(k, x.data, part.batch if part else k, slice(part.start, part.stop) if part else
+                               slice(None), 0, masks[k], positions[k], attn_positions[k], True)
+                       for k, x in enumerate(inputs)]
         live_rows = _live_rows(valid) if past else None
         decode_positions = _cat(attn_positions) if past else None  # the live rows' only: selected once, not per layer
         if live_rows is not None:
@@ -238,6 +289,8 @@ class StageEngine:
         if not self.has_embedding:
             for k, x in enumerate(inputs):
                 acts.put(k, x.data.to(self.device, self.dtype))
+            for p in prompts:
+                acts.put(p.slot, p.data.to(self.device, self.dtype))
         attention_order = [(j, k) for j, l in enumerate(self.layers) if l.kind == "attention" for k in range(len(inputs))]
         cache_loads = {}
         keep = math.ceil(self.policy.attn_sparsity * (past + 1)) if past and self.policy.attn_sparsity < 1 else None
@@ -265,34 +318,60 @@ class StageEngine:
             with self.tiers.stats.waiting("weights"):
                 prefetched = weight_loads.pop(j).result()
             w = self._weights(j, prefetched)
-            if past and layer.kind != "embed":
-                outputs += self._decode_layer(j, w, [x.data.shape[0] for x in inputs], live_rows, acts, caches,
-                                              masks, decode_positions, past, keep, head, loaded_cache)
-                self._next_weights(j, weight_loads)
-                continue
-            for k, x in enumerate(inputs):
-                if layer.kind == "embed":
+            refilled = {}  # GPU batch -> the refill's rows and this layer's keys and values, for the decode to read
+            for p in prompts:
+                result = self._prompt_layer(j, w, p, acts, caches, head, head_columns)
+                if layer.kind == "head" and p.logits:
+                    outputs.append(result)
+                elif layer.kind == "attention" and not p.logits:
+                    refilled[p.batch] = (p.rows, p.column, *result)
+            if past and layer.kind == "embed":
+                for k, x in enumerate(inputs):
                     acts.put(k, self.model.embed(self.cfg, w, x.data.to(self.device), positions[k]))
-                    continue
-                hidden = acts.get(k)
-                if layer.kind == "head" and head is not None:
-                    # Per GPU batch, so the [B, S, V] float32 logits never exist for the whole block at once.
-                    needed = hidden if head_columns is None else hidden[:, hidden.shape[1] - head_columns[k] :]
-                    outputs.append(head(k, self.model.lm_head(self.cfg, w, needed)))
-                elif layer.kind == "head":
-                    outputs.append(self.model.lm_head(self.cfg, w, hidden[:, -1]))
-                elif layer.kind == "mlp":
-                    acts.put(k, _cat([self.model.mlp(self.cfg, w, hidden[c]) for c in self._chunks(hidden)]))
-                else:
-                    acts.put(k, self._prefill_attention(caches[j, batch_of[k]], w, hidden, masks[k], attn_positions[k],
-                                                        rows))
+            elif past:
+                outputs += self._decode_layer(j, w, [x.data.shape[0] for x in inputs], live_rows, acts, caches,
+                                              masks, decode_positions, past, keep, head, loaded_cache, refilled)
             self._next_weights(j, weight_loads)
         with self.tiers.stats.waiting("drain"):
             self._cache_lane.drain()
             self._weight_lane.drain()
         if self.has_head:
             return outputs
-        return [acts.get(k) for k in range(len(inputs))]
+        slots = range(len(inputs)) if not past else [*range(len(inputs)), *(p.slot for p in prompts)]
+        return [acts.get(k) for k in slots]
+
+    def _refill_prompt(self, slot: int, refill: RefillRows, x: BatchInput) -> _Prompt:
+        width = x.data.shape[1]
+        valid = x.valid.to(self.device)
+        positions = position_ids(valid, width)
+        return _Prompt(slot, x.data, refill.batch, torch.tensor(refill.rows), refill.column,
+                       attention_mask(valid, width), positions,
+                       self.model.attention_positions(self.cfg, positions, self.dtype), False)
+
+    def _prompt_layer(self, j: int, w, p: _Prompt, acts: ActivationStore, caches: dict,
+                      head: Callable[[int, torch.Tensor], object] | None, head_columns: list[int] | None) -> object:
+        """Layer j of a prompt's prefill. Returns the head's output (a refill: None), or for an attention layer the
+        keys and values it cached [b, n, S, D]."""
+        layer = self.layers[j]
+        if layer.kind == "embed":
+            acts.put(p.slot, self.model.embed(self.cfg, w, p.data.to(self.device), p.positions))
+            return None
+        if layer.kind == "head" and not p.logits:
+            return None
+        hidden = acts.get(p.slot)
+        if layer.kind == "head" and head is not None:
+            # Per GPU batch, so the [B, S, V] float32 logits never exist for the whole block at once.
+            needed = hidden if head_columns is None else hidden[:, hidden.shape[1] - head_columns[p.slot] :]
+            return head(p.slot, self.model.lm_head(self.cfg, w, needed))
+        if layer.kind == "head":
+            return self.model.lm_head(self.cfg, w, hidden[:, -1])
+        if layer.kind == "mlp":
+            acts.put(p.slot, _cat([self.model.mlp(self.cfg, w, hidden[c]) for c in self._chunks(hidden)]))
+            return None
+        out, keys, values = self._prefill_attention(caches[j, p.batch], w, hidden, p.mask, p.attn_positions, p.rows,
+                                                    p.column)
+        acts.put(p.slot, out)
+        return keys, values
 
     def _next_weights(self, j: int, weight_loads: dict) -> None:
         if j + 2 < len(self.layers):
@@ -301,7 +380,8 @@ class StageEngine:
 
     def _decode_layer(self, j: int, w, sizes: list[int], live_rows: torch.Tensor | None, acts: ActivationStore,
                       caches: dict, masks: list[torch.Tensor], attn_positions: torch.Tensor, past: int,
-                      keep: int | None, head, loaded_cache: Callable[[tuple[int, int]], list]) -> list:
+                      keep: int | None, head, loaded_cache: Callable[[tuple[int, int]], list],
+                      refilled: dict[int, tuple]) -> list:
         """Layer j of a decode step for every GPU batch of the block at once: its GEMMs run once over all the batches'
         rows (one token each), so the layer's weights are read from memory once per step, not once per batch; only
         attention, which reads each batch's own cache, runs batch by batch. On the 2-core AVX2 EPYC in float32, an
@@ -310,7 +390,11 @@ class StageEngine:
 
         `live_rows` (None: all): the rows whose sequence still generates (`attn_positions` holds theirs only). The GEMMs run on those alone; a finished
         row keeps its hidden state, gets zero logits, and attends with zero queries (its outputs are never read).
-        Rows are independent, so a live row computes what it would beside any others."""
+        Rows are independent, so a live row computes what it would beside any others.
+
+        `refilled`: per GPU batch, the rows a refill gave new sequences, and their prompts' keys and values this layer
+        just computed: written into the loaded cache, where this step's attention reads them (the home's copy is
+        written on the cache lane, behind this step's loads)."""
         layer = self.layers[j]
         hidden = _cat([acts.get(k) for k in range(len(sizes))])  # [sum B, 1, H]
         live = hidden if live_rows is None else hidden.index_select(0, live_rows)
@@ -326,6 +410,8 @@ class StageEngine:
             contexts, start = [], 0
             for k, size in enumerate(sizes):
                 loaded = loaded_cache((j, k))
+                if k in refilled:
+                    _place_refill(loaded, *refilled[k])
                 rows = slice(start, start + size)
                 contexts.append(self._decode_context(caches[j, k], q[rows], key[rows], value[rows], loaded, masks[k],
                                                      past, keep))
@@ -346,15 +432,18 @@ class StageEngine:
         return [slice(i, min(batch, i + per)) for i in range(0, batch, per)]
 
     def _prefill_attention(self, cache: CacheHome, w, hidden: torch.Tensor, mask: torch.Tensor,
-                           attn_positions: torch.Tensor, rows: slice) -> torch.Tensor:
+                           attn_positions: torch.Tensor, rows: slice | torch.Tensor,
+                           column: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """-> the layer's output, and the keys and values it caches (at `column` of sequences `rows`)."""
         outs, keys, values = [], [], []
         for c in self._chunks(hidden):  # attention is per sequence: chunks of sequences are independent
             q, key, value = self.model.attention_input(self.cfg, w, hidden[c], attn_positions[c])  # [b, N or n, S, D]
             outs.append(self.model.attention_output(self.cfg, w, hidden[c], attend(q, key, value, mask[c])))
             keys.append(key)
             values.append(value)
-        self._cache_lane.submit(cache.store_prefill, _cat(keys), _cat(values), rows)
-        return _cat(outs)
+        keys, values = _cat(keys), _cat(values)
+        self._cache_lane.submit(cache.store_prefill, keys, values, rows, column)
+        return _cat(outs), keys, values
 
     def _decode_context(self, cache: CacheHome, q: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                         loaded: list[LoadedPiece], mask: torch.Tensor, past: int, keep: int | None) -> torch.Tensor:

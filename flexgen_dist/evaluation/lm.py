@@ -105,7 +105,8 @@ class FlexGenLM(TemplateLM):
         outputs: dict[str, list[int]] = {}
         summary = generate(self.run, job, sink=lambda records: outputs.update((r["id"], r["output_ids"])
                                                                                for r in records))
-        self.jobs.append({"request_type": "generate_until", "requests": len(requests), **summary})
+        self.jobs.append({"request_type": "generate_until", "requests": len(requests), **summary,
+                          "output_tokens_quartiles": _quartiles(sorted(len(ids) for ids in outputs.values()))})
         return [_cut(self.tok_decode(outputs[str(i)]), s.until) for i, s in enumerate(settings)]
 
     def _score(self, sequences: list[ScoredSequence], request_type: str, requests: int) -> None:
@@ -122,3 +123,8 @@ def _cut(text: str, until: tuple[str, ...]) -> str:
     for stop in until:
         text = text.split(stop)[0]
     return text
+
+
+def _quartiles(values: list[int]) -> list[int]:
+    """Of sorted `values`: min, 25th percentile, median, 75th percentile, max (nearest rank); [] for none."""
+    return [values[round(q * (len(values) - 1))] for q in (0, 0.25, 0.5, 0.75, 1)] if values else []

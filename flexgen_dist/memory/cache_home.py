@@ -74,14 +74,16 @@ class CacheHome:
                 v.zero_()
             self.pieces.append(CachePiece(tier, h0, h1, k, v))
 
-    def store_prefill(self, k: torch.Tensor, v: torch.Tensor, rows: slice = slice(None)) -> None:
+    def store_prefill(self, k: torch.Tensor, v: torch.Tensor, rows: slice | torch.Tensor = slice(None),
+                      column: int = 0) -> None:
         """Write the prompt's keys/values of sequences `rows` of the batch (all by default: a prefill cut into parts
-        writes each part's rows). k, v: [b, N, S, D] on the compute device."""
+        writes each part's rows; a refill, generation.BlockRun.refill, the rows it gave new sequences, an index) at
+        positions [column, column + S). k, v: [b, N, S, D] on the compute device."""
         for p in self.pieces:
-            if rows != slice(None) and isinstance(p.k, DiskTensor):
+            if isinstance(rows, slice) and rows != slice(None) and isinstance(p.k, DiskTensor):
                 raise ValueError("a disk-tier KV cache takes whole prefills: its positions are rows of every sequence")
             for home, new in ((p.k, k), (p.v, v)):
-                self._write_positions(home, new[:, p.head_start : p.head_stop].permute(2, 0, 1, 3), 0, rows)
+                self._write_positions(home, new[:, p.head_start : p.head_stop].permute(2, 0, 1, 3), column, rows)
 
     def load(self, length: int, cpu_attention: bool = False, stage_values: bool = True) -> list[LoadedPiece]:
         """Each piece with its first `length` positions valid, where attention will read it: on the compute device,
@@ -150,13 +152,25 @@ class CacheHome:
         return staged
 
     def _write_positions(self, home: torch.Tensor | DiskTensor, values: torch.Tensor, pos: int,
-                         rows: slice = slice(None)) -> None:
-        """Write position-major values [S, b, h, D] at positions [pos, pos + S) of sequences `rows` of a home, in its
-        own layout: quantized records, disk rows (every sequence), or a [B, h, capacity, D] memory piece."""
+                         rows: slice | torch.Tensor = slice(None)) -> None:
+        """Write position-major values [S, b, h, D] at positions [pos, pos + S) of sequences `rows` (a slice, or an
+        index of b rows) of a home, in its own layout: quantized records, disk rows (every sequence), or a
+        [B, h, capacity, D] memory piece."""
         if self.quant is not None:
             values = to_records(quantize(values, self.quant))
         if isinstance(home, DiskTensor):
+            if isinstance(rows, torch.Tensor):  # some sequences' rows of positions: read, change those, write back
+                span = torch.empty((len(values), *home.shape[1:]), dtype=home.dtype)
+                home.read_rows_into(span, pos, pos + len(values))
+                span[:, rows.cpu()] = values.cpu()
+                values = span
             home.write_rows(values.contiguous().cpu(), pos)
+        elif isinstance(rows, torch.Tensor):  # advanced indexing reads a copy: write through index_put
+            index = rows.to(home.device)
+            if self.quant is not None:
+                home[pos : pos + len(values), index] = values.to(home.device)
+            else:
+                home[index, :, pos : pos + len(values)] = values.permute(1, 2, 0, 3).to(home.device)
         elif self.quant is not None:
             home[pos : pos + len(values), rows].copy_(values, non_blocking=True)
         elif pos == 0 and values.is_cuda and home.device.type == "cpu":

@@ -10,6 +10,9 @@ next stage, and the decode steps of the other blocks behind it, for that long: w
 8.1 s of a 63.5 s run (issue 19). Cut into parts of a few sequences each (`prefill_chunks`), the parts flow through
 the stages one behind the other like blocks of their own, and the bubble shrinks to about one part.
 
+A block's rows whose sequences stopped may take waiting sequences (generation.BlockRun, refill): their prompts travel
+with the block's next step, which computes them with the weights it loads anyway (engine RefillRows).
+
 A stage that loses its process loses the KV caches (and sampling generators) of every block in flight. Once the
 executor has it back (`recover`), each block in flight is replayed on every stage from a fresh start (see `_replay`),
 so the run's output is the one an undisturbed run gives.
@@ -28,7 +31,7 @@ from flexgen_dist.base.errors import UserError
 from flexgen_dist.engine.generation import Decoding
 from flexgen_dist.engine.policy import Policy
 from flexgen_dist.engine.scoring import Scoring
-from flexgen_dist.engine.stage_engine import PrefillPart
+from flexgen_dist.engine.stage_engine import PrefillPart, RefillRows
 from flexgen_dist.runtime.executor import Executor, StageLost
 
 
@@ -56,12 +59,13 @@ class Block(Protocol):
     @property
     def done(self) -> bool: ...
     def advance(self, outputs: list[torch.Tensor]) -> None: ...
+    # What the next step also computes: (refill, its input ids [n, m], its valid [n, m]); scoring has none.
+    def take_refills(self) -> list[tuple[RefillRows, torch.Tensor, torch.Tensor]]: ...
 
 
 B = TypeVar("B", bound=Block)
-# The inputs of one step sent: tokens per GPU batch, the width of its `valid` (the positions seen so far), and the
-# parts it was cut into (none: sent whole).
-SentStep = tuple[list[torch.Tensor], int, list[PrefillPart]]
+# One submit_step call: block id, tokens and valid per GPU batch (or of a part's sequences), the part, the refills.
+Piece = tuple[int, list[torch.Tensor], list[torch.Tensor], PrefillPart | None, tuple]
 
 
 def prefill_parts(batch_sizes: list[int], chunks: int) -> list[PrefillPart]:
@@ -76,10 +80,6 @@ def prefill_parts(batch_sizes: list[int], chunks: int) -> list[PrefillPart]:
         bounds = [size * i // n for i in range(n + 1)]
         parts += [PrefillPart(k, a, b) for a, b in zip(bounds, bounds[1:])]
     return parts
-
-
-# One step to send: block id, tokens and valid per GPU batch, and the parts it is cut into.
-Outgoing = tuple[int, list[torch.Tensor], list[torch.Tensor], list[PrefillPart]]
 
 
 def prefill_chunks(requested: int | None, policies: list[Policy]) -> int:
@@ -97,33 +97,37 @@ def prefill_chunks(requested: int | None, policies: list[Policy]) -> int:
     return 2 * len(policies) if len(policies) > 1 else 1
 
 
-def _send(executor: Executor, steps: list[Outgoing]) -> list[object]:
-    """Submit steps, each whole or as its parts, the parts of several steps taken in turn (blocks that start
-    together: stage 1 then finishes the first block's prefill about one part after stage 0 is done with them all,
-    instead of holding stage 0 idle through the second block's whole prefill). Per step, the handle of its last part,
-    which carries the step's output (the stages run their calls in order, so it resolves after the others)."""
-    queues = [[(block_id, tokens, valid, None)] if not parts else
-              [(block_id, [tokens[p.batch][p.start : p.stop]], [valid[p.batch][p.start : p.stop]], p) for p in parts]
-              for block_id, tokens, valid, parts in steps]
+def step_pieces(block_id: int, tokens: list[torch.Tensor], valid: list[torch.Tensor], parts: list[PrefillPart],
+                refills: list[tuple[RefillRows, torch.Tensor, torch.Tensor]]) -> list[Piece]:
+    """A step as the calls that send it: whole (with its refills), or one per part of a prefill cut into `parts`."""
+    if not parts:
+        return [(block_id, [*tokens, *(ids for _, ids, _ in refills)], valid, None,
+                 tuple((refill, v) for refill, _, v in refills))]
+    return [(block_id, [tokens[p.batch][p.start : p.stop]], [valid[p.batch][p.start : p.stop]], p, ())
+            for p in parts]
+
+
+def _send(executor: Executor, steps: list[list[Piece]]) -> list[object]:
+    """Submit steps, each as its pieces, the pieces of several steps taken in turn (blocks that start together:
+    stage 1 then finishes the first block's prefill about one part after stage 0 is done with them all, instead of
+    holding stage 0 idle through the second block's whole prefill). Per step, the handle of its last piece, which
+    carries the step's output (the stages run their calls in order, so it resolves after the others)."""
     handles: list[object] = [None] * len(steps)
-    for turn in range(max((len(q) for q in queues), default=0)):
-        for i, queue in enumerate(queues):
-            if turn < len(queue):
-                handles[i] = executor.submit_step(*queue[turn])
+    for turn in range(max((len(q) for q in steps), default=0)):
+        for i, pieces in enumerate(steps):
+            if turn < len(pieces):
+                handles[i] = executor.submit_step(*pieces[turn])
     return handles
 
 
-def _replay(executor: Executor, block: Block, head: Decoding | Scoring, sent: list[SentStep]) -> object:
-    """Send a block, from a fresh start on every stage, each step it was sent so far; returns the handle of the last
-    (the step in flight). Teacher forcing: every step gets the inputs it got the first time, so the stages rebuild
-    the same KV cache, and the last stage's generators, seeded per sequence by `start_block`, draw the same numbers
-    again: the step in flight yields what it would have without the loss. Earlier steps' outputs are already in the
-    block and are dropped. A step's `valid` is a prefix of the block's current one, as the cache only grows."""
+def _replay(executor: Executor, block: Block, head: Decoding | Scoring, sent: list[list[Piece]]) -> object:
+    """Send a block, from a fresh start on every stage, each step it was sent so far, as it was sent; returns the
+    handle of the last (the step in flight). Teacher forcing: every step gets the inputs it got the first time, so
+    the stages rebuild the same KV cache, and the last stage's generators, seeded per sequence by `start_block` (or
+    by the refill that gave a row its sequence), draw the same numbers again: the step in flight yields what it would
+    have without the loss. Earlier steps' outputs are already in the block and are dropped."""
     executor.start_block(block.block_id, block.batch_sizes, block.capacity, head)  # also drops a stage's stale state
-    valid = block.valid
-    handles = [_send(executor, [(block.block_id, tokens, [v[:, :width] for v in valid], parts)])[0]
-               for tokens, width, parts in sent]
-    return handles[-1]
+    return [_send(executor, [pieces])[0] for pieces in sent][-1]
 
 
 def run_blocks(executor: Executor, blocks: Iterator[B], head: Callable[[B], Decoding | Scoring], max_in_flight: int,
@@ -136,18 +140,19 @@ def run_blocks(executor: Executor, blocks: Iterator[B], head: Callable[[B], Deco
     `on_restart(stage)`: a stage's process was lost and restarted; the blocks in flight are being replayed."""
     timing = PipelineTiming()
     in_flight: list[tuple[B, object, float]] = []  # (block, handle of its current step, submit time)
-    sent: dict[int, list[SentStep]] = {}  # block id -> the steps sent for a block in flight, to replay it
+    sent: dict[int, list[list[Piece]]] = {}  # block id -> the steps sent for a block in flight, to replay it
     start = time.perf_counter()
 
     def submit(batch: list[B]) -> None:
         submitted = time.perf_counter()  # before the call: the in-process executor runs the whole step inside it
-        steps: list[Outgoing] = []
+        steps: list[list[Piece]] = []
         for block in batch:
             cut = block.steps_done == 0 and isinstance(head(block), Decoding)
             parts = prefill_parts(block.batch_sizes, prefill_chunks) if cut else []
-            # A copy of the list: a block may replace its items as it advances (the tensors stay as sent).
-            sent.setdefault(block.block_id, []).append((list(block.tokens), block.valid[0].shape[1], parts))
-            steps.append((block.block_id, block.tokens, block.valid, parts))
+            # Copies of the lists: a block replaces their items as it advances (the tensors stay as sent).
+            steps.append(step_pieces(block.block_id, list(block.tokens), list(block.valid), parts,
+                                     block.take_refills()))
+            sent.setdefault(block.block_id, []).append(steps[-1])
         in_flight.extend((block, handle, submitted) for block, handle in zip(batch, _send(executor, steps)))
 
     def recover() -> None:

@@ -14,7 +14,7 @@ import torch
 from flexgen_dist.base.errors import RunFailed
 from flexgen_dist.engine.generation import Decoding
 from flexgen_dist.engine.scoring import Scoring
-from flexgen_dist.engine.stage_engine import PrefillPart
+from flexgen_dist.engine.stage_engine import PrefillPart, RefillRows
 from flexgen_dist.runtime.stage_snapshot import StageSnapshot
 from flexgen_dist.runtime.worker import StageSpec, StageWorker
 
@@ -34,9 +34,11 @@ class Executor(Protocol):
     def on_each_stage(self, fn: Callable[..., Any], *args: Any) -> list: ...
     def start(self, specs: list[StageSpec]) -> None: ...
     def start_block(self, block_id: int, batch_sizes: list[int], capacity: int, head: Decoding | Scoring) -> None: ...
-    # `part`: the step is that part of the block's prefill (its sequences alone); None: every GPU batch.
+    # `part`: the step is that part of the block's prefill (its sequences alone); None: every GPU batch. `refills`:
+    # rows given new sequences, each with its valid, their input ids after the batches' in `tokens` (worker.step).
     def submit_step(self, block_id: int, tokens: list[torch.Tensor], valid: list[torch.Tensor],
-                    part: PrefillPart | None = None) -> Any: ...
+                    part: PrefillPart | None = None, refills: tuple[tuple[RefillRows, torch.Tensor], ...] = ()
+                    ) -> Any: ...
     def wait_any(self, handles: list[Any]) -> int: ...
     def result(self, handle: Any) -> list[torch.Tensor]: ...  # raises StageLost
     # After StageLost: once every stage answers again, the stages that were restarted (they hold no blocks now).
@@ -72,10 +74,11 @@ class LocalExecutor:
             w.start_block(block_id, batch_sizes, capacity, head)
 
     def submit_step(self, block_id: int, tokens: list[torch.Tensor], valid: list[torch.Tensor],
-                    part: PrefillPart | None = None) -> list[torch.Tensor]:
+                    part: PrefillPart | None = None, refills: tuple[tuple[RefillRows, torch.Tensor], ...] = ()
+                    ) -> list[torch.Tensor]:
         data = tokens
         for w in self.workers:
-            data = w.step(block_id, data, valid, part)
+            data = w.step(block_id, data, valid, part, refills)
         return data
 
     def wait_any(self, handles: list[Any]) -> int:

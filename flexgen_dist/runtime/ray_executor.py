@@ -24,7 +24,7 @@ import torch
 from flexgen_dist.base.errors import RunFailed, UserError
 from flexgen_dist.engine.generation import Decoding
 from flexgen_dist.engine.scoring import Scoring
-from flexgen_dist.engine.stage_engine import PrefillPart
+from flexgen_dist.engine.stage_engine import PrefillPart, RefillRows
 from flexgen_dist.runtime import worker
 from flexgen_dist.runtime.executor import StageLost
 from flexgen_dist.runtime.stage_snapshot import StageSnapshot
@@ -211,10 +211,10 @@ class RayExecutor:
             a.start_block.remote(block_id, batch_sizes, capacity, head)
 
     def submit_step(self, block_id: int, tokens: list[torch.Tensor], valid: list[torch.Tensor],
-                    part: PrefillPart | None = None):
-        ref = self.actors[0].step.remote(block_id, tokens, valid, part)
+                    part: PrefillPart | None = None, refills: tuple[tuple[RefillRows, torch.Tensor], ...] = ()):
+        ref = self.actors[0].step.remote(block_id, tokens, valid, part, refills)
         for a in self.actors[1:]:
-            ref = a.step.remote(block_id, ref, valid, part)  # a top-level ref: Ray hands the value actor to actor
+            ref = a.step.remote(block_id, ref, valid, part, refills)  # a top-level ref: Ray hands it actor to actor
         return ref
 
     def wait_any(self, handles: list[Any]) -> int:

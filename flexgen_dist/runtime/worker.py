@@ -17,10 +17,10 @@ from dataclasses import dataclass
 import torch
 
 from flexgen_dist.base.devices import resolve_device, resolve_dtype
-from flexgen_dist.engine.generation import Decoding
+from flexgen_dist.engine.generation import Decoding, sequence_generator
 from flexgen_dist.engine.policy import Policy
 from flexgen_dist.engine.scoring import Scoring
-from flexgen_dist.engine.stage_engine import BatchInput, PrefillPart, StageEngine
+from flexgen_dist.engine.stage_engine import BatchInput, PrefillPart, RefillRows, StageEngine
 from flexgen_dist.io.model_source import resolve_model
 from flexgen_dist.memory.host_heap import keep_freed_memory
 from flexgen_dist.memory.tiers import stage_offload_dir
@@ -107,12 +107,15 @@ class StageWorker:
             self._decoding[block_id] = (head, head.generators())
 
     def step(self, block_id: int, data: list[torch.Tensor], valid: list[torch.Tensor],
-             part: PrefillPart | None = None) -> list[torch.Tensor]:
+             part: PrefillPart | None = None,
+             refills: tuple[tuple[RefillRows, torch.Tensor], ...] = ()) -> list[torch.Tensor]:
         """Token ids (first stage) or hidden states in; hidden states, or per GPU batch the sampled next tokens [B]
         (with log-probabilities where asked: generation.Sampled) or (scoring) each sequence's summed NLL and
         greediness (likelihood.TargetScores) (last stage), out.
         `part`: one part of a prefill cut into several steps; the last stage answers [] until the block's last part,
-        then samples every GPU batch at once."""
+        then samples every GPU batch at once. `refills` (a decode step): rows given new sequences, each with its
+        valid; their inputs follow the batches' in `data` (and their hidden states the batches' in the output, but
+        the last stage's), and the last stage samples those rows for their new sequences from this step on."""
         start = time.perf_counter()
         with self._clock:
             if self._first_step is None:
@@ -125,22 +128,40 @@ class StageWorker:
             query_len = data[0].shape[1]
             targets = scoring.step_targets(valid, query_len) if scoring is not None else None
             columns = [t.shape[1] for t in targets] if targets is not None else None  # logits only where scored
+            batches = len(valid)
+            # A refill whose prompts are all one token long has nothing to compute: only its heads change.
+            computed = [i for i, (_, v) in enumerate(refills) if v.shape[1]]
             out = self.engine.step(block_id, [BatchInput(d, v) for d, v in zip(data, valid)],
-                                   self._head(block_id, valid, query_len, part, targets), part, columns)
+                                   self._head(block_id, valid, query_len, part, targets), part, columns,
+                                   [(refills[i][0], BatchInput(data[batches + i], refills[i][1])) for i in computed])
             if scoring is not None:
                 out = [TargetScores(s.nll.cpu(), s.greedy.cpu()) for s in out]
             elif self.engine.has_head:
                 if part is not None:
                     out = self._whole_prefill(block_id, part, out[0])
-                decoding, generators = self._decoding[block_id]
+                decoding, generators = self._take_refills(block_id, refills)
                 out = [decoding.head_output(k, logits, generators[k]) for k, logits in enumerate(out)]
-            elif self.device.type != "cpu":
-                out = [h.cpu() for h in out]  # hidden states travel between stages through host memory
+            else:
+                hidden = dict(zip(computed, out[batches:]))
+                out = out[:batches] + [hidden.get(i, data[batches + i]) for i in range(len(refills))]
+                if self.device.type != "cpu":
+                    out = [h.cpu() for h in out]  # hidden states travel between stages through host memory
         finally:
             with self._clock:
                 self.busy_s += time.perf_counter() - start
                 self._step_start = None
         return out
+
+    def _take_refills(self, block_id: int, refills: tuple[tuple[RefillRows, torch.Tensor], ...]
+                      ) -> tuple[Decoding, list[list[torch.Generator | None]]]:
+        """The block's heads and generators, with the refilled rows' new sequences' in place."""
+        decoding, generators = self._decoding[block_id]
+        for refill, _ in refills:
+            decoding = decoding.with_rows(refill.batch, refill.rows, refill.heads)
+            for row, head in zip(refill.rows, refill.heads):
+                generators[refill.batch][row] = sequence_generator(head)
+        self._decoding[block_id] = (decoding, generators)
+        return decoding, generators
 
     def _head(self, block_id: int, valid: list[torch.Tensor], query_len: int, part: PrefillPart | None,
               targets: tuple[torch.Tensor, ...] | None) -> Callable[[int, torch.Tensor], object] | None:
