@@ -111,6 +111,27 @@ def test_only_the_command_line_imports_evaluation():
     assert importers == ["flexgen_dist.cli"]
 
 
+def imports_package(path: Path, package: str) -> bool:
+    """Whether the module at `path` imports `package` or one of its modules anywhere in its body."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            names.add(node.module)
+    return any(n == package or n.startswith(package + ".") for n in names)
+
+
+def test_only_the_helm_modules_import_helm():
+    """crfm-helm lives in .venv-helm only (launch/setup_helm.sh): evaluation/helm_*.py alone import it, and nothing
+    else imports them."""
+    helm_modules = {m for m in module_names() if m.startswith("flexgen_dist.evaluation.helm_")}
+    assert {"flexgen_dist.evaluation.helm_run", "flexgen_dist.evaluation.helm_runner"} <= helm_modules
+    assert sorted(m for m, p in module_names().items() if imports_package(p, "helm")) == sorted(helm_modules)
+    importers = sorted(m for m, targets in import_graph().items() if m not in helm_modules and targets & helm_modules)
+    assert importers == []
+
+
 def test_cli_loads_no_benchmarking_profiling_or_evaluation_code():
     code = ("import sys, flexgen_dist.cli; print(' '.join(m for m in sys.modules if m.startswith(("
             "'flexgen_dist.bench', 'flexgen_dist.policy.profiler', 'flexgen_dist.policy.roofline', "
