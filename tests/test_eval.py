@@ -21,6 +21,7 @@ from test_cli_errors import _fails
 from flexgen_dist.base.errors import UserError
 from flexgen_dist.cli import main
 from flexgen_dist.engine.scoring import ScoredSequence
+from flexgen_dist.evaluation.local_tasks import write_local_task
 
 REPO = Path(__file__).resolve().parent.parent
 REL_TOL = 1e-4
@@ -54,14 +55,6 @@ def _cut(text: str, until: list[str]) -> str:
     return text
 
 
-def _task(directory: Path, name: str, docs: list[dict], **config) -> None:
-    data = directory / f"{name}.jsonl"
-    data.write_text("".join(json.dumps(d) + "\n" for d in docs))
-    task = {"task": name, "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(data)}},
-            "test_split": "test", **config}
-    (directory / f"{name}.yaml").write_text(json.dumps(task, indent=1))  # JSON is YAML
-
-
 @pytest.fixture(scope="module")
 def tasks_dir(tmp_path_factory, opt_preln_dir) -> Path:
     """Five tiny tasks. Half of fg_greedy's continuations are the model's greedy next token and half of fg_gen's
@@ -72,17 +65,17 @@ def tasks_dir(tmp_path_factory, opt_preln_dir) -> Path:
     out = tmp_path_factory.mktemp("eval_tasks")
     rng = random.Random(3)
     mc = [{"question": q, "choices": rng.sample(CHOICES, 4), "answer": rng.randrange(4)} for q in QUESTIONS]
-    _task(out, "fg_mc", mc, output_type="multiple_choice", doc_to_text="Question: {{question}}\nAnswer:",
+    write_local_task(out, "fg_mc", mc, output_type="multiple_choice", doc_to_text="Question: {{question}}\nAnswer:",
           doc_to_choice="choices", doc_to_target="answer", num_fewshot=1,
           metric_list=[{"metric": "acc"}, {"metric": "acc_norm"}])
     greedy = []
     for i, context in enumerate(CONTEXTS):
         best = int(hf_log_softmax(opt_preln_dir, tokenizer(context).input_ids)[-1].argmax())
         greedy.append({"context": context, "continuation": tokenizer.decode([best]) if i % 2 == 0 else " zebra"})
-    _task(out, "fg_greedy", greedy, output_type="loglikelihood", doc_to_text="{{context}}",
+    write_local_task(out, "fg_greedy", greedy, output_type="loglikelihood", doc_to_text="{{context}}",
           doc_to_target="{{continuation}}", target_delimiter="", metric_list=[{"metric": "acc"},
                                                                              {"metric": "perplexity"}])
-    _task(out, "fg_ppl", [{"text": t} for t in TEXTS], output_type="loglikelihood_rolling", doc_to_text="",
+    write_local_task(out, "fg_ppl", [{"text": t} for t in TEXTS], output_type="loglikelihood_rolling", doc_to_text="",
           doc_to_target="{{text}}", metric_list=[{"metric": m} for m in ("word_perplexity", "byte_perplexity",
                                                                          "bits_per_byte")])
     outputs = [tokenizer.decode(ids, skip_special_tokens=True)
@@ -91,9 +84,9 @@ def tasks_dir(tmp_path_factory, opt_preln_dir) -> Path:
     assert texts != outputs, "some greedy output should hold a stop string"
     gen = [{"prompt": p, "target": t if i % 2 == 0 else "no"} for i, (p, t) in enumerate(zip(PROMPTS, texts))]
     until = {"until": GEN_UNTIL, "max_gen_toks": GEN_TOKENS}
-    _task(out, "fg_gen", gen, output_type="generate_until", doc_to_text="{{prompt}}", doc_to_target="{{target}}",
+    write_local_task(out, "fg_gen", gen, output_type="generate_until", doc_to_text="{{prompt}}", doc_to_target="{{target}}",
           generation_kwargs={**until, "do_sample": False}, metric_list=[{"metric": "exact_match"}])
-    _task(out, "fg_sample", gen, output_type="generate_until", doc_to_text="{{prompt}}", doc_to_target="{{target}}",
+    write_local_task(out, "fg_sample", gen, output_type="generate_until", doc_to_text="{{prompt}}", doc_to_target="{{target}}",
           generation_kwargs={**until, "do_sample": True, "temperature": 1.5, "top_p": 0.95, "seed": 7},
           metric_list=[{"metric": "exact_match"}])
     return out
@@ -320,7 +313,7 @@ def test_model_without_tokenizer_is_one_line(capsys, tasks_dir):
 
 
 def test_unsupported_generation_setting_is_one_line(capsys, tmp_path, opt_preln_dir):
-    _task(tmp_path, "fg_beams", [{"prompt": "a", "target": "b"}], output_type="generate_until",
+    write_local_task(tmp_path, "fg_beams", [{"prompt": "a", "target": "b"}], output_type="generate_until",
           doc_to_text="{{prompt}}", doc_to_target="{{target}}",
           generation_kwargs={"until": ["\n"], "max_gen_toks": 4, "num_beams": 4},
           metric_list=[{"metric": "exact_match"}])
