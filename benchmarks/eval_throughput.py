@@ -176,10 +176,10 @@ def hf_run(args: argparse.Namespace, model: Path, kind: str, tasks: Path, batch:
     return record
 
 
-def ours_run(args: argparse.Namespace, model: Path, kind: str, tasks: Path) -> dict:
+def ours_run(args: argparse.Namespace, model: Path, kind: str, tasks: Path, ours_args: str) -> dict:
     out = tasks.parent / f"ours-{kind}.json"
     flags = ["--gpu-batch-size", str(args.gpu_batch_size), "--num-gpu-batches", str(args.num_gpu_batches),
-              *shlex.split(args.ours_args)]
+             *shlex.split(ours_args)]
     outcome = timed([sys.executable, "-m", "flexgen_dist", "eval", "--model", str(model), "--tasks", TASKS[kind],
                      "--include-path", str(tasks), "--output", str(out), "--dtype", args.dtype, "--device",
                      args.device, "--quiet", *flags], args.memlimit, args.timeout)
@@ -194,10 +194,11 @@ def ours_run(args: argparse.Namespace, model: Path, kind: str, tasks: Path) -> d
 
 
 def measured_runs(args: argparse.Namespace, model: Path, kind: str, tasks: Path) -> Iterator[dict]:
-    """hf at each batch size, then ours, one at a time: each run's record as it ends."""
+    """hf at each batch size, then ours with each --ours-args, one at a time: each run's record as it ends."""
     for batch in args.hf_batch_sizes:
         yield hf_run(args, model, kind, tasks, batch)
-    yield ours_run(args, model, kind, tasks)
+    for ours_args in args.ours_args:
+        yield ours_run(args, model, kind, tasks, ours_args)
 
 
 # --- the table -------------------------------------------------------------------------------------------------------
@@ -211,10 +212,14 @@ def with_load(record: dict) -> float:
     return record["wall_s"]
 
 
-def kind_row(kind: str, runs: list[dict]) -> str:
-    """A request kind's row: hf's best batch (the fastest without load), the seconds of both, with and without the
-    model load, and the ratios hf / ours."""
-    *hf_runs, ours = runs  # ours runs last
+def kind_rows(kind: str, runs: list[dict]) -> list[str]:
+    """A request kind's rows, one per configuration of ours: hf's best batch (the fastest without load), the seconds of
+    both, with and without the model load, and the ratios hf / ours."""
+    hf_runs = [r for r in runs if r["system"] == "hf"]
+    return [kind_row(kind, hf_runs, ours) for ours in runs if ours["system"] == "flexgen-dist"]
+
+
+def kind_row(kind: str, hf_runs: list[dict], ours: dict) -> str:
     hf = min((r for r in hf_runs if r["status"] == "ok"), key=without_load, default=None)
     failed = ", ".join(f"{r['batch_size']}: {r['status']}" for r in hf_runs)
     both = hf is not None and ours["status"] == "ok"
@@ -226,16 +231,15 @@ def kind_row(kind: str, runs: list[dict]) -> str:
     for measure in (without_load, with_load):
         ratio = f"{measure(hf) / measure(ours):.2f}x" if both else "-"
         cells += [seconds(hf, measure), seconds(ours, measure), ratio]
-    return f"| {kind} | {runs[0]['requests']} | " + " | ".join(cells) + " |"
+    return f"| {kind} | {ours['requests']} | {' '.join(ours['flags'])} | " + " | ".join(cells) + " |"
 
 
 def print_table(records: list[dict]) -> None:
-    print("\n| kind | requests | hf best batch | hf s | ours s | ratio | hf s with load | ours s with load "
-          "| ratio with load |\n|---|---|---|---|---|---|---|---|---|")
+    print("\n| kind | requests | ours | hf best batch | hf s | ours s | ratio | hf s with load | ours s with load "
+          "| ratio with load |\n|---|---|---|---|---|---|---|---|---|---|")
     for kind in TASKS:
-        runs = [r for r in records if r["kind"] == kind]
-        if runs:
-            print(kind_row(kind, runs))
+        for row in kind_rows(kind, [r for r in records if r["kind"] == kind]):
+            print(row)
     for r in records:
         if "output_tokens_quartiles" in r:
             print(f"\ngenerate_until output tokens (min / 25% / median / 75% / max): {r['output_tokens_quartiles']}")
@@ -273,7 +277,8 @@ def parse_args() -> argparse.Namespace:
                    help="hf batch sizes to run; the best is compared (default 8,16,32,64)")
     p.add_argument("--gpu-batch-size", type=int, default=32, help="ours (default 32)")
     p.add_argument("--num-gpu-batches", type=int, default=1, help="ours (default 1)")
-    p.add_argument("--ours-args", default="", metavar="'FLAGS'", help="more `flexgen-dist eval` flags, one string")
+    p.add_argument("--ours-args", action="append", metavar="'FLAGS'",
+                   help="more `flexgen-dist eval` flags, one string; repeated, one run of ours each (default: none)")
     p.add_argument("--memlimit", metavar="SIZE", help="run both systems under ../shared/tools/memlimit SIZE")
     p.add_argument("--timeout", type=float, metavar="S", help="a run past S seconds is stopped and reported as such")
     p.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "eval-throughput",
@@ -289,10 +294,12 @@ def parse_args() -> argparse.Namespace:
         p.error(f"--memlimit {args.memlimit}: expected a size such as 3G, and {MEMLIMIT} to exist")
     if not args.out.parent.is_dir():
         p.error(f"--out {args.out}: no directory {args.out.parent}")
-    try:
-        shlex.split(args.ours_args)
-    except ValueError as e:
-        p.error(f"--ours-args: {e}")
+    args.ours_args = args.ours_args or [""]
+    for ours_args in args.ours_args:
+        try:
+            shlex.split(ours_args)
+        except ValueError as e:
+            p.error(f"--ours-args {ours_args!r}: {e}")
     args.until = args.until or list(UNTIL)
     return args
 

@@ -218,10 +218,11 @@ class StageEngine:
     # several blocks at once (one per stage in flight), each under its own id. ----
 
     def start_block(self, block_id: int, batch_sizes: list[int], capacity: int) -> None:
+        """`capacity`: the KV cache's positions; 0: a block computed in one prefill keeps none."""
         self.end_block(block_id)
         caches = {}
         for j, layer in enumerate(self.layers):
-            if layer.kind == "attention":
+            if layer.kind == "attention" and capacity:
                 for k, b in enumerate(batch_sizes):
                     caches[j, k] = CacheHome(self.tiers, b, self.cfg.num_kv_heads, self.cfg.head_dim, capacity,
                                              self.dtype, self.policy.cache_percents(), f"{layer.label}-blk{block_id}-b{k}",
@@ -271,8 +272,9 @@ class StageEngine:
         if refills and not past:
             raise ValueError("refills run inside a decode step")
         valid = [x.valid.to(self.device) for x in inputs]
-        masks = [attention_mask(v, query_len) for v in valid]
-        positions = [position_ids(v, query_len) for v in valid]
+        # A prefill's batches may differ in width (a scoring block pads each to its own); a decode step's do not.
+        masks = [attention_mask(v, x.data.shape[1]) for v, x in zip(valid, inputs)]
+        positions = [position_ids(v, x.data.shape[1]) for v, x in zip(valid, inputs)]
         # What the attention layers take of them (Llama: rotary cos and sin), made once a step rather than in every
         # layer; a decode step's attention layers run all GPU batches at once.
         attn_positions = [self.model.attention_positions(self.cfg, p, self.dtype) for p in positions]
@@ -368,8 +370,8 @@ class StageEngine:
         if layer.kind == "mlp":
             acts.put(p.slot, _cat([self.model.mlp(self.cfg, w, hidden[c]) for c in self._chunks(hidden)]))
             return None
-        out, keys, values = self._prefill_attention(caches[j, p.batch], w, hidden, p.mask, p.attn_positions, p.rows,
-                                                    p.column)
+        out, keys, values = self._prefill_attention(caches.get((j, p.batch)), w, hidden, p.mask, p.attn_positions,
+                                                    p.rows, p.column)
         acts.put(p.slot, out)
         return keys, values
 
@@ -431,10 +433,11 @@ class StageEngine:
         per = batch if self.device.type != "cpu" else max(1, _CPU_CHUNK_TOKENS // tokens)
         return [slice(i, min(batch, i + per)) for i in range(0, batch, per)]
 
-    def _prefill_attention(self, cache: CacheHome, w, hidden: torch.Tensor, mask: torch.Tensor,
+    def _prefill_attention(self, cache: CacheHome | None, w, hidden: torch.Tensor, mask: torch.Tensor,
                            attn_positions: torch.Tensor, rows: slice | torch.Tensor,
                            column: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """-> the layer's output, and the keys and values it caches (at `column` of sequences `rows`)."""
+        """-> the layer's output, and the keys and values it caches (at `column` of sequences `rows`; cache None:
+        nowhere)."""
         outs, keys, values = [], [], []
         for c in self._chunks(hidden):  # attention is per sequence: chunks of sequences are independent
             q, key, value = self.model.attention_input(self.cfg, w, hidden[c], attn_positions[c])  # [b, N or n, S, D]
@@ -442,7 +445,8 @@ class StageEngine:
             keys.append(key)
             values.append(value)
         keys, values = _cat(keys), _cat(values)
-        self._cache_lane.submit(cache.store_prefill, keys, values, rows, column)
+        if cache is not None:
+            self._cache_lane.submit(cache.store_prefill, keys, values, rows, column)
         return _cat(outs), keys, values
 
     def _decode_context(self, cache: CacheHome, q: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

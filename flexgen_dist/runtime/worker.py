@@ -126,7 +126,8 @@ class StageWorker:
             if part is not None and scoring is not None:
                 raise ValueError("scoring takes whole prefills")
             query_len = data[0].shape[1]
-            targets = scoring.step_targets(valid, query_len) if scoring is not None else None
+            # A scoring prefill's batches may differ in width (engine.scoring.ScoreBlock)
+            targets = scoring.step_targets(valid, [d.shape[1] for d in data]) if scoring is not None else None
             columns = [t.shape[1] for t in targets] if targets is not None else None  # logits only where scored
             batches = len(valid)
             # A refill whose prompts are all one token long has nothing to compute: only its heads change.
