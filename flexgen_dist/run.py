@@ -155,16 +155,17 @@ class StagePlan:
 
 
 def plan_stages(run: RunConfig, cfg: ModelConfig, dtype: torch.dtype, device: torch.device, prompt_len: int,
-                gen_len: int, head_workspace: int = 0, policies: list[Policy] | None = None) -> StagePlan:
+                gen_len: int, head_workspace: int = 0, policies: list[Policy] | None = None,
+                kv_cache: bool = True) -> StagePlan:
     """Cut the model into stages and refuse, before any loading, a policy that does not fit the budgets.
     `head_workspace`: compute-device bytes the last stage needs beyond a generation step's (scoring's logits);
-    `policies`: each stage's (default: the run's for every stage)."""
+    `policies`: each stage's (default: the run's for every stage); `kv_cache`: whether blocks keep one."""
     layers = model_layers(cfg)
     policies = policies or [run.policy] * run.stages
     ranges = partition(layers, run.stages, embedding_resident(policies[0].w_gpu_percent))  # stage 0 holds it
     # Each stage holds the KV cache of every block in flight (one per stage) on its own device, CPU and disk.
-    plans = [plan_bytes(cfg, layers[a:b], policy, dtype, device, prompt_len, gen_len, blocks_in_flight=run.stages)
-             for (a, b), policy in zip(ranges, policies)]
+    plans = [plan_bytes(cfg, layers[a:b], policy, dtype, device, prompt_len, gen_len, blocks_in_flight=run.stages,
+                        kv_cache=kv_cache) for (a, b), policy in zip(ranges, policies)]
     last = plans[-1]
     plans[-1] = replace(last, buffers={**last.buffers, Tier.GPU: last.buffers[Tier.GPU] + head_workspace})
     for plan in plans:

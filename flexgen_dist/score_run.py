@@ -69,7 +69,7 @@ def score(run: RunConfig, requests: list[Request], decode_tokens: int = 0) -> di
         skipped = sum(r.id in done for r, _ in work)
         work = [(r, s) for r, s in work if r.id not in done]
     sequences = [s for _, s in work]
-    stages = plan_scoring(run, source.config, dtype, device, sequences)
+    stages = plan_scoring(run, source.config, dtype, device, sequences, decode_tokens)
     with contextlib.ExitStack() as stack:
         # Open the output first: an unwritable path fails before minutes of weight loading.
         writer = stack.enter_context(ResultWriter(run.output)) if run.output else None
@@ -95,13 +95,15 @@ def check_scoring_policy(run: RunConfig) -> None:
 
 
 def plan_scoring(run: RunConfig, cfg: ModelConfig, dtype: torch.dtype, device: torch.device,
-                 sequences: list[ScoredSequence]) -> StagePlan:
+                 sequences: list[ScoredSequence], decode_tokens: int = 0) -> StagePlan:
     """The stages for scoring `sequences` (run.policy a fixed Policy: check_scoring_policy), checked against the
-    budgets before any loading; the last stage's workspace holds a GPU batch's logits of the positions it scores."""
+    budgets before any loading; the last stage's workspace holds a GPU batch's logits of the positions it scores.
+    Blocks keep a KV cache only to score `decode_tokens` decode steps (engine.scoring.ScoreBlock)."""
     prompt_len = max((len(s.input_ids) for s in sequences), default=1)
     columns = max((s.logit_columns for s in sequences), default=1)
     logits_bytes = _LOGITS_COPIES * run.policy.gpu_batch_size * columns * cfg.vocab_size * 4
-    return plan_stages(run, cfg, dtype, device, prompt_len, gen_len=0, head_workspace=logits_bytes)
+    return plan_stages(run, cfg, dtype, device, prompt_len, gen_len=0, head_workspace=logits_bytes,
+                       kv_cache=decode_tokens > 0)
 
 
 def run_scoring(run: RunConfig, cfg: ModelConfig, stages: StagePlan, sequences: list[ScoredSequence],

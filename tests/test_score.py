@@ -137,3 +137,23 @@ def test_summed_nll_ignores_unscored_positions_even_when_their_logits_are_not_fi
     expected = -(logits[0, 1, 4] + logits[0, 2, 0]).double()
     logits[0, 0] = float("nan")
     torch.testing.assert_close(summed_nll(logits, targets), expected.reshape(1))
+
+
+def test_a_block_scored_in_one_prefill_plans_no_kv_cache(opt_preln_dir):
+    """A ScoreBlock keeps a KV cache only for teacher-forced decode steps; the memory plan counts one only then."""
+    from flexgen_dist.engine.policy import Policy
+    from flexgen_dist.engine.scoring import ScoredSequence
+    from flexgen_dist.io.model_source import model_config
+    from flexgen_dist.run_config import RunConfig
+    from flexgen_dist.score_run import plan_scoring
+
+    run = RunConfig(str(opt_preln_dir), Policy(gpu_batch_size=2, num_gpu_batches=2), dtype="float32", device="cpu",
+                    executor="local")
+    sequences = [ScoredSequence(s) for s in SEQUENCES]
+
+    def cache_bytes(decode_tokens: int) -> int:
+        stages = plan_scoring(run, model_config(str(opt_preln_dir)), torch.float32, torch.device("cpu"), sequences,
+                              decode_tokens)
+        return sum(sum(plan.cache.values()) for plan in stages.plans)
+
+    assert cache_bytes(0) == 0 and cache_bytes(1) > 0

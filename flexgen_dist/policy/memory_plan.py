@@ -39,8 +39,9 @@ class TierPlan:
 
 
 def plan_bytes(cfg: ModelConfig, layers: list[LayerSpec], policy: Policy, dtype: torch.dtype, device: torch.device,
-               prompt_len: int, gen_len: int, blocks_in_flight: int = 1) -> TierPlan:
-    """`blocks_in_flight`: blocks whose KV cache a stage holds at once (one per pipeline stage)."""
+               prompt_len: int, gen_len: int, blocks_in_flight: int = 1, kv_cache: bool = True) -> TierPlan:
+    """`blocks_in_flight`: blocks whose KV cache a stage holds at once (one per pipeline stage); without `kv_cache`
+    (a block scored in one prefill, engine.scoring.ScoreBlock) none."""
     item = dtype.itemsize
     addressable = {Tier.GPU} | ({Tier.CPU} if device.type == "cpu" else set())
     weights, cache, acts, buffers = ({t: 0 for t in TIERS} for _ in range(4))
@@ -70,9 +71,10 @@ def plan_bytes(cfg: ModelConfig, layers: list[LayerSpec], policy: Policy, dtype:
     batch, blocks = policy.gpu_batch_size, policy.num_gpu_batches
     capacity = prompt_len + gen_len
     num_attention = sum(layer.kind == "attention" for layer in layers)
-    head_bytes = 2 * batch * capacity * cfg.head_dim * item  # K and V of one key/value head for one GPU batch, uncompressed
+    cached = capacity if kv_cache else 0
+    head_bytes = 2 * batch * cached * cfg.head_dim * item  # K and V of one key/value head for one GPU batch, uncompressed
     quant = policy.cache_quant(cfg.head_dim)
-    stored_head_bytes = 2 * batch * capacity * record_nbytes(cfg.head_dim, quant) if quant else head_bytes
+    stored_head_bytes = 2 * batch * cached * record_nbytes(cfg.head_dim, quant) if quant else head_bytes
     for tier, (h0, h1) in split_heads(cfg.num_kv_heads, policy.cache_percents()).items():
         cache[tier] += blocks_in_flight * num_attention * blocks * (h1 - h0) * stored_head_bytes
         on_cpu = tier is Tier.CPU and policy.cpu_cache_compute
