@@ -350,11 +350,14 @@ def _execute(run: RunConfig, source: ModelSource, work: list[tuple[Request, Sequ
                                    run.sampling.ignore_eos, take if run.refill else None)
                     block_id += 1
 
-            def finished(block: BlockRun) -> None:
-                summary["generated_tokens"] += sum(len(s.output_ids) for s in block.sequences)
+            def written(sequences: list[Sequence]) -> None:
+                summary["generated_tokens"] += sum(len(s.output_ids) for s in sequences)
                 # Written, then let go: else a long job's driver would hold every token it generated.
-                emit([results.record(request_of.pop(id(s)), s, source.tokenizer) for s in block.sequences])
-                metrics.sequences_finished(s.finish_reason for s in block.sequences)
+                emit([results.record(request_of.pop(id(s)), s, source.tokenizer) for s in sequences])
+                metrics.sequences_finished(s.finish_reason for s in sequences)
+
+            def finished(block: BlockRun) -> None:
+                written(block.sequences)
                 if run.refill:
                     summary["refilled_sequences"] += block.refilled
                 if bar is not None:
@@ -372,6 +375,11 @@ def _execute(run: RunConfig, source: ModelSource, work: list[tuple[Request, Sequ
                     metrics.decode_done(step.generated_tokens, finished_rows, latency_s)
                     if step.prompt_tokens:  # the prompts of rows refilled before this step
                         metrics.prefill_done(step.prompt_tokens, 0)
+                retired = block.take_retired()  # finished, their rows refilled: written now, not at the block's end
+                if retired:
+                    written(retired)
+                    if bar is not None:
+                        bar.sequences_done(len(retired))
                 if bar is not None:
                     bar.step_done(step.generated_tokens)
 

@@ -104,3 +104,22 @@ def test_refill_needs_dense_attention(capsys, tmp_path, opt_preln_dir):
     path = _prompts(tmp_path, [{"id": "a", "input_ids": [5]}])
     _fails(capsys, ["generate", "--model", str(opt_preln_dir), "--prompts", path, "--refill", "--attn-sparsity", "0.5"],
            "--refill needs dense attention")
+
+
+def test_a_refilled_rows_sequence_is_written_before_its_block_ends(tmp_path, opt_preln_dir, monkeypatch, capsys):
+    """A block with refill may run through a whole job: the sequences whose rows it gives away are written as they go
+    (each once), not all when the block ends."""
+    from flexgen_dist.io.outputs import ResultWriter
+
+    writes: list[int] = []
+    write_many = ResultWriter.write_many
+
+    def counted(self, records):
+        writes.append(len(records))
+        return write_many(self, records)
+
+    monkeypatch.setattr(ResultWriter, "write_many", counted)
+    _, summary = _run(tmp_path, opt_preln_dir, "--refill", capsys=capsys)
+    assert sum(writes) == len(LINES)
+    assert len(writes) > -(-len(LINES) // 4), "more writes than blocks of 4: some before their block's end"
+    assert summary["generated_tokens"] == sum(line["max_new_tokens"] for line in LINES)

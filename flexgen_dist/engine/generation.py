@@ -278,7 +278,8 @@ class BlockRun:
 
     def __init__(self, block_id: int, sequences: list[Sequence], gpu_batch_size: int, pad_id: int,
                  eos_ids: tuple[int, ...], ignore_eos: bool, waiting: Waiting | None = None) -> None:
-        self.block_id, self.sequences = block_id, list(sequences)  # every sequence it ran: refills join
+        # Its sequences not yet handed out: refills join, and a sequence whose row a refill takes is retired.
+        self.block_id, self.sequences = block_id, list(sequences)
         self.pad_id, self.eos_ids, self.ignore_eos, self.waiting = pad_id, eos_ids, ignore_eos, waiting
         self.batches = [sequences[i : i + gpu_batch_size] for i in range(0, len(sequences), gpu_batch_size)]
         prompt_len = max(len(s.prompt_ids) for s in sequences)
@@ -288,6 +289,7 @@ class BlockRun:
         self.last_step: StepCount | None = None
         self._prompt_tokens_next = sum(len(s.prompt_ids) for s in sequences)  # computed by the next step
         self._refills: list[tuple[RefillRows, torch.Tensor, torch.Tensor]] = []  # computed by the next step
+        self._retired: list[Sequence] = []  # finished sequences whose rows refills took, not yet handed out
         self.tokens: list[torch.Tensor] = []  # next step's input ids per batch: [B, S]
         self.valid: list[torch.Tensor] = []  # [B, T] bool: real tokens (False = left padding)
         prompt_targets = []
@@ -305,6 +307,12 @@ class BlockRun:
     @property
     def done(self) -> bool:
         return all(s.finish_reason is not None for s in self.sequences)
+
+    def take_retired(self) -> list[Sequence]:
+        """The finished sequences whose rows refills took since the last call, once: their output can be written
+        now, not when the block ends (a block with refill may run through a whole job)."""
+        retired, self._retired = self._retired, []
+        return retired
 
     def take_refills(self) -> list[tuple[RefillRows, torch.Tensor, torch.Tensor]]:
         """The refills the next step computes (each with its input ids and valid), once."""
@@ -369,11 +377,13 @@ class BlockRun:
             valid[row] = False
             valid[row, column + 1 - len(s.prompt_ids) :] = True
             tokens[row, 0] = s.prompt_ids[-1]
+            self._retired.append(self.batches[k][row])
             self.batches[k][row] = s
         self.tokens[k], self.valid[k] = tokens, valid
         heads = tuple(s.head for s in new)
         self.head_task = self.head_task.with_rows(k, tuple(rows), heads)
         self._refills.append((RefillRows(k, tuple(rows), column - width, heads), ids, mask))
-        self.sequences += new
+        retired = {id(s) for s in self._retired}
+        self.sequences = [s for s in self.sequences if id(s) not in retired] + new
         self.refilled += len(new)
         self._prompt_tokens_next += sum(len(s.prompt_ids) for s in new)

@@ -27,6 +27,10 @@ class Progress:
 
     def block_done(self, sequences: int) -> None:
         self._blocks_done += 1
+        self.sequences_done(sequences)
+
+    def sequences_done(self, sequences: int) -> None:
+        """Sequences written before their block ends (refill retires them as their rows are taken)."""
         self._describe()
         self._bar.update(sequences)
 
