@@ -272,12 +272,7 @@ class StageEngine:
         if refills and not past:
             raise ValueError("refills run inside a decode step")
         valid = [x.valid.to(self.device) for x in inputs]
-        # A prefill's batches may differ in width (a scoring block pads each to its own); a decode step's do not.
-        masks = [attention_mask(v, x.data.shape[1]) for v, x in zip(valid, inputs)]
-        positions = [position_ids(v, x.data.shape[1]) for v, x in zip(valid, inputs)]
-        # What the attention layers take of them (Llama: rotary cos and sin), made once a step rather than in every
-        # layer; a decode step's attention layers run all GPU batches at once.
-        attn_positions = [self.model.attention_positions(self.cfg, p, self.dtype) for p in positions]
+        masks, positions, attn_positions = (list(t) for t in zip(*(self._geometry(x) for x in inputs)))
         if past:
             prompts = [self._refill_prompt(len(inputs) + i, refill, x) for i, (refill, x) in enumerate(refills)]
         else:
@@ -342,13 +337,16 @@ class StageEngine:
         slots = range(len(inputs)) if not past else [*range(len(inputs)), *(p.slot for p in prompts)]
         return [acts.get(k) for k in slots]
 
-    def _refill_prompt(self, slot: int, refill: RefillRows, x: BatchInput) -> _Prompt:
-        width = x.data.shape[1]
-        valid = x.valid.to(self.device)
+    def _geometry(self, x: BatchInput) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """An input's attention mask, positions, and what the attention layers take of them (Llama: rotary cos and
+        sin), made once a step rather than in every layer. From the input's own width: a prefill's batches may differ
+        (a scoring block pads each to its own), a decode step's do not."""
+        valid, width = x.valid.to(self.device), x.data.shape[1]
         positions = position_ids(valid, width)
-        return _Prompt(slot, x.data, refill.batch, torch.tensor(refill.rows), refill.column,
-                       attention_mask(valid, width), positions,
-                       self.model.attention_positions(self.cfg, positions, self.dtype), False)
+        return attention_mask(valid, width), positions, self.model.attention_positions(self.cfg, positions, self.dtype)
+
+    def _refill_prompt(self, slot: int, refill: RefillRows, x: BatchInput) -> _Prompt:
+        return _Prompt(slot, x.data, refill.batch, torch.tensor(refill.rows), refill.column, *self._geometry(x), False)
 
     def _prompt_layer(self, j: int, w, p: _Prompt, acts: ActivationStore, caches: dict,
                       head: Callable[[int, torch.Tensor], object] | None, head_columns: list[int] | None) -> object:
@@ -390,8 +388,9 @@ class StageEngine:
         opt-1.3b layer's GEMMs run at 37-39 GFLOP/s on 16 rows and 87-89 on 1024 (benchmarks/bench_corun.py). Returns the
         head's outputs per batch, else [].
 
-        `live_rows` (None: all): the rows whose sequence still generates (`attn_positions` holds theirs only). The GEMMs run on those alone; a finished
-        row keeps its hidden state, gets zero logits, and attends with zero queries (its outputs are never read).
+        `live_rows` (None: all): the rows whose sequence still generates (`attn_positions` holds theirs only). The
+        GEMMs run on those alone; a finished row keeps its hidden state, gets zero logits, and attends with zero
+        queries (its outputs are never read).
         Rows are independent, so a live row computes what it would beside any others.
 
         `refilled`: per GPU batch, the rows a refill gave new sequences, and their prompts' keys and values this layer
