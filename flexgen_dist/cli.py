@@ -24,7 +24,7 @@ from flexgen_dist.memory.disk import ALIGN
 from flexgen_dist.openai_output import batch_input
 from flexgen_dist.policy.auto import PLACEMENT, SEARCHED, AutoPolicy
 from flexgen_dist.run import generate
-from flexgen_dist.run_config import PLACEMENT_STRATEGIES, RunConfig
+from flexgen_dist.run_config import EXECUTORS, PLACEMENT_STRATEGIES, RunConfig
 from flexgen_dist.score_run import score
 
 
@@ -111,8 +111,10 @@ def _add_distribution_flags(p: argparse.ArgumentParser, stage_counts: bool = Fal
                       help="cut each block's prefill into about N pipeline steps of a few sequences, so the next "
                            "stage starts early and other blocks' decode steps are not held up behind it (exact; "
                            "default: 2 per stage with --stages > 1 and no KV cache on disk, else 1)")
-    dist.add_argument("--executor", default="ray", choices=("ray", "local"),
-                      help="ray: one actor per stage (default); local: the same stage workers in this process")
+    dist.add_argument("--executor", default="auto", choices=EXECUTORS,
+                      help="ray: one actor per stage; local: the same stage workers in this process; auto (default): "
+                           "local for one stage on this machine, unless --ray-address, RAY_ADDRESS or "
+                           "--cpus-per-stage asks for Ray, else ray")
 
 
 def _add_refill_flag(group) -> None:

@@ -183,7 +183,7 @@ def plan_stages(run: RunConfig, cfg: ModelConfig, dtype: torch.dtype, device: to
 
 def stages_on_this_machine(run: RunConfig) -> bool:
     """In process, or on the embedded Ray cluster: no cluster address to join (ray_executor._connect)."""
-    return run.executor == "local" or not (run.ray_address or os.environ.get("RAY_ADDRESS"))
+    return run.in_process or not (run.ray_address or os.environ.get("RAY_ADDRESS"))
 
 
 def check_capacity(run: RunConfig, plans: list[TierPlan], device: torch.device) -> None:
@@ -221,7 +221,7 @@ def resource_summary(stages: StagePlan, stage_stats: list[dict]) -> dict:
 def make_executor(run: RunConfig) -> Executor:
     """A place reserved for each stage (on Ray: the cluster joined or started, a bundle per stage); its `start`
     loads the stages."""
-    if run.executor == "local":
+    if run.in_process:
         return LocalExecutor(run.stages)
     from flexgen_dist.runtime.ray_executor import RayExecutor
 
@@ -285,7 +285,7 @@ def _execute(run: RunConfig, source: ModelSource, work: list[tuple[Request, Sequ
     request_of = {id(s): r for r, s in work}  # a sequence's request, until its record is written
     waiting = [s for _, s in reversed(work)]  # a stack: the longest prompt last, popped first
     summary = {"model": cfg.name, "device": device.type, "dtype": dtype_name(dtype),
-               "stages": run.stages, "executor": run.executor, "sequences": len(work), "generated_tokens": 0,
+               "stages": run.stages, "executor": run.executor_name, "sequences": len(work), "generated_tokens": 0,
                "prompt_tokens": sum(len(s.prompt_ids) for _, s in work), "failed_requests": len(errors),
                "stage_restarts": 0, "decode_row_steps": 0, "finished_row_steps": 0}
     if run.refill:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from flexgen_dist.base.errors import UserError
@@ -12,6 +13,7 @@ from flexgen_dist.memory.budget import MemoryBudget
 from flexgen_dist.policy.auto import AutoPolicy
 
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")  # Ray placement group strategies
+EXECUTORS = ("auto", "ray", "local")  # RunConfig.in_process
 
 
 @dataclass(frozen=True)
@@ -30,7 +32,7 @@ class RunConfig:
     output: str | None = None
     progress: bool = True
     stages: int = 1
-    executor: str = "ray"  # "ray" (actors, the product path) or "local" (same workers in-process)
+    executor: str = "auto"  # "ray" (a Ray actor per stage), "local" (the same workers in this process), or "auto"
     ray_address: str | None = None  # None: RAY_ADDRESS if set (ray job submit), else an embedded local cluster
     placement_strategy: str = "PACK"
     cpus_per_stage: float | None = None  # Ray CPUs (compute threads) per stage; None: an equal share of a node's CPUs
@@ -45,6 +47,8 @@ class RunConfig:
             raise UserError(f"--stop: expected non-empty strings, got {list(self.stop)!r}")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
             raise UserError(f"--logprobs must be from 0 to {MAX_LOGPROBS}, got {self.logprobs}")
+        if self.executor not in EXECUTORS:
+            raise UserError(f"--executor: expected one of {', '.join(EXECUTORS)}, got {self.executor!r}")
         if self.cpus_per_stage is not None and self.cpus_per_stage <= 0:
             raise UserError(f"--cpus-per-stage must be > 0, got {self.cpus_per_stage:g}")
         if self.prefill_chunks is not None and self.prefill_chunks < 1:
@@ -54,3 +58,20 @@ class RunConfig:
             # Top-k keeps a share of every position a row has, its padding too: a refilled row, padded further than
             # it would be alone, would keep other positions.
             raise UserError("--refill needs dense attention: drop --attn-sparsity")
+
+    @property
+    def in_process(self) -> bool:
+        """Whether the stages run in this process (LocalExecutor) rather than as Ray actors. `auto` keeps one stage in
+        process unless the run joins a cluster (--ray-address, or RAY_ADDRESS under `ray job submit`) or asks for Ray
+        CPUs per stage: an actor on the embedded cluster shares the node's cores with Ray's daemons and the driver,
+        and at two threads on two cores it ran resident steps 0.80x as fast (machine C, docs/benchmark-history.md)
+        and lm-eval's generate_until 0.87x (machine B)."""
+        if self.executor != "auto":
+            return self.executor == "local"
+        joins_cluster = bool(self.ray_address or os.environ.get("RAY_ADDRESS"))
+        return self.stages == 1 and not joins_cluster and self.cpus_per_stage is None
+
+    @property
+    def executor_name(self) -> str:
+        """What runs the stages, for summaries: "local" or "ray"."""
+        return "local" if self.in_process else "ray"

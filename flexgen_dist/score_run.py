@@ -118,7 +118,7 @@ def run_scoring(run: RunConfig, cfg: ModelConfig, stages: StagePlan, sequences: 
     groups = [order[i : i + policy.block_size] for i in range(0, len(order), policy.block_size)]
     device = resolve_device(run.device)
     summary: dict = {"model": cfg.name, "device": device.type, "dtype": dtype_name(resolve_dtype(run.dtype, device)),
-                     "stages": run.stages, "executor": run.executor, "sequences": len(sequences),
+                     "stages": run.stages, "executor": run.executor_name, "sequences": len(sequences),
                      "prompt_tokens": sum(len(s.input_ids) for s in sequences),
                      "scored_tokens": sum(s.scored_tokens for s in sequences)}
     stage_stats: list[dict] = []

@@ -9,6 +9,10 @@ import pytest
 from hf_oracle import hf_greedy
 from test_parity import MAX_NEW, PROMPTS, run_cli
 
+from flexgen_dist.base.errors import UserError
+from flexgen_dist.engine.policy import Policy
+from flexgen_dist.run_config import RunConfig
+
 PLACEMENTS = [
     ("resident", "100 0 100 0 100 0", 2, 2),
     ("offloaded-mixed", "30 30 30 30 100 0", 1, 3),
@@ -73,3 +77,19 @@ def test_stages_share_gpus_in_whole_numbers_per_gpu(gpus, stages, share):
     if share:
         per_gpu = round(1 / share)
         assert per_gpu * max(1, gpus) >= stages  # every stage finds room
+
+
+def test_auto_executor_keeps_one_stage_of_this_machine_in_process(monkeypatch):
+    """Ray only where it buys something: more stages, a cluster to join, or Ray CPUs asked for per stage."""
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    policy = Policy()
+    assert RunConfig("m", policy).executor_name == "local"
+    assert RunConfig("m", policy, stages=2).executor_name == "ray"
+    assert RunConfig("m", policy, ray_address="127.0.0.1:6379").executor_name == "ray"
+    assert RunConfig("m", policy, cpus_per_stage=1.0).executor_name == "ray"
+    assert RunConfig("m", policy, executor="ray").executor_name == "ray"
+    assert RunConfig("m", policy, stages=2, executor="local").executor_name == "local"
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")  # as `ray job submit` sets it
+    assert RunConfig("m", policy).executor_name == "ray"
+    with pytest.raises(UserError, match="--executor: expected one of auto, ray, local, got 'threads'"):
+        RunConfig("m", policy, executor="threads")

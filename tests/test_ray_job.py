@@ -76,7 +76,7 @@ def test_config_maps_onto_run_config(tmp_path, monkeypatch):
     job = load_job_config(_write(tmp_path, VALID))
     run = job.run
     assert (run.model, run.dummy_weights, run.stages, run.placement_strategy) == ("opt-125m", True, 2, "SPREAD")
-    assert (run.device, run.dtype, run.max_new_tokens, run.executor) == ("cpu", "float32", 4, "ray")
+    assert (run.device, run.dtype, run.max_new_tokens, run.executor_name) == ("cpu", "float32", 4, "ray")
     assert (run.cpus_per_stage, run.prefill_chunks, run.refill) == (1.0, 3, True)
     assert run.policy == Policy(gpu_batch_size=4, num_gpu_batches=2, w_gpu_percent=0, w_cpu_percent=50)
     assert run.budget == MemoryBudget(cpu=8 * 2**30)

@@ -20,14 +20,16 @@ def _lines(path: Path) -> int:
     return path.read_text().count("\n") if path.exists() else 0
 
 
-@pytest.mark.parametrize("signum,code,message", [(signal.SIGTERM, 143, "terminated"), (signal.SIGINT, 130, "interrupted")],
-                         ids=["SIGTERM", "SIGINT"])
-def test_signal_mid_run_cleans_up_and_keeps_finished_blocks(tmp_path, signum, code, message):
+@pytest.mark.parametrize("signum,code,message,executor", [(signal.SIGTERM, 143, "terminated", "ray"),
+                                                            (signal.SIGINT, 130, "interrupted", "auto")],
+                         ids=["SIGTERM-ray", "SIGINT-in-process"])
+def test_signal_mid_run_cleans_up_and_keeps_finished_blocks(tmp_path, signum, code, message, executor):
     out, offload = tmp_path / "out.jsonl", tmp_path / "offload"
     cmd = [sys.executable, "-m", "flexgen_dist", "generate", "--model", "opt-125m", "--dummy-weights", "--synthetic",
            "64", "--prompt-len", "16", "--max-new-tokens", "8", "--ignore-eos", "--percent", "0", "0", "0", "0", "100",
            "0", "--gpu-batch-size", "4", "--dtype", "float32", "--offload-dir", str(offload), "--output", str(out),
-           "--quiet"]  # the default executor: one Ray stage actor on an embedded cluster; weights and cache on disk
+           "--quiet", "--executor", executor]  # ray: one stage actor on an embedded cluster; auto: in process
+    # Weights and cache on disk.
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     # A run started from a script's background job inherits SIGINT ignored (POSIX), and keeps it so, as a shell's
     # background jobs should; start this one as from a terminal, whatever launched pytest.
@@ -39,7 +41,7 @@ def test_signal_mid_run_cleans_up_and_keeps_finished_blocks(tmp_path, signum, co
             assert proc.poll() is None, proc.communicate()[1][-2000:]
             assert time.monotonic() < deadline, "no block finished in time"
             time.sleep(0.2)
-        started = psutil.Process(proc.pid).children(recursive=True)  # the embedded cluster and the stage actor
+        started = psutil.Process(proc.pid).children(recursive=True)  # Ray's: the embedded cluster and the stage actor
         assert any(f.is_file() for f in offload.rglob("*")), "expected the stage's offload files mid-run"
         proc.send_signal(signum)
         _, stderr = proc.communicate(timeout=120)

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 
+from flexgen_dist.engine.packing import TokenPacking
 from flexgen_dist.engine.policy import Policy
 from flexgen_dist.engine.transfer import Lane
 from flexgen_dist.io.weights import WeightSource
@@ -39,6 +40,10 @@ _CPU_CHUNK_TOKENS = 512
 
 def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def _unpacked(hidden: torch.Tensor, packing: TokenPacking | None) -> torch.Tensor:
+    return hidden if packing is None else packing.unpack(hidden)
 
 
 def _live_rows(valid: list[torch.Tensor]) -> torch.Tensor | None:
@@ -104,6 +109,10 @@ class _Prompt:
     positions: torch.Tensor
     attn_positions: torch.Tensor
     logits: bool  # False: a refill, whose last token's logits come from the decode step
+    # Its real tokens, when it has padding: its hidden states are then kept packed [1, T, H] between layers, and
+    # `packed_attn_positions` are the attention layers' positions for them.
+    packing: TokenPacking | None = None
+    packed_attn_positions: torch.Tensor | None = None
 
 
 class ActivationStore:
@@ -274,10 +283,13 @@ class StageEngine:
         valid = [x.valid.to(self.device) for x in inputs]
         masks, positions, attn_positions = (list(t) for t in zip(*(self._geometry(x) for x in inputs)))
         if past:
-            prompts = [self._refill_prompt(len(inputs) + i, refill, x) for i, (refill, x) in enumerate(refills)]
+            prompts = [self._packed(_Prompt(len(inputs) + i, x.data, refill.batch, torch.tensor(refill.rows),
+                                            refill.column, *self._geometry(x), False), x.valid)
+                       for i, (refill, x) in enumerate(refills)]
         else:
-            prompts = [_Prompt(k, x.data, part.batch if part else k, slice(part.start, part.stop) if part else
-                               slice(None), 0, masks[k], positions[k], attn_positions[k], True)
+            prompts = [self._packed(_Prompt(k, x.data, part.batch if part else k, slice(part.start, part.stop) if part
+                                            else slice(None), 0, masks[k], positions[k], attn_positions[k], True),
+                                    x.valid)
                        for k, x in enumerate(inputs)]
         live_rows = _live_rows(valid) if past else None
         decode_positions = _cat(attn_positions) if past else None  # the live rows' only: selected once, not per layer
@@ -287,7 +299,8 @@ class StageEngine:
             for k, x in enumerate(inputs):
                 acts.put(k, x.data.to(self.device, self.dtype))
             for p in prompts:
-                acts.put(p.slot, p.data.to(self.device, self.dtype))
+                hidden = p.data.to(self.device, self.dtype)
+                acts.put(p.slot, hidden if p.packing is None else p.packing.pack(hidden))
         attention_order = [(j, k) for j, l in enumerate(self.layers) if l.kind == "attention" for k in range(len(inputs))]
         cache_loads = {}
         keep = math.ceil(self.policy.attn_sparsity * (past + 1)) if past and self.policy.attn_sparsity < 1 else None
@@ -334,8 +347,9 @@ class StageEngine:
             self._weight_lane.drain()
         if self.has_head:
             return outputs
+        packings = {p.slot: p.packing for p in prompts}
         slots = range(len(inputs)) if not past else [*range(len(inputs)), *(p.slot for p in prompts)]
-        return [acts.get(k) for k in slots]
+        return [_unpacked(acts.get(k), packings.get(k)) for k in slots]
 
     def _geometry(self, x: BatchInput) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """An input's attention mask, positions, and what the attention layers take of them (Llama: rotary cos and
@@ -345,8 +359,13 @@ class StageEngine:
         positions = position_ids(valid, width)
         return attention_mask(valid, width), positions, self.model.attention_positions(self.cfg, positions, self.dtype)
 
-    def _refill_prompt(self, slot: int, refill: RefillRows, x: BatchInput) -> _Prompt:
-        return _Prompt(slot, x.data, refill.batch, torch.tensor(refill.rows), refill.column, *self._geometry(x), False)
+    def _packed(self, p: _Prompt, valid: torch.Tensor) -> _Prompt:
+        """`p`, with its real tokens' packing when it has padding (packing.py)."""
+        packing = TokenPacking.of(valid.to(self.device))
+        if packing is None:
+            return p
+        return replace(p, packing=packing, packed_attn_positions=self.model.attention_positions(
+            self.cfg, packing.pack(p.positions), self.dtype))
 
     def _prompt_layer(self, j: int, w, p: _Prompt, acts: ActivationStore, caches: dict,
                       head: Callable[[int, torch.Tensor], object] | None, head_columns: list[int] | None) -> object:
@@ -354,11 +373,16 @@ class StageEngine:
         keys and values it cached [b, n, S, D]."""
         layer = self.layers[j]
         if layer.kind == "embed":
-            acts.put(p.slot, self.model.embed(self.cfg, w, p.data.to(self.device), p.positions))
+            ids, positions = p.data.to(self.device), p.positions
+            if p.packing is not None:
+                ids, positions = p.packing.pack(ids), p.packing.pack(positions)
+            acts.put(p.slot, self.model.embed(self.cfg, w, ids, positions))
             return None
         if layer.kind == "head" and not p.logits:
             return None
         hidden = acts.get(p.slot)
+        if layer.kind == "head":
+            hidden = _unpacked(hidden, p.packing)
         if layer.kind == "head" and head is not None:
             # Per GPU batch, so the [B, S, V] float32 logits never exist for the whole block at once.
             needed = hidden if head_columns is None else hidden[:, hidden.shape[1] - head_columns[p.slot] :]
@@ -366,10 +390,20 @@ class StageEngine:
         if layer.kind == "head":
             return self.model.lm_head(self.cfg, w, hidden[:, -1])
         if layer.kind == "mlp":
-            acts.put(p.slot, _cat([self.model.mlp(self.cfg, w, hidden[c]) for c in self._chunks(hidden)]))
+            if p.packing is None:
+                out = _cat([self.model.mlp(self.cfg, w, hidden[c]) for c in self._chunks(*hidden.shape[:2])])
+            else:  # [1, T, H]: chunks of tokens
+                out = torch.cat([self.model.mlp(self.cfg, w, hidden[:, c]) for c in self._chunks(hidden.shape[1], 1)],
+                                dim=1)
+            acts.put(p.slot, out)
             return None
-        out, keys, values = self._prefill_attention(caches.get((j, p.batch)), w, hidden, p.mask, p.attn_positions,
-                                                    p.rows, p.column)
+        if p.packing is None:
+            out, keys, values = self._prefill_attention(w, hidden, p.mask, p.attn_positions)
+        else:
+            out, keys, values = self._packed_prefill_attention(w, hidden, p)
+        cache = caches.get((j, p.batch))
+        if cache is not None:
+            self._cache_lane.submit(cache.store_prefill, keys, values, p.rows, p.column)
         acts.put(p.slot, out)
         return keys, values
 
@@ -425,28 +459,35 @@ class StageEngine:
             acts.put(k, part)
         return []
 
-    def _chunks(self, hidden: torch.Tensor) -> list[slice]:
-        """The sequence ranges a step computes [B, S, H] hidden states in: the whole batch, or on a CPU device chunks
-        of about _CPU_CHUNK_TOKENS tokens."""
-        batch, tokens = hidden.shape[:2]
-        per = batch if self.device.type != "cpu" else max(1, _CPU_CHUNK_TOKENS // tokens)
-        return [slice(i, min(batch, i + per)) for i in range(0, batch, per)]
+    def _chunks(self, count: int, tokens_each: int) -> list[slice]:
+        """The ranges of `count` items (sequences of `tokens_each` tokens, or single tokens) a step computes in: all
+        at once, or on a CPU device chunks of about _CPU_CHUNK_TOKENS tokens."""
+        per = count if self.device.type != "cpu" else max(1, _CPU_CHUNK_TOKENS // tokens_each)
+        return [slice(i, min(count, i + per)) for i in range(0, count, per)]
 
-    def _prefill_attention(self, cache: CacheHome | None, w, hidden: torch.Tensor, mask: torch.Tensor,
-                           attn_positions: torch.Tensor, rows: slice | torch.Tensor,
-                           column: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """-> the layer's output, and the keys and values it caches (at `column` of sequences `rows`; cache None:
-        nowhere)."""
+    def _prefill_attention(self, w, hidden: torch.Tensor, mask: torch.Tensor,
+                           attn_positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """hidden [B, S, H] -> the layer's output, and the keys and values to cache [B, n, S, D]."""
         outs, keys, values = [], [], []
-        for c in self._chunks(hidden):  # attention is per sequence: chunks of sequences are independent
+        for c in self._chunks(*hidden.shape[:2]):  # attention is per sequence: chunks of sequences are independent
             q, key, value = self.model.attention_input(self.cfg, w, hidden[c], attn_positions[c])  # [b, N or n, S, D]
             outs.append(self.model.attention_output(self.cfg, w, hidden[c], attend(q, key, value, mask[c])))
             keys.append(key)
             values.append(value)
-        keys, values = _cat(keys), _cat(values)
-        if cache is not None:
-            self._cache_lane.submit(cache.store_prefill, keys, values, rows, column)
-        return _cat(outs), keys, values
+        return _cat(outs), _cat(keys), _cat(values)
+
+    def _packed_prefill_attention(self, w, hidden: torch.Tensor,
+                                  p: _Prompt) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """hidden [1, T, H], the prompt's real tokens -> the layer's output for them, and the keys and values to cache
+        [B, n, S, D] (zeros at the padding). The projections run on the T tokens; the scores on the padded layout."""
+        q, keys, values = (p.packing.unpack_heads(t)
+                           for t in self.model.attention_input(self.cfg, w, hidden, p.packed_attn_positions))
+        batch, _, width, _ = q.shape
+        context = p.packing.pack_heads(_cat([attend(q[c], keys[c], values[c], p.mask[c])
+                                             for c in self._chunks(batch, width)]))  # [1, N, T, D]
+        out = torch.cat([self.model.attention_output(self.cfg, w, hidden[:, c], context[:, :, c])
+                         for c in self._chunks(hidden.shape[1], 1)], dim=1)
+        return out, keys, values
 
     def _decode_context(self, cache: CacheHome, q: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                         loaded: list[LoadedPiece], mask: torch.Tensor, past: int, keep: int | None) -> torch.Tensor:

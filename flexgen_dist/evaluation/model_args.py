@@ -13,14 +13,14 @@ from flexgen_dist.base.typed_fields import known_keys, typed
 from flexgen_dist.engine.generation import Sampling
 from flexgen_dist.engine.policy import Policy, load_policy_file
 from flexgen_dist.memory.budget import MemoryBudget, parse_max_memory
-from flexgen_dist.run_config import PLACEMENT_STRATEGIES, RunConfig
+from flexgen_dist.run_config import EXECUTORS, PLACEMENT_STRATEGIES, RunConfig
 
 _WHERE = "flexgen-dist model_args"
 # RunConfig's settings, typed; `policy` names a policy YAML file whose fields the Policy keys then override.
 _RUN_KEYS = {"model": str, "dummy_weights": bool, "seed": int, "device": str, "dtype": str, "max_memory": str,
              "offload_dir": str, "stages": int, "executor": str, "ray_address": str, "placement_strategy": str,
              "cpus_per_stage": float, "prefill_chunks": int, "refill": bool, "policy": str}
-_CHOICES = {"device": DEVICES, "dtype": tuple(DTYPES), "executor": ("ray", "local"),
+_CHOICES = {"device": DEVICES, "dtype": tuple(DTYPES), "executor": EXECUTORS,
             "placement_strategy": PLACEMENT_STRATEGIES}
 # What simple_evaluate adds to every model's arguments; batch_size is our GPU batch size unless gpu_batch_size is given.
 _LM_EVAL_KEYS = ("batch_size", "max_batch_size")
@@ -52,7 +52,7 @@ def run_config(model_args: dict) -> RunConfig:
         model=given["model"], policy=policy, dummy_weights=given.get("dummy_weights", False),
         sampling=Sampling(seed=given.get("seed", 0)), device=given.get("device"), dtype=given.get("dtype"),
         budget=parse_max_memory(given["max_memory"]) if "max_memory" in given else MemoryBudget(),
-        offload_dir=given.get("offload_dir"), stages=given.get("stages", 1), executor=given.get("executor", "ray"),
+        offload_dir=given.get("offload_dir"), stages=given.get("stages", 1), executor=given.get("executor", "auto"),
         ray_address=given.get("ray_address"), placement_strategy=given.get("placement_strategy", "PACK"),
         cpus_per_stage=given.get("cpus_per_stage"), prefill_chunks=given.get("prefill_chunks"),
         refill=given.get("refill", False))
