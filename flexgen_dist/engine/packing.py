@@ -23,10 +23,8 @@ class TokenPacking:
     width: int
 
     @classmethod
-    def of(cls, valid: torch.Tensor) -> TokenPacking | None:
-        """valid [B, S] bool (True: a real token). None when nothing is padding: the input is packed already."""
-        if bool(valid.all()):
-            return None
+    def of(cls, valid: torch.Tensor) -> TokenPacking:
+        """valid [B, S] bool (True: a real token)."""
         return cls(valid.reshape(-1).nonzero().squeeze(1), *valid.shape)
 
     def pack(self, x: torch.Tensor) -> torch.Tensor:
