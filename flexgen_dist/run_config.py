@@ -65,7 +65,7 @@ class RunConfig:
         process unless the run joins a cluster (--ray-address, or RAY_ADDRESS under `ray job submit`) or asks for Ray
         CPUs per stage: an actor on the embedded cluster shares the node's cores with Ray's daemons and the driver,
         and at two threads on two cores it ran resident steps 0.80x as fast (machine C, docs/benchmark-history.md)
-        and lm-eval's generate_until 0.87x (machine B)."""
+        and lm-eval's generate_until 0.88x (machine B)."""
         if self.executor != "auto":
             return self.executor == "local"
         joins_cluster = bool(self.ray_address or os.environ.get("RAY_ADDRESS"))
