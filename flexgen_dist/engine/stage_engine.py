@@ -486,7 +486,7 @@ class StageEngine:
         attention layers' positions of those tokens, in that order."""
         hidden = _cat([acts.get(k) for k in range(len(sizes))])  # [sum B, 1, H]
         live = hidden if live_rows is None else hidden.index_select(0, live_rows)
-        parts = [live.view(1, -1, live.shape[-1]), *(acts.get(p.slot) for p in refills)]  # [1, tokens, H] each
+        parts = [live.reshape(1, -1, live.shape[-1]), *(acts.get(p.slot) for p in refills)]  # [1, tokens, H] each
         counts = [part.shape[1] for part in parts]
         tokens = torch.cat(parts, dim=1)
         chunks = self._chunks(tokens.shape[1], 1)
@@ -507,7 +507,7 @@ class StageEngine:
             out = torch.cat([self.model.attention_output(self.cfg, w, tokens[:, c], context[:, :, c]) for c in chunks],
                             dim=1)
         rows_out, *refill_outs = out.split(counts, dim=1)
-        rows_out = _scatter_rows(rows_out.view(-1, 1, rows_out.shape[-1]), live_rows, hidden.shape[0], hidden)
+        rows_out = _scatter_rows(rows_out.reshape(-1, 1, rows_out.shape[-1]), live_rows, hidden.shape[0], hidden)
         for k, part in enumerate(rows_out.split(sizes)):
             acts.put(k, part)
         for p, part in zip(refills, refill_outs):
