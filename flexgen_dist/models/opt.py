@@ -21,7 +21,8 @@ from flexgen_dist.models.prepack import linear
 
 POSITION_OFFSET = 2  # OPT's learned positions are shifted by 2 (a fairseq legacy)
 
-ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu}
+# relu in place on fc1's fresh output: one [tokens, ffn_dim] temporary, not two (OptConfig.ffn_temporaries).
+ACTIVATIONS = {"relu": F.relu_, "gelu": F.gelu}
 
 
 @dataclass(frozen=True)
