@@ -329,11 +329,11 @@ class StageEngine:
             cache_loads[attention_order[0]] = load_cache(attention_order[0])
         weight_loads = {j: self._weight_lane.submit(self._prefetch_weights, j) for j in range(min(2, len(self.layers)))}
         outputs: list[torch.Tensor] = []
+        sizes = [x.data.shape[0] for x in inputs]
         for j, layer in enumerate(self.layers):
             with self.tiers.stats.waiting("weights"):
                 prefetched = weight_loads.pop(j).result()
             w = self._weights(j, prefetched)
-            sizes = [x.data.shape[0] for x in inputs]
             if mixed_positions is not None and layer.kind in ("attention", "mlp"):
                 self._mixed_layer(j, w, sizes, live_rows, acts, caches, masks, past, keep, loaded_cache, prompts,
                                   mixed_positions)
