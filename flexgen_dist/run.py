@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import resource
 import sys
 import tempfile
@@ -183,7 +182,7 @@ def plan_stages(run: RunConfig, cfg: ModelConfig, dtype: torch.dtype, device: to
 
 def stages_on_this_machine(run: RunConfig) -> bool:
     """In process, or on the embedded Ray cluster: no cluster address to join (ray_executor._connect)."""
-    return run.in_process or not (run.ray_address or os.environ.get("RAY_ADDRESS"))
+    return run.in_process or not run.joins_cluster
 
 
 def check_capacity(run: RunConfig, plans: list[TierPlan], device: torch.device) -> None:

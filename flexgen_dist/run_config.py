@@ -68,8 +68,13 @@ class RunConfig:
         and lm-eval's generate_until 0.88x (machine B)."""
         if self.executor != "auto":
             return self.executor == "local"
-        joins_cluster = bool(self.ray_address or os.environ.get("RAY_ADDRESS"))
-        return self.stages == 1 and not joins_cluster and self.cpus_per_stage is None
+        return self.stages == 1 and not self.joins_cluster and self.cpus_per_stage is None
+
+    @property
+    def joins_cluster(self) -> bool:
+        """Whether Ray stages join a running cluster (--ray-address, or RAY_ADDRESS under `ray job submit`) rather
+        than an embedded one on this machine."""
+        return bool(self.ray_address or os.environ.get("RAY_ADDRESS"))
 
     @property
     def executor_name(self) -> str:

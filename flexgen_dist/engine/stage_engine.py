@@ -401,9 +401,8 @@ class StageEngine:
         if layer.kind == "mlp":
             if p.packing is None:
                 out = _cat([self.model.mlp(self.cfg, w, hidden[c]) for c in self._chunks(*hidden.shape[:2])])
-            else:  # [1, T, H]: chunks of tokens
-                out = torch.cat([self.model.mlp(self.cfg, w, hidden[:, c]) for c in self._chunks(hidden.shape[1], 1)],
-                                dim=1)
+            else:
+                out = self._packed_mlp(w, hidden)
             acts.put(p.slot, out)
             return None
         if p.packing is None:
@@ -489,9 +488,8 @@ class StageEngine:
         parts = [live.reshape(1, -1, live.shape[-1]), *(acts.get(p.slot) for p in refills)]  # [1, tokens, H] each
         counts = [part.shape[1] for part in parts]
         tokens = torch.cat(parts, dim=1)
-        chunks = self._chunks(tokens.shape[1], 1)
         if self.layers[j].kind == "mlp":
-            out = torch.cat([self.model.mlp(self.cfg, w, tokens[:, c]) for c in chunks], dim=1)
+            out = self._packed_mlp(w, tokens)
         else:
             qkv = [t.split(counts, dim=2) for t in self.model.attention_input(self.cfg, w, tokens, positions)]
             contexts, refilled = [], {}
@@ -504,14 +502,18 @@ class StageEngine:
             context = self._decode_attention(j, rows_qkv, sizes, live_rows, caches, masks, past, keep, loaded_cache,
                                              refilled)
             context = torch.cat([context[:, :, 0].transpose(0, 1).unsqueeze(0), *contexts], dim=2)  # [1, N, M, D]
-            out = torch.cat([self.model.attention_output(self.cfg, w, tokens[:, c], context[:, :, c]) for c in chunks],
-                            dim=1)
+            out = torch.cat([self.model.attention_output(self.cfg, w, tokens[:, c], context[:, :, c])
+                             for c in self._chunks(tokens.shape[1], 1)], dim=1)
         rows_out, *refill_outs = out.split(counts, dim=1)
         rows_out = _scatter_rows(rows_out.reshape(-1, 1, rows_out.shape[-1]), live_rows, hidden.shape[0], hidden)
         for k, part in enumerate(rows_out.split(sizes)):
             acts.put(k, part)
         for p, part in zip(refills, refill_outs):
             acts.put(p.slot, part)
+
+    def _packed_mlp(self, w, tokens: torch.Tensor) -> torch.Tensor:
+        """The MLP over packed tokens [1, T, H], in chunks of tokens."""
+        return torch.cat([self.model.mlp(self.cfg, w, tokens[:, c]) for c in self._chunks(tokens.shape[1], 1)], dim=1)
 
     def _chunks(self, count: int, tokens_each: int) -> list[slice]:
         """The ranges of `count` items (sequences of `tokens_each` tokens, or single tokens) a step computes in: all
