@@ -107,7 +107,7 @@ class _Prompt:
     column: int  # the first cache position written
     mask: torch.Tensor
     positions: torch.Tensor
-    attn_positions: torch.Tensor
+    attn_positions: torch.Tensor | None  # None for a refill: its attention layers take the step's mixed positions
     logits: bool  # False: a refill, whose last token's logits come from the decode step
     # Its real tokens, when it has padding (a refill: always): its hidden states are then kept packed [1, T, H]
     # between layers, and `packed_attn_positions` are the attention layers' positions for them (a prefill's).
@@ -284,7 +284,8 @@ class StageEngine:
         masks, positions, attn_positions = (list(t) for t in zip(*(self._geometry(x) for x in inputs)))
         if past:  # refills: packed, to join the decode rows' tokens (_mixed_layer)
             prompts = [replace(_Prompt(len(inputs) + i, x.data, refill.batch, torch.tensor(refill.rows), refill.column,
-                                       *self._geometry(x), False), packing=TokenPacking.of(x.valid.to(self.device)))
+                                       *self._geometry(x, for_attention=False), False),
+                               packing=TokenPacking.of(x.valid.to(self.device)))
                        for i, (refill, x) in enumerate(refills)]
         else:
             prompts = [self._packed(_Prompt(k, x.data, part.batch if part else k, slice(part.start, part.stop) if part
@@ -359,13 +360,15 @@ class StageEngine:
         slots = range(len(inputs)) if not past else [*range(len(inputs)), *(p.slot for p in prompts)]
         return [_unpacked(acts.get(k), packings.get(k)) for k in slots]
 
-    def _geometry(self, x: BatchInput) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _geometry(self, x: BatchInput,
+                  for_attention: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """An input's attention mask, positions, and what the attention layers take of them (Llama: rotary cos and
-        sin), made once a step rather than in every layer. From the input's own width: a prefill's batches may differ
-        (a scoring block pads each to its own), a decode step's do not."""
+        sin; None unless `for_attention`), made once a step rather than in every layer. From the input's own width: a
+        prefill's batches may differ (a scoring block pads each to its own), a decode step's do not."""
         valid, width = x.valid.to(self.device), x.data.shape[1]
         positions = position_ids(valid, width)
-        return attention_mask(valid, width), positions, self.model.attention_positions(self.cfg, positions, self.dtype)
+        attn_positions = self.model.attention_positions(self.cfg, positions, self.dtype) if for_attention else None
+        return attention_mask(valid, width), positions, attn_positions
 
     def _packed(self, p: _Prompt, valid: torch.Tensor) -> _Prompt:
         """A prefill's `p`, with its real tokens' packing when it has padding (packing.py)."""

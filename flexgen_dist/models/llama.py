@@ -302,9 +302,11 @@ def attention_output(cfg: LlamaConfig, w: dict[str, torch.Tensor], hidden: torch
 def mlp(cfg: LlamaConfig, w: dict[str, torch.Tensor], hidden: torch.Tensor) -> torch.Tensor:
     """The SwiGLU feed-forward half of a decoder layer with its residual. [B, S, H] -> [B, S, H]."""
     x = _rms_norm(hidden, w["post_attention_layernorm.weight"], cfg.rms_norm_eps)
-    gate = F.silu(linear(x, w["gate_proj.weight"], w.get("gate_proj.bias")))
-    return hidden + linear(gate * linear(x, w["up_proj.weight"], w.get("up_proj.bias")), w["down_proj.weight"],
-                           w.get("down_proj.bias"))
+    # In place on the projections' fresh outputs: gate and up are the only [tokens, ffn_dim] tensors held at once
+    # (ffn_temporaries), not a third for the product.
+    gate = F.silu(linear(x, w["gate_proj.weight"], w.get("gate_proj.bias")), inplace=True)
+    gate.mul_(linear(x, w["up_proj.weight"], w.get("up_proj.bias")))
+    return hidden + linear(gate, w["down_proj.weight"], w.get("down_proj.bias"))
 
 
 def lm_head(cfg: LlamaConfig, w: dict[str, torch.Tensor], hidden: torch.Tensor) -> torch.Tensor:
