@@ -17,10 +17,6 @@ from typing import Callable
 import torch
 
 
-def _nbytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
-
-
 class PageLockedBuffers:
     """`allocate(shape, dtype)` makes a CPU tensor, `lock(t)` / `unlock(t)` page-lock it and undo that (on a GPU
     device: cudaHostRegister and, after a device sync, cudaHostUnregister). Thread-safe: I/O lanes free buffers too."""
@@ -50,7 +46,7 @@ class PageLockedBuffers:
             evicted = []
             while self._spare and self._in_use_bytes + nbytes + self._spare_bytes > peak:
                 evicted.append(self._spare.pop(0))
-                self._spare_bytes -= _nbytes(evicted[-1])
+                self._spare_bytes -= evicted[-1].nbytes
         for t in evicted:
             self._unlock_fn(t)
         t = self._allocate(shape, dtype)
@@ -70,9 +66,9 @@ class PageLockedBuffers:
         with self._mutex:
             if self._in_use.pop(t.data_ptr(), None) is None:
                 return
-            self._in_use_bytes -= _nbytes(t)
+            self._in_use_bytes -= t.nbytes
             self._spare.append(t)
-            self._spare_bytes += _nbytes(t)
+            self._spare_bytes += t.nbytes
 
     def close(self) -> None:
         """Unlock every buffer, in use or spare, so that each can be freed."""
