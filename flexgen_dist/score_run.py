@@ -20,7 +20,7 @@ import torch
 from flexgen_dist.base.devices import dtype_name, resolve_device, resolve_dtype
 from flexgen_dist.base.errors import UserError
 from flexgen_dist.engine.policy import Policy
-from flexgen_dist.engine.scoring import ScoreBlock, ScoredSequence
+from flexgen_dist.engine.scoring import ScoreBlock, ScoredSequence, ScoreRow, score_rows
 from flexgen_dist.io.model_source import ModelSource, resolve_model
 from flexgen_dist.io.outputs import ResultWriter, read_done_ids
 from flexgen_dist.io.prompts import Request
@@ -99,11 +99,19 @@ def plan_scoring(run: RunConfig, cfg: ModelConfig, dtype: torch.dtype, device: t
     """The stages for scoring `sequences` (run.policy a fixed Policy: check_scoring_policy), checked against the
     budgets before any loading; the last stage's workspace holds a GPU batch's logits of the positions it scores.
     Blocks keep a KV cache only to score `decode_tokens` decode steps (engine.scoring.ScoreBlock)."""
-    prompt_len = max((len(s.input_ids) for s in sequences), default=1)
-    columns = max((s.logit_columns for s in sequences), default=1)
+    rows = _rows(sequences, cfg, decode_tokens)
+    prompt_len = max((len(r.input_ids) for r in rows), default=1)
+    columns = max((r.logit_columns for r in rows), default=1)
     logits_bytes = _LOGITS_COPIES * run.policy.gpu_batch_size * columns * cfg.vocab_size * 4
     return plan_stages(run, cfg, dtype, device, prompt_len, gen_len=0, head_workspace=logits_bytes,
                        kv_cache=decode_tokens > 0)
+
+
+def _rows(sequences: list[ScoredSequence], cfg: ModelConfig, decode_tokens: int) -> list[ScoreRow]:
+    """The rows that score `sequences`: those that start alike share a row's prefix (engine.scoring.score_rows),
+    unless decode steps score them (a decode step feeds a row one token). A row is at most the model's positions
+    wide, so the memory plan's widths stay within what a lone sequence may need."""
+    return score_rows(sequences, cfg.max_positions, share=decode_tokens == 0)
 
 
 def run_scoring(run: RunConfig, cfg: ModelConfig, stages: StagePlan, sequences: list[ScoredSequence],
@@ -113,13 +121,17 @@ def run_scoring(run: RunConfig, cfg: ModelConfig, stages: StagePlan, sequences: 
     block; `on_scored(indices)` as each block finishes, with the indices into `sequences` it held. `label`: the
     progress bar's. -> the summary (corpus perplexity, throughput, resources, policy)."""
     policy = run.policy
-    # Similar lengths share a block: less padding computed.
-    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i].input_ids), reverse=True)
+    rows = _rows(sequences, cfg, decode_tokens)
+    # Similar widths share a block: less padding computed.
+    order = sorted(rows, key=lambda r: len(r.input_ids), reverse=True)
     groups = [order[i : i + policy.block_size] for i in range(0, len(order), policy.block_size)]
     device = resolve_device(run.device)
+    fed = sum(len(r.input_ids) for r in rows)
     summary: dict = {"model": cfg.name, "device": device.type, "dtype": dtype_name(resolve_dtype(run.dtype, device)),
                      "stages": run.stages, "executor": run.executor_name, "sequences": len(sequences),
-                     "prompt_tokens": sum(len(s.input_ids) for s in sequences),
+                     "rows": len(rows), "prompt_tokens": fed,
+                     # Fed once for several sequences (a shared context): tokens a row each would have computed again.
+                     "shared_tokens_saved": sum(len(s.input_ids) for s in sequences) - fed,
                      "scored_tokens": sum(s.scored_tokens for s in sequences)}
     stage_stats: list[dict] = []
     total_s = 0.0
@@ -131,14 +143,14 @@ def run_scoring(run: RunConfig, cfg: ModelConfig, stages: StagePlan, sequences: 
             executor.start(stages.specs)
             summary["load_s"] = time.perf_counter() - load_start
             bar = stack.enter_context(progress(len(sequences), len(groups), run.progress, label))
-            blocks = [ScoreBlock(i, [sequences[j] for j in g], policy.gpu_batch_size, cfg.pad_token_id, decode_tokens)
+            blocks = [ScoreBlock(i, g, policy.gpu_batch_size, cfg.pad_token_id, decode_tokens)
                       for i, g in enumerate(groups)]
 
             def finished(block: ScoreBlock) -> None:
                 if on_scored is not None:
-                    on_scored(groups[block.block_id])
+                    on_scored([i for row in block.rows for i in row.indices])
                 if bar is not None:
-                    bar.step_done(sum(len(s.input_ids) for s in block.sequences))
+                    bar.step_done(sum(len(r.input_ids) for r in block.rows))
                     bar.block_done(len(block.sequences))
 
             total_s = run_blocks(executor, iter(blocks), lambda block: block.head_task, max_in_flight=run.stages,

@@ -159,6 +159,9 @@ def _assert_one_job_per_request_kind(results: dict) -> None:
     requests = {job["request_type"]: job["requests"] for job in jobs}
     assert requests == {"loglikelihood": 4 * len(QUESTIONS) + len(CONTEXTS), "loglikelihood_rolling": len(TEXTS),
                         "generate_until": 2 * len(PROMPTS)}
+    scoring = next(job for job in jobs if job["request_type"] == "loglikelihood")
+    # A multiple-choice document's 4 requests share its context: one row each; fg_greedy's contexts all differ.
+    assert scoring["rows"] == len(QUESTIONS) + len(CONTEXTS) and scoring["shared_tokens_saved"] > 0, scoring
     windows = next(job["sequences"] for job in jobs if job["request_type"] == "loglikelihood_rolling")
     assert windows > len(TEXTS), "a document longer than the model's positions is scored in several windows"
     lengths = next(job["output_tokens_quartiles"] for job in jobs if job["request_type"] == "generate_until")

@@ -13,7 +13,7 @@ import torch
 from hf_oracle import hf_nll
 
 from flexgen_dist.cli import main
-from flexgen_dist.models.likelihood import NOT_SCORED, next_token_targets, summed_nll
+from flexgen_dist.models.likelihood import NOT_SCORED, next_token_targets, target_scores
 
 _rng = random.Random(7)
 # Mixed lengths so blocks are left-padded; 2 is the shortest scorable sequence (one scored token).
@@ -136,7 +136,21 @@ def test_summed_nll_ignores_unscored_positions_even_when_their_logits_are_not_fi
     targets = torch.tensor([[NOT_SCORED, 4, 0]])
     expected = -(logits[0, 1, 4] + logits[0, 2, 0]).double()
     logits[0, 0] = float("nan")
-    torch.testing.assert_close(summed_nll(logits, targets), expected.reshape(1))
+    torch.testing.assert_close(target_scores(logits, targets).nll, expected.reshape(1, 1))
+
+
+def test_a_row_of_several_sequences_is_summed_per_sequence():
+    """Segments 1 and 2: two sequences after a shared prefix (segment 0, unscored); each gets its own sum and
+    greediness, whatever the order of their positions."""
+    logits = torch.log_softmax(torch.randn(1, 5, 6, generator=torch.Generator().manual_seed(1)), dim=-1)
+    best = logits[0].argmax(dim=-1)
+    targets = torch.tensor([[NOT_SCORED, int(best[1]), (int(best[2]) + 1) % 6, int(best[3]), int(best[4])]])
+    segments = torch.tensor([[0, 2, 1, 2, 1]])
+    scores = target_scores(logits, targets, segments)
+    picked = [float(logits[0, i, targets[0, i]]) for i in range(1, 5)]
+    torch.testing.assert_close(scores.nll, -torch.tensor([[picked[1] + picked[3], picked[0] + picked[2]]],
+                                                         dtype=torch.float64))
+    assert scores.greedy.tolist() == [[False, True]]
 
 
 def test_a_block_scored_in_one_prefill_plans_no_kv_cache(opt_preln_dir):

@@ -7,11 +7,17 @@ log-likelihood requests ask); the head computes logits only from the first posit
 block is one prefill step. With `decode_tokens` N, the last N tokens of every sequence are fed one decode step at a
 time (teacher forcing), so their likelihoods come from attention over the stored KV cache, as generated tokens' do:
 that is how a compressed cache or sparse decode attention shows up in the figures.
+
+Sequences whose unscored beginnings are the same tokens (lm-eval's multiple-choice requests: one context, one
+continuation per choice) share a row (ScoreRow): the context once, then each continuation, each attending to the
+context and to itself at the positions it would have alone. A row scores each sequence exactly as its own row would,
+and computes its context once instead of once per choice.
 """
 
 from __future__ import annotations
 
 import math
+from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
@@ -23,19 +29,25 @@ from flexgen_dist.models.likelihood import NOT_SCORED, TargetScores
 @dataclass(frozen=True, eq=False)
 class Scoring:
     """A block's head task when scoring (generation's is its `Decoding`): per GPU batch, the token each position of
-    the whole block predicts, [B, T] int64; a step scores the columns of its query positions."""
+    the whole block predicts, [B, T] int64, a step scoring the columns of its query positions; and, when rows hold
+    several sequences after a shared prefix, which sequence of its row each position belongs to (ScoreRow.segments),
+    which every stage's attention reads too. None: one sequence a row."""
 
     targets: tuple[torch.Tensor, ...]
+    segments: tuple[torch.Tensor, ...] | None = None
 
-    def step_targets(self, valid: list[torch.Tensor], query_lens: list[int]) -> tuple[torch.Tensor, ...]:
+    def step_targets(self, valid: list[torch.Tensor],
+                     query_lens: list[int]) -> tuple[tuple[torch.Tensor, torch.Tensor | None], ...]:
         """Per GPU batch, this step's columns (the last `query_lens[k]` of the `valid[k].shape[1]` positions seen so
-        far) from the first one a sequence scores on: only those need logits. -> [B, n] each, 1 <= n <= query_len."""
+        far) from the first one a sequence scores on: only those need logits. -> ([B, n] targets, [B, n] segments or
+        None) each, 1 <= n <= query_len."""
         columns = []
-        for t, v, query_len in zip(self.targets, valid, query_lens):
+        for k, (t, v, query_len) in enumerate(zip(self.targets, valid, query_lens)):
             end = v.shape[1]
             step = t[:, end - query_len : end]
             scored = (step != NOT_SCORED).any(dim=0).nonzero()
-            columns.append(step[:, int(scored[0]) if len(scored) else query_len - 1 :])
+            first = end - query_len + (int(scored[0]) if len(scored) else query_len - 1)
+            columns.append((t[:, first:end], self.segments[k][:, first:end] if self.segments is not None else None))
         return tuple(columns)
 
 
@@ -68,33 +80,100 @@ class ScoredSequence:
         return math.exp(self.nll / self.scored_tokens)
 
 
+@dataclass(frozen=True, eq=False)
+class ScoreRow:
+    """One row of a block: a lone sequence (`prefix` 0), or several whose first `prefix` fed tokens are the same and
+    unscored, fed once: the prefix, then each sequence's other tokens in turn. `indices`: the sequences' places in the
+    list the rows were made from."""
+
+    indices: tuple[int, ...]
+    sequences: tuple[ScoredSequence, ...]
+    prefix: int = 0
+
+    @property
+    def input_ids(self) -> list[int]:
+        return self.sequences[0].input_ids[: self.prefix] + [t for s in self.sequences for t in s.input_ids[self.prefix :]]
+
+    @property
+    def segments(self) -> list[int]:
+        """Per fed position: 0 for the shared prefix, i for the i-th sequence's own tokens (from 1)."""
+        return [0] * self.prefix + [i for i, s in enumerate(self.sequences, 1) for _ in s.input_ids[self.prefix :]]
+
+    def position_targets(self) -> list[int]:
+        return [NOT_SCORED] * self.prefix + [t for s in self.sequences for t in s.position_targets()[self.prefix :]]
+
+    @property
+    def logit_columns(self) -> int:
+        """Positions whose logits the head computes for this row: from its first scored one to its last."""
+        first = self.sequences[0]  # its unscored tokens are the prefix, or (a lone sequence) all the row's
+        return len(self.input_ids) - len(first.input_ids) + first.logit_columns
+
+
+def score_rows(sequences: list[ScoredSequence], max_width: int, share: bool = True) -> list[ScoreRow]:
+    """`sequences` as rows: with `share`, those whose fed tokens before their targets are the same (at least one
+    token) share rows of at most `max_width` tokens; the rest, one a row."""
+    groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
+    rows = []
+    for i, s in enumerate(sequences):
+        unscored = len(s.input_ids) - len(s.targets) if s.targets is not None else 0
+        if share and unscored:
+            groups[tuple(s.input_ids[:unscored])].append(i)
+        else:
+            rows.append(ScoreRow((i,), (s,)))
+    for prefix, members in groups.items():
+        row: list[int] = []
+        width = len(prefix)
+        for i in members:
+            own = len(sequences[i].input_ids) - len(prefix)
+            if row and width + own > max_width:
+                rows.append(_shared_row(sequences, row, len(prefix)))
+                row, width = [], len(prefix)
+            row.append(i)
+            width += own
+        rows.append(_shared_row(sequences, row, len(prefix)))
+    return rows
+
+
+def _shared_row(sequences: list[ScoredSequence], indices: list[int], prefix: int) -> ScoreRow:
+    """The row of `sequences[i]` for i in `indices`, sharing `prefix` tokens; a row of one shares nothing."""
+    return ScoreRow(tuple(indices), tuple(sequences[i] for i in indices), prefix if len(indices) > 1 else 0)
+
+
 class ScoreBlock:
-    """Up to gpu_batch_size x num_gpu_batches sequences (each longer than `decode_tokens`): a prefill step, then
-    `decode_tokens` teacher-forced decode steps.
+    """Up to gpu_batch_size x num_gpu_batches rows (each sequence longer than `decode_tokens`): a prefill step, then
+    `decode_tokens` teacher-forced decode steps (which need rows of one sequence).
 
-    Scored in one prefill (no decode tokens), each GPU batch is padded to its own longest sequence, not the block's,
-    and the block keeps no KV cache (nothing reads it back). lm-eval's multiple-choice requests at opt-125m size,
-    blocks of 32x2: padding to the block computed 1.35x the real tokens, to each batch 1.17x."""
+    Scored in one prefill (no decode tokens), each GPU batch is padded to its own longest row, not the block's, and
+    the block keeps no KV cache (nothing reads it back). lm-eval's multiple-choice requests at opt-125m size, blocks
+    of 32x2: padding to the block computed 1.35x the real tokens, to each batch 1.17x."""
 
-    def __init__(self, block_id: int, sequences: list[ScoredSequence], gpu_batch_size: int, pad_id: int,
+    def __init__(self, block_id: int, rows: list[ScoreRow], gpu_batch_size: int, pad_id: int,
                  decode_tokens: int = 0) -> None:
-        self.block_id, self.sequences, self.decode_tokens = block_id, sequences, decode_tokens
-        self.batches = [sequences[i : i + gpu_batch_size] for i in range(0, len(sequences), gpu_batch_size)]
-        longest = max(len(s.input_ids) for s in sequences)
+        if decode_tokens and any(row.prefix for row in rows):
+            raise ValueError("teacher-forced decode steps score rows of one sequence")
+        self.block_id, self.rows, self.decode_tokens = block_id, rows, decode_tokens
+        self.batches = [rows[i : i + gpu_batch_size] for i in range(0, len(rows), gpu_batch_size)]
+        longest = max(len(r.input_ids) for r in rows)
         # Decode steps feed every batch the same column, so then batches share the block's width.
-        self._widths = [max(len(s.input_ids) for s in batch) if not decode_tokens else longest
+        self._widths = [max(len(r.input_ids) for r in batch) if not decode_tokens else longest
                         for batch in self.batches]
         self.capacity = longest if decode_tokens else 0  # KV cache positions (0: none)
         self._ids: list[torch.Tensor] = []  # [B, width] per batch, the whole block's tokens
         self._valid: list[torch.Tensor] = []  # [B, width] bool per batch (False = left padding)
-        targets = []
+        targets, segments = [], []
         for batch, width in zip(self.batches, self._widths):
-            ids, valid = left_pad([s.input_ids for s in batch], width, pad_id)
+            ids, valid = left_pad([r.input_ids for r in batch], width, pad_id)
             self._ids.append(ids)
             self._valid.append(valid)
-            targets.append(left_pad([s.position_targets() for s in batch], width, NOT_SCORED)[0])
+            targets.append(left_pad([r.position_targets() for r in batch], width, NOT_SCORED)[0])
+            segments.append(left_pad([r.segments for r in batch], width, 0)[0])
         self.steps_done = 0
-        self.head_task = Scoring(tuple(targets))
+        # Segments only where a row shares a prefix: a block of lone sequences keeps the plain causal mask.
+        self.head_task = Scoring(tuple(targets), tuple(segments) if any(r.prefix for r in rows) else None)
+
+    @property
+    def sequences(self) -> list[ScoredSequence]:
+        return [s for row in self.rows for s in row.sequences]
 
     @property
     def batch_sizes(self) -> list[int]:
@@ -123,9 +202,11 @@ class ScoreBlock:
         return [v[:, : self._end(k)] for k, v in enumerate(self._valid)]
 
     def advance(self, scores: list[TargetScores]) -> None:
-        """Add one step's output per batch: the summed NLL of its positions per sequence, and their greediness."""
+        """Add one step's output per batch: the summed NLL of each sequence's positions in it, and their
+        greediness."""
         for batch, step in zip(self.batches, scores):
-            for s, nll, greedy in zip(batch, step.nll.tolist(), step.greedy.tolist()):
-                s.nll += nll
-                s.greedy = s.greedy and greedy
+            for row, nll, greedy in zip(batch, step.nll.tolist(), step.greedy.tolist()):
+                for s, n, g in zip(row.sequences, nll, greedy):
+                    s.nll += n
+                    s.greedy = s.greedy and g
         self.steps_done += 1

@@ -69,6 +69,9 @@ class BatchInput:
 
     data: torch.Tensor  # token ids [B, S] for a stage holding the embedding, else hidden states [B, S, H]
     valid: torch.Tensor  # [B, T] bool, T = cached + S positions: which are real tokens (False = left padding)
+    # [B, T] int64 for a scoring prefill whose rows feed several sequences after a shared prefix (scoring.ScoreRow):
+    # which tokens each token attends to (models.attention.attention_mask). None: plain causal.
+    segments: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -366,9 +369,10 @@ class StageEngine:
         sin; None unless `for_attention`), made once a step rather than in every layer. From the input's own width: a
         prefill's batches may differ (a scoring block pads each to its own), a decode step's do not."""
         valid, width = x.valid.to(self.device), x.data.shape[1]
-        positions = position_ids(valid, width)
+        segments = x.segments.to(self.device) if x.segments is not None else None
+        positions = position_ids(valid, width, segments)
         attn_positions = self.model.attention_positions(self.cfg, positions, self.dtype) if for_attention else None
-        return attention_mask(valid, width), positions, attn_positions
+        return attention_mask(valid, width, segments), positions, attn_positions
 
     def _packed(self, p: _Prompt, valid: torch.Tensor) -> _Prompt:
         """A prefill's `p`, with its real tokens' packing when it has padding (packing.py)."""

@@ -59,20 +59,40 @@ def attend_rows(top_probs: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     return context.view(b, kv_heads * group, 1, rows.shape[-1])
 
 
-def attention_mask(valid: torch.Tensor, query_len: int) -> torch.Tensor:
+def attention_mask(valid: torch.Tensor, query_len: int, segments: torch.Tensor | None = None) -> torch.Tensor:
     """Causal + padding mask for the last `query_len` positions. valid [B, T] bool -> [B, 1, S, T] bool.
 
+    `segments` [B, T] int64 (a scoring row of sequences sharing a prefix, engine.scoring.ScoreRow): a token of segment
+    i > 0 sees segment 0 (the shared prefix) and segment i only, so each sequence attends to what it would alone.
     Every query may see itself, so left-padding rows never softmax over nothing (which would give NaN and leak
     through 0 * NaN into the real rows' values).
     """
-    t = valid.shape[1]
-    q_pos = torch.arange(t - query_len, t, device=valid.device)[:, None]  # [S, 1]
-    k_pos = torch.arange(t, device=valid.device)[None, :]  # [1, T]
-    causal = k_pos <= q_pos  # [S, T]
-    return ((causal & valid[:, None, :]) | (k_pos == q_pos))[:, None]
+    q_pos, k_pos = _query_key_positions(valid, query_len)
+    return (_visible(valid, query_len, segments) | (k_pos == q_pos))[:, None]
 
 
-def position_ids(valid: torch.Tensor, query_len: int) -> torch.Tensor:
-    """HF's positions: the count of real tokens before each one; padding gets 0 (it is masked anyway). -> [B, S]."""
+def position_ids(valid: torch.Tensor, query_len: int, segments: torch.Tensor | None = None) -> torch.Tensor:
+    """HF's positions: the count of real tokens before each one; padding gets 0 (it is masked anyway). -> [B, S].
+    With `segments`, the count of the real tokens it sees (attention_mask): a sequence's own tokens follow the shared
+    prefix at the positions they would have alone."""
+    if segments is not None:
+        return (_visible(valid, query_len, segments).sum(dim=-1) - 1).clamp(min=0)
     pos = valid.long().cumsum(dim=1) - 1
     return pos.clamp(min=0)[:, -query_len:]
+
+
+def _visible(valid: torch.Tensor, query_len: int, segments: torch.Tensor | None) -> torch.Tensor:
+    """[B, S, T] bool: the real tokens each of the last `query_len` positions attends to (attention_mask)."""
+    q_pos, k_pos = _query_key_positions(valid, query_len)
+    seen = (k_pos <= q_pos) & valid[:, None, :]
+    if segments is not None:
+        keys = segments[:, None, :]
+        seen &= (keys == 0) | (keys == segments[:, -query_len:, None])
+    return seen
+
+
+def _query_key_positions(valid: torch.Tensor, query_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The last `query_len` positions of valid [B, T] as [S, 1], and all T as [1, T]."""
+    t = valid.shape[1]
+    return (torch.arange(t - query_len, t, device=valid.device)[:, None],
+            torch.arange(t, device=valid.device)[None, :])

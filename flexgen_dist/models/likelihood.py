@@ -28,21 +28,24 @@ def target_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor
     return -nll.view(b, s)
 
 
-def summed_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Summed negative log-likelihood (nats) of each row's targets. logits [B, S, V] float32, targets [B, S] int64
-    -> [B] float64."""
-    return -target_logprobs(logits, targets).double().sum(dim=1)
-
-
 class TargetScores(NamedTuple):
-    """Per row: what scoring needs of its targets' logits."""
+    """Per row, per sequence it holds (one, or several after a shared prefix: engine.scoring.ScoreRow): what scoring
+    needs of their targets' logits."""
 
-    nll: torch.Tensor  # [B] float64: the summed negative log-likelihood (nats) of the row's targets
-    greedy: torch.Tensor  # [B] bool: every target is the most likely token where it is predicted
+    nll: torch.Tensor  # [B, G] float64: the summed negative log-likelihood (nats) of each sequence's targets
+    greedy: torch.Tensor  # [B, G] bool: every target is the most likely token where it is predicted
 
 
-def target_scores(logits: torch.Tensor, targets: torch.Tensor) -> TargetScores:
-    """logits [B, S, V] float32, targets [B, S] int64 (NOT_SCORED: none) -> each row's TargetScores."""
+def target_scores(logits: torch.Tensor, targets: torch.Tensor, segments: torch.Tensor | None = None) -> TargetScores:
+    """logits [B, S, V] float32, targets [B, S] int64 (NOT_SCORED: none) -> each row's TargetScores, G = 1; with
+    `segments` [B, S] int64 (which sequence of its row each position's target belongs to, from 1; 0: none), G = the
+    largest segment."""
     unscored = targets == NOT_SCORED
-    greedy = (logits.argmax(dim=-1) == targets) | unscored
-    return TargetScores(summed_nll(logits, targets), greedy.all(dim=1))
+    missed = (logits.argmax(dim=-1) != targets) & ~unscored
+    nll = -target_logprobs(logits, targets).double()
+    if segments is None:
+        return TargetScores(nll.sum(dim=1, keepdim=True), ~missed.any(dim=1, keepdim=True))
+    width = int(segments.max()) + 1
+    sums = nll.new_zeros((nll.shape[0], width)).scatter_add_(1, segments, nll)
+    misses = segments.new_zeros((nll.shape[0], width)).scatter_add_(1, segments, missed.long())
+    return TargetScores(sums[:, 1:], misses[:, 1:] == 0)

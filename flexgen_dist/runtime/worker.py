@@ -80,6 +80,8 @@ class StageWorker:
         # Per block: its sequences' heads, and per GPU batch each sampled sequence's own generator.
         self._decoding: dict[int, tuple[Decoding, list[list[torch.Generator | None]]]] = {}
         self._scoring: dict[int, Scoring] = {}  # blocks whose head sums log-likelihoods instead of sampling
+        # Every stage, scoring blocks whose rows share prefixes: per GPU batch, whom each token attends to.
+        self._segments: dict[int, tuple[torch.Tensor, ...]] = {}
         # Last stage, a prefill cut into parts: per block, per GPU batch, the logits of the parts seen so far.
         self._part_logits: dict[int, list[dict[int, torch.Tensor | tuple]]] = {}
         self._batch_sizes: dict[int, list[int]] = {}
@@ -101,6 +103,10 @@ class StageWorker:
         self.engine.start_block(block_id, batch_sizes, capacity)
         self._batch_sizes[block_id] = list(batch_sizes)
         self._part_logits.pop(block_id, None)
+        if isinstance(head, Scoring) and head.segments is not None:
+            self._segments[block_id] = head.segments
+        else:
+            self._segments.pop(block_id, None)
         if self.engine.has_head and isinstance(head, Scoring):
             self._scoring[block_id] = head
         elif self.engine.has_head:
@@ -128,11 +134,12 @@ class StageWorker:
             query_len = data[0].shape[1]
             # A scoring prefill's batches may differ in width (engine.scoring.ScoreBlock)
             targets = scoring.step_targets(valid, [d.shape[1] for d in data]) if scoring is not None else None
-            columns = [t.shape[1] for t in targets] if targets is not None else None  # logits only where scored
+            columns = [t.shape[1] for t, _ in targets] if targets is not None else None  # logits only where scored
             batches = len(valid)
             # A refill whose prompts are all one token long has nothing to compute: only its heads change.
             computed = [i for i, (_, v) in enumerate(refills) if v.shape[1]]
-            out = self.engine.step(block_id, [BatchInput(d, v) for d, v in zip(data, valid)],
+            segments = self._segments.get(block_id, [None] * batches)
+            out = self.engine.step(block_id, [BatchInput(d, v, g) for d, v, g in zip(data, valid, segments)],
                                    self._head(block_id, valid, query_len, part, targets), part, columns,
                                    [(refills[i][0], BatchInput(data[batches + i], refills[i][1])) for i in computed])
             if scoring is not None:
@@ -165,11 +172,13 @@ class StageWorker:
         return decoding, generators
 
     def _head(self, block_id: int, valid: list[torch.Tensor], query_len: int, part: PrefillPart | None,
-              targets: tuple[torch.Tensor, ...] | None) -> Callable[[int, torch.Tensor], object] | None:
+              targets: tuple[tuple[torch.Tensor, torch.Tensor | None], ...] | None
+              ) -> Callable[[int, torch.Tensor], object] | None:
         """What the last stage's head makes of every position's logits (stage_engine.step's `head`); None: it keeps
         the last position's. `targets`: a scoring step's (Scoring.step_targets), whose columns the logits cover."""
         if targets is not None:
-            return lambda k, logits: target_scores(logits, targets[k].to(logits.device))
+            return lambda k, logits: target_scores(logits, *(t if t is None else t.to(logits.device)
+                                                             for t in targets[k]))
         prefill = valid[0].shape[1] == query_len
         if block_id not in self._decoding or not prefill:
             return None
@@ -193,6 +202,7 @@ class StageWorker:
         self._part_logits.pop(block_id, None)
         self._decoding.pop(block_id, None)
         self._scoring.pop(block_id, None)
+        self._segments.pop(block_id, None)
 
     def stats(self) -> dict:
         """Busy (inside step) and idle (since the first step, outside step) seconds, peak bytes, transfers."""
