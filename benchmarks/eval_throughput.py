@@ -188,8 +188,9 @@ def ours_run(args: argparse.Namespace, model: Path, kind: str, tasks: Path, ours
         results = json.loads(out.read_text())
         (job,) = results["flexgen_dist"]["jobs"]  # one task of one kind: one job
         record.update(load_s=job["load_s"], job_s=job["total_s"], metric=results["results"][TASKS[kind]][METRICS[kind]])
-        if "output_tokens_quartiles" in job:
-            record["output_tokens_quartiles"] = job["output_tokens_quartiles"]
+        # generate_until's output lengths; a scoring job's tokens fed, and those its shared rows did not feed again.
+        record.update({key: job[key] for key in ("output_tokens_quartiles", "prompt_tokens", "rows",
+                                                 "shared_tokens_saved") if key in job})
     return record
 
 
@@ -243,6 +244,9 @@ def print_table(records: list[dict]) -> None:
     for r in records:
         if "output_tokens_quartiles" in r:
             print(f"\ngenerate_until output tokens (min / 25% / median / 75% / max): {r['output_tokens_quartiles']}")
+        if "shared_tokens_saved" in r:
+            print(f"\n{r['kind']}: {r['prompt_tokens']} tokens fed in {r['rows']} rows; shared contexts saved "
+                  f"{r['shared_tokens_saved']} more")
 
 
 # --- the command line ------------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ import json
 import math
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -69,7 +70,7 @@ def score(run: RunConfig, requests: list[Request], decode_tokens: int = 0) -> di
         skipped = sum(r.id in done for r, _ in work)
         work = [(r, s) for r, s in work if r.id not in done]
     sequences = [s for _, s in work]
-    stages = plan_scoring(run, source.config, dtype, device, sequences, decode_tokens)
+    plan = plan_scoring(run, source.config, dtype, device, sequences, decode_tokens)
     with contextlib.ExitStack() as stack:
         # Open the output first: an unwritable path fails before minutes of weight loading.
         writer = stack.enter_context(ResultWriter(run.output)) if run.output else None
@@ -82,7 +83,7 @@ def score(run: RunConfig, requests: list[Request], decode_tokens: int = 0) -> di
                 for rec in records:
                     print(json.dumps(rec), flush=True)
 
-        summary = run_scoring(run, source.config, stages, sequences, decode_tokens, scored)
+        summary = run_scoring(run, source.config, plan, sequences, scored)
     return {**summary, "decode_tokens": decode_tokens, "skipped": skipped}
 
 
@@ -94,12 +95,37 @@ def check_scoring_policy(run: RunConfig) -> None:
                         "written by `flexgen-dist policy`")
 
 
+@dataclass(frozen=True)
+class ScoringPlan:
+    stages: StagePlan
+    rows: tuple[ScoreRow, ...]  # what the blocks feed: every sequence, in rows (engine.scoring.score_rows)
+    decode_tokens: int  # of each sequence, scored through teacher-forced decode steps (ScoreBlock)
+
+
 def plan_scoring(run: RunConfig, cfg: ModelConfig, dtype: torch.dtype, device: torch.device,
-                 sequences: list[ScoredSequence], decode_tokens: int = 0) -> StagePlan:
-    """The stages for scoring `sequences` (run.policy a fixed Policy: check_scoring_policy), checked against the
-    budgets before any loading; the last stage's workspace holds a GPU batch's logits of the positions it scores.
-    Blocks keep a KV cache only to score `decode_tokens` decode steps (engine.scoring.ScoreBlock)."""
-    rows = _rows(sequences, cfg, decode_tokens)
+                 sequences: list[ScoredSequence], decode_tokens: int = 0) -> ScoringPlan:
+    """The rows and stages for scoring `sequences` (run.policy a fixed Policy: check_scoring_policy), checked against
+    the budgets before any loading; the last stage's workspace holds a GPU batch's logits of the positions it scores.
+    Blocks keep a KV cache only to score `decode_tokens` decode steps (engine.scoring.ScoreBlock).
+
+    Sequences that start alike share rows (a multiple-choice document's context fed once), unless decode steps score
+    them (a decode step feeds a row one token). A shared row may be as wide as the model's positions; where the
+    budgets cannot hold a GPU batch of those rows, their activations and their logits, rows are cut to the widest
+    sequence's width and scored positions, which plans what the sequences alone would."""
+    share = decode_tokens == 0
+    rows = score_rows(sequences, cfg.max_positions, share=share)
+    try:
+        return ScoringPlan(_plan_rows(run, cfg, dtype, device, rows, decode_tokens), tuple(rows), decode_tokens)
+    except UserError:
+        if not any(r.prefix for r in rows):
+            raise
+    rows = score_rows(sequences, max(len(s.input_ids) for s in sequences),
+                      max(s.logit_columns for s in sequences), share=share)
+    return ScoringPlan(_plan_rows(run, cfg, dtype, device, rows, decode_tokens), tuple(rows), decode_tokens)
+
+
+def _plan_rows(run: RunConfig, cfg: ModelConfig, dtype: torch.dtype, device: torch.device, rows: list[ScoreRow],
+               decode_tokens: int) -> StagePlan:
     prompt_len = max((len(r.input_ids) for r in rows), default=1)
     columns = max((r.logit_columns for r in rows), default=1)
     logits_bytes = _LOGITS_COPIES * run.policy.gpu_batch_size * columns * cfg.vocab_size * 4
@@ -107,21 +133,12 @@ def plan_scoring(run: RunConfig, cfg: ModelConfig, dtype: torch.dtype, device: t
                        kv_cache=decode_tokens > 0)
 
 
-def _rows(sequences: list[ScoredSequence], cfg: ModelConfig, decode_tokens: int) -> list[ScoreRow]:
-    """The rows that score `sequences`: those that start alike share a row's prefix (engine.scoring.score_rows),
-    unless decode steps score them (a decode step feeds a row one token). A row is at most the model's positions
-    wide, so the memory plan's widths stay within what a lone sequence may need."""
-    return score_rows(sequences, cfg.max_positions, share=decode_tokens == 0)
-
-
-def run_scoring(run: RunConfig, cfg: ModelConfig, stages: StagePlan, sequences: list[ScoredSequence],
-                decode_tokens: int = 0, on_scored: Callable[[list[int]], None] | None = None,
-                label: str = "score") -> dict:
-    """Score `sequences` in place (their `nll` and `greedy`) through the planned stages, similar lengths sharing a
-    block; `on_scored(indices)` as each block finishes, with the indices into `sequences` it held. `label`: the
-    progress bar's. -> the summary (corpus perplexity, throughput, resources, policy)."""
-    policy = run.policy
-    rows = _rows(sequences, cfg, decode_tokens)
+def run_scoring(run: RunConfig, cfg: ModelConfig, plan: ScoringPlan, sequences: list[ScoredSequence],
+                on_scored: Callable[[list[int]], None] | None = None, label: str = "score") -> dict:
+    """Score `sequences` in place (their `nll` and `greedy`) through the planned stages and rows, similar widths
+    sharing a block; `on_scored(indices)` as each block finishes, with the indices into `sequences` it held.
+    `label`: the progress bar's. -> the summary (corpus perplexity, throughput, resources, policy)."""
+    policy, rows, stages = run.policy, plan.rows, plan.stages
     # Similar widths share a block: less padding computed.
     order = sorted(rows, key=lambda r: len(r.input_ids), reverse=True)
     groups = [order[i : i + policy.block_size] for i in range(0, len(order), policy.block_size)]
@@ -143,7 +160,7 @@ def run_scoring(run: RunConfig, cfg: ModelConfig, stages: StagePlan, sequences: 
             executor.start(stages.specs)
             summary["load_s"] = time.perf_counter() - load_start
             bar = stack.enter_context(progress(len(sequences), len(groups), run.progress, label))
-            blocks = [ScoreBlock(i, g, policy.gpu_batch_size, cfg.pad_token_id, decode_tokens)
+            blocks = [ScoreBlock(i, g, policy.gpu_batch_size, cfg.pad_token_id, plan.decode_tokens)
                       for i, g in enumerate(groups)]
 
             def finished(block: ScoreBlock) -> None:

@@ -284,8 +284,7 @@ def test_the_head_computes_logits_only_for_scored_positions(opt_preln_dir, monke
     sequences = [ScoredSequence(list(range(10, 40)), targets=[40, 41]), ScoredSequence(list(range(5, 25)), [7]),
                  ScoredSequence(list(range(50, 60)))]
     cfg = model_config(str(opt_preln_dir))
-    stages = plan_scoring(run, cfg, torch.float32, torch.device("cpu"), sequences)
-    run_scoring(run, cfg, stages, sequences)
+    run_scoring(run, cfg, plan_scoring(run, cfg, torch.float32, torch.device("cpu"), sequences), sequences)
     assert sorted(widths) == [2, 10]  # the block of the two continuations: 2 columns; the whole-sequence score: all
     logprobs = hf_log_softmax(opt_preln_dir, list(range(10, 40)))  # the last two positions predict the targets
     assert sequences[0].nll == pytest.approx(-float(logprobs[28, 40] + logprobs[29, 41]), rel=REL_TOL)

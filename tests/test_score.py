@@ -166,8 +166,8 @@ def test_a_block_scored_in_one_prefill_plans_no_kv_cache(opt_preln_dir):
     sequences = [ScoredSequence(s) for s in SEQUENCES]
 
     def cache_bytes(decode_tokens: int) -> int:
-        stages = plan_scoring(run, model_config(str(opt_preln_dir)), torch.float32, torch.device("cpu"), sequences,
-                              decode_tokens)
-        return sum(sum(plan.cache.values()) for plan in stages.plans)
+        scoring = plan_scoring(run, model_config(str(opt_preln_dir)), torch.float32, torch.device("cpu"), sequences,
+                               decode_tokens)
+        return sum(sum(plan.cache.values()) for plan in scoring.stages.plans)
 
     assert cache_bytes(0) == 0 and cache_bytes(1) > 0

@@ -14,6 +14,8 @@ from hf_oracle import hf_log_softmax
 from flexgen_dist.engine.policy import Policy
 from flexgen_dist.engine.scoring import ScoredSequence, score_rows
 from flexgen_dist.io.model_source import model_config
+from flexgen_dist.memory.budget import MemoryBudget
+from flexgen_dist.memory.tiers import Tier
 from flexgen_dist.models.attention import attention_mask, position_ids
 from flexgen_dist.models.likelihood import NOT_SCORED
 from flexgen_dist.run_config import RunConfig
@@ -92,3 +94,27 @@ def test_shared_rows_score_each_sequence_as_hf_scores_it_alone(request, model):
         assert s.greedy == all(int(logprobs[i].argmax()) == t for i, t in enumerate(s.targets))
         greedy.append(s.greedy)
     assert any(greedy) and not all(greedy)
+
+
+def test_rows_narrow_to_what_lone_sequences_plan_where_the_budget_is_short(opt_preln_dir):
+    """A budget that holds the lone sequences' plan but not the shared rows' (wider, with more scored positions):
+    the rows are cut to the widest sequence's width and scored positions, and still score as HF does."""
+    rng = random.Random(5)
+    context = [2] + [rng.randrange(4, 500) for _ in range(9)]
+    sequences = [_request(context, [rng.randrange(4, 500) for _ in range(5)]) for _ in range(4)]
+    cfg = model_config(str(opt_preln_dir))
+
+    def plan(budget: MemoryBudget):
+        run = RunConfig(str(opt_preln_dir), Policy(gpu_batch_size=2, num_gpu_batches=1), dtype="float32",
+                        device="cpu", executor="local", progress=False, budget=budget)
+        return run, plan_scoring(run, cfg, torch.float32, torch.device("cpu"), sequences)
+
+    _, wide = plan(MemoryBudget())
+    assert [len(r.sequences) for r in wide.rows] == [4]
+    need = sum(p.total(Tier.GPU) + p.total(Tier.CPU) for p in wide.stages.plans)
+    run, narrow = plan(MemoryBudget(gpu=need - 1))
+    assert [len(r.sequences) for r in narrow.rows] == [1] * 4  # 5 scored positions each: no two fit in 5 columns
+    run_scoring(run, cfg, narrow, sequences)
+    for s in sequences:
+        logprobs = hf_log_softmax(opt_preln_dir, s.input_ids)[-len(s.targets) :]  # the positions predicting them
+        assert s.nll == pytest.approx(-sum(float(logprobs[i, t]) for i, t in enumerate(s.targets)), rel=REL_TOL)

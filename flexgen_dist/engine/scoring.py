@@ -109,9 +109,11 @@ class ScoreRow:
         return len(self.input_ids) - len(first.input_ids) + first.logit_columns
 
 
-def score_rows(sequences: list[ScoredSequence], max_width: int, share: bool = True) -> list[ScoreRow]:
+def score_rows(sequences: list[ScoredSequence], max_width: int, max_columns: int | None = None,
+               share: bool = True) -> list[ScoreRow]:
     """`sequences` as rows: with `share`, those whose fed tokens before their targets are the same (at least one
-    token) share rows of at most `max_width` tokens; the rest, one a row."""
+    token) share rows of at most `max_width` tokens, and of at most `max_columns` scored ones (the head's logits);
+    the rest, one a row."""
     groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
     rows = []
     for i, s in enumerate(sequences):
@@ -122,14 +124,15 @@ def score_rows(sequences: list[ScoredSequence], max_width: int, share: bool = Tr
             rows.append(ScoreRow((i,), (s,)))
     for prefix, members in groups.items():
         row: list[int] = []
-        width = len(prefix)
+        own_tokens = 0  # the row's tokens after the prefix: all scored
         for i in members:
             own = len(sequences[i].input_ids) - len(prefix)
-            if row and width + own > max_width:
+            if row and (len(prefix) + own_tokens + own > max_width
+                        or max_columns is not None and own_tokens + own > max_columns):
                 rows.append(_shared_row(sequences, row, len(prefix)))
-                row, width = [], len(prefix)
+                row, own_tokens = [], 0
             row.append(i)
-            width += own
+            own_tokens += own
         rows.append(_shared_row(sequences, row, len(prefix)))
     return rows
 

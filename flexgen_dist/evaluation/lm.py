@@ -113,8 +113,8 @@ class FlexGenLM(TemplateLM):
         """One scoring job over every sequence of a call's `requests`: each gets its nll and greedy."""
         check_scoring_policy(self.run)
         device = resolve_device(self.run.device)
-        stages = plan_scoring(self.run, self.config, resolve_dtype(self.run.dtype, device), device, sequences)
-        summary = run_scoring(self.run, self.config, stages, sequences, label=request_type)
+        plan = plan_scoring(self.run, self.config, resolve_dtype(self.run.dtype, device), device, sequences)
+        summary = run_scoring(self.run, self.config, plan, sequences, label=request_type)
         self.jobs.append({"request_type": request_type, "requests": requests, **summary})
 
 
