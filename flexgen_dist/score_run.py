@@ -21,7 +21,7 @@ import torch
 from flexgen_dist.base.devices import dtype_name, resolve_device, resolve_dtype
 from flexgen_dist.base.errors import UserError
 from flexgen_dist.engine.policy import Policy
-from flexgen_dist.engine.scoring import ScoreBlock, ScoredSequence, ScoreRow, score_rows
+from flexgen_dist.engine.scoring import ScoreBlock, ScoredSequence, ScoreRow, head_rows, score_rows
 from flexgen_dist.io.model_source import ModelSource, resolve_model
 from flexgen_dist.io.outputs import ResultWriter, read_done_ids
 from flexgen_dist.io.prompts import Request
@@ -31,7 +31,7 @@ from flexgen_dist.run import StagePlan, make_executor, plan_stages, prompt_ids, 
 from flexgen_dist.run_config import RunConfig
 from flexgen_dist.runtime.coordinator import run_blocks
 
-_LOGITS_COPIES = 2  # the last stage holds a GPU batch's float32 logits and their log-softmax at once
+_LOGITS_COPIES = 2  # the last stage holds a chunk of float32 logits and their log-softmax at once (head_rows)
 
 
 def _sequences(requests: list[Request], source: ModelSource, decode_tokens: int) -> list[tuple[Request, ScoredSequence]]:
@@ -128,7 +128,8 @@ def _plan_rows(run: RunConfig, cfg: ModelConfig, dtype: torch.dtype, device: tor
                decode_tokens: int) -> StagePlan:
     prompt_len = max((len(r.input_ids) for r in rows), default=1)
     columns = max((r.logit_columns for r in rows), default=1)
-    logits_bytes = _LOGITS_COPIES * run.policy.gpu_batch_size * columns * cfg.vocab_size * 4
+    # The head computes the logits of head_rows rows at a time (engine.scoring.HEAD_CHUNK_POSITIONS).
+    logits_bytes = _LOGITS_COPIES * min(run.policy.gpu_batch_size, head_rows(columns)) * columns * cfg.vocab_size * 4
     return plan_stages(run, cfg, dtype, device, prompt_len, gen_len=0, head_workspace=logits_bytes,
                        kv_cache=decode_tokens > 0)
 

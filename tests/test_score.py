@@ -146,7 +146,7 @@ def test_a_row_of_several_sequences_is_summed_per_sequence():
     best = logits[0].argmax(dim=-1)
     targets = torch.tensor([[NOT_SCORED, int(best[1]), (int(best[2]) + 1) % 6, int(best[3]), int(best[4])]])
     segments = torch.tensor([[0, 2, 1, 2, 1]])
-    scores = target_scores(logits, targets, segments)
+    scores = target_scores(logits, targets, segments, sequences=2)
     picked = [float(logits[0, i, targets[0, i]]) for i in range(1, 5)]
     torch.testing.assert_close(scores.nll, -torch.tensor([[picked[1] + picked[3], picked[0] + picked[2]]],
                                                          dtype=torch.float64))

@@ -12,13 +12,15 @@ import torch
 from hf_oracle import hf_log_softmax
 
 from flexgen_dist.engine.policy import Policy
-from flexgen_dist.engine.scoring import ScoredSequence, score_rows
+from flexgen_dist.engine import scoring
+from flexgen_dist.engine.scoring import HEAD_CHUNK_POSITIONS, ScoredSequence, score_rows
 from flexgen_dist.io.model_source import model_config
 from flexgen_dist.memory.budget import MemoryBudget
 from flexgen_dist.memory.tiers import Tier
 from flexgen_dist.models.attention import attention_mask, position_ids
 from flexgen_dist.models.likelihood import NOT_SCORED
 from flexgen_dist.run_config import RunConfig
+from flexgen_dist.runtime import worker
 from flexgen_dist.score_run import plan_scoring, run_scoring
 
 REL_TOL = 1e-4
@@ -68,9 +70,20 @@ def test_rows_share_a_whole_unscored_beginning_only():
     assert all(len(row.sequences) == 1 for row in score_rows(sequences, 64, share=False))
 
 
-@pytest.mark.parametrize("model", ["opt_preln_dir", "llama_dir"])
-def test_shared_rows_score_each_sequence_as_hf_scores_it_alone(request, model):
+@pytest.mark.parametrize("model,chunk", [("opt_preln_dir", HEAD_CHUNK_POSITIONS), ("llama_dir", HEAD_CHUNK_POSITIONS),
+                                         ("opt_preln_dir", 7)])
+def test_shared_rows_score_each_sequence_as_hf_scores_it_alone(request, monkeypatch, model, chunk):
+    """`chunk`: the head's positions at a time; at 7, it computes the logits of about one row at a time."""
     model_dir = request.getfixturevalue(model)
+    monkeypatch.setattr(scoring, "HEAD_CHUNK_POSITIONS", chunk)
+    heads = []
+    scores = worker.target_scores
+
+    def counted(logits, *args):
+        heads.append(logits.shape[:2])
+        return scores(logits, *args)
+
+    monkeypatch.setattr(worker, "target_scores", counted)
     rng = random.Random(11)
     sequences = []
     for context_len, choices in ((9, 4), (3, 2), (20, 3), (6, 1)):
@@ -94,6 +107,8 @@ def test_shared_rows_score_each_sequence_as_hf_scores_it_alone(request, model):
         assert s.greedy == all(int(logprobs[i].argmax()) == t for i, t in enumerate(s.targets))
         greedy.append(s.greedy)
     assert any(greedy) and not all(greedy)
+    assert all(rows == 1 or rows * columns <= chunk for rows, columns in heads)
+    assert len(heads) > 2 if chunk == 7 else len(heads) == 2  # one block of 2 GPU batches: a call each, or more
 
 
 def test_rows_narrow_to_what_lone_sequences_plan_where_the_budget_is_short(opt_preln_dir):

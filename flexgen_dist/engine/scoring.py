@@ -25,6 +25,12 @@ import torch
 from flexgen_dist.engine.generation import left_pad
 from flexgen_dist.models.likelihood import NOT_SCORED, TargetScores
 
+# The last stage computes a scoring GPU batch's logits for whole rows of about this many scored positions at a time:
+# [n, V] float32 logits and their log-softmax are its largest temporaries. opt-1.3b, 16 rows of a document's context
+# and 4 choices (up to ~600 scored positions a row): 3.9 GB at once, 0.8 GB in chunks. An LM-head GEMM of 2,048 rows
+# runs at the full rate (an opt-1.3b GEMM on machine B: 169-187 GFLOP/s at 2,048 rows, 162-181 at 512).
+HEAD_CHUNK_POSITIONS = 2048
+
 
 @dataclass(frozen=True, eq=False)
 class Scoring:
@@ -49,6 +55,15 @@ class Scoring:
             first = end - query_len + (int(scored[0]) if len(scored) else query_len - 1)
             columns.append((t[:, first:end], self.segments[k][:, first:end] if self.segments is not None else None))
         return tuple(columns)
+
+    def sequences_per_row(self, k: int) -> int:
+        """The most sequences a row of GPU batch k holds: what TargetScores gives per row."""
+        return int(self.segments[k].max()) if self.segments is not None else 1
+
+
+def head_rows(columns: int) -> int:
+    """Rows of `columns` scored positions whose logits the head computes at once (HEAD_CHUNK_POSITIONS)."""
+    return max(1, HEAD_CHUNK_POSITIONS // columns)
 
 
 @dataclass

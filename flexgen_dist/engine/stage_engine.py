@@ -266,13 +266,16 @@ class StageEngine:
         return self.homes[j].decode(prefetched, self._buffers(j)[0]) if self._dequantize_inline else prefetched
 
     def step(self, block_id: int, inputs: list[BatchInput],
-             head: Callable[[int, torch.Tensor], object] | None = None,
+             head: Callable[..., object] | None = None,
              part: PrefillPart | None = None, head_columns: list[int] | None = None,
-             refills: list[tuple[RefillRows, BatchInput]] = ()) -> list:
+             refills: list[tuple[RefillRows, BatchInput]] = (), head_rows: list[int] | None = None) -> list:
         """Run all GPU batches of a block through the slice. Returns per batch the last position's float32 logits
         [B, V] when the slice ends with the head, else the hidden states [B, S, H]. `head(k, logits)`: the head
         returns instead what it makes of input k's every-position logits [B, S, V] (scoring: summed NLLs; a prefill
         that echoes: prompt log-probabilities), or with `head_columns` of its last head_columns[k] positions' only.
+        With `head_rows`, a prefill's `head(k, logits, rows)` is given the logits of head_rows[k] sequences at a time
+        (`rows` a slice of the batch), and input k's output is the list of what it returned (a decode step's logits,
+        one position a sequence, go to `head(k, logits)` whole).
         `part`: `inputs` is that part of a prefill, its sequences alone (one BatchInput). `refills` (decode steps):
         rows given new sequences, computed in this step (RefillRows); a slice without the head returns their hidden
         states after the batches'."""
@@ -344,7 +347,7 @@ class StageEngine:
                 self._next_weights(j, weight_loads)
                 continue
             for p in prompts:
-                result = self._prompt_layer(j, w, p, acts, caches, head, head_columns)
+                result = self._prompt_layer(j, w, p, acts, caches, head, head_columns, head_rows)
                 if layer.kind == "head" and p.logits:
                     outputs.append(result)
             if past and layer.kind == "embed":
@@ -384,7 +387,8 @@ class StageEngine:
             self.cfg, packing.pack(p.positions), self.dtype))
 
     def _prompt_layer(self, j: int, w, p: _Prompt, acts: ActivationStore, caches: dict,
-                      head: Callable[[int, torch.Tensor], object] | None, head_columns: list[int] | None) -> object:
+                      head: Callable[..., object] | None, head_columns: list[int] | None,
+                      head_rows: list[int] | None) -> object:
         """Layer j of a prompt's prefill (a refill's: its embedding only; _mixed_layer computes the rest). Returns the
         head's output, else None."""
         layer = self.layers[j]
@@ -402,7 +406,10 @@ class StageEngine:
         if layer.kind == "head" and head is not None:
             # Per GPU batch, so the [B, S, V] float32 logits never exist for the whole block at once.
             needed = hidden if head_columns is None else hidden[:, hidden.shape[1] - head_columns[p.slot] :]
-            return head(p.slot, self.model.lm_head(self.cfg, w, needed))
+            if head_rows is None:
+                return head(p.slot, self.model.lm_head(self.cfg, w, needed))
+            rows = [slice(r, r + head_rows[p.slot]) for r in range(0, needed.shape[0], head_rows[p.slot])]
+            return [head(p.slot, self.model.lm_head(self.cfg, w, needed[r]), r) for r in rows]
         if layer.kind == "head":
             return self.model.lm_head(self.cfg, w, hidden[:, -1])
         if layer.kind == "mlp":

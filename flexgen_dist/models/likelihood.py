@@ -36,16 +36,16 @@ class TargetScores(NamedTuple):
     greedy: torch.Tensor  # [B, G] bool: every target is the most likely token where it is predicted
 
 
-def target_scores(logits: torch.Tensor, targets: torch.Tensor, segments: torch.Tensor | None = None) -> TargetScores:
+def target_scores(logits: torch.Tensor, targets: torch.Tensor, segments: torch.Tensor | None = None,
+                  sequences: int = 1) -> TargetScores:
     """logits [B, S, V] float32, targets [B, S] int64 (NOT_SCORED: none) -> each row's TargetScores, G = 1; with
-    `segments` [B, S] int64 (which sequence of its row each position's target belongs to, from 1; 0: none), G = the
-    largest segment."""
+    `segments` [B, S] int64 (which sequence of its row each position's target belongs to, from 1; 0: none), G =
+    `sequences`, the most a row holds."""
     unscored = targets == NOT_SCORED
     missed = (logits.argmax(dim=-1) != targets) & ~unscored
     nll = -target_logprobs(logits, targets).double()
     if segments is None:
         return TargetScores(nll.sum(dim=1, keepdim=True), ~missed.any(dim=1, keepdim=True))
-    width = int(segments.max()) + 1
-    sums = nll.new_zeros((nll.shape[0], width)).scatter_add_(1, segments, nll)
-    misses = segments.new_zeros((nll.shape[0], width)).scatter_add_(1, segments, missed.long())
+    sums = nll.new_zeros((nll.shape[0], sequences + 1)).scatter_add_(1, segments, nll)
+    misses = segments.new_zeros((nll.shape[0], sequences + 1)).scatter_add_(1, segments, missed.long())
     return TargetScores(sums[:, 1:], misses[:, 1:] == 0)

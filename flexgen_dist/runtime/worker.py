@@ -19,7 +19,7 @@ import torch
 from flexgen_dist.base.devices import resolve_device, resolve_dtype
 from flexgen_dist.engine.generation import Decoding, sequence_generator
 from flexgen_dist.engine.policy import Policy
-from flexgen_dist.engine.scoring import Scoring
+from flexgen_dist.engine.scoring import Scoring, head_rows
 from flexgen_dist.engine.stage_engine import BatchInput, PrefillPart, RefillRows, StageEngine
 from flexgen_dist.io.model_source import resolve_model
 from flexgen_dist.memory.host_heap import keep_freed_memory
@@ -141,9 +141,11 @@ class StageWorker:
             segments = self._segments.get(block_id, [None] * batches)
             out = self.engine.step(block_id, [BatchInput(d, v, g) for d, v, g in zip(data, valid, segments)],
                                    self._head(block_id, valid, query_len, part, targets), part, columns,
-                                   [(refills[i][0], BatchInput(data[batches + i], refills[i][1])) for i in computed])
-            if scoring is not None:
-                out = [TargetScores(s.nll.cpu(), s.greedy.cpu()) for s in out]
+                                   [(refills[i][0], BatchInput(data[batches + i], refills[i][1])) for i in computed],
+                                   [head_rows(c) for c in columns] if columns is not None else None)
+            if scoring is not None:  # each GPU batch's output: a prefill's, per chunk of rows (head_rows)
+                out = [TargetScores(torch.cat([s.nll for s in parts]).cpu(), torch.cat([s.greedy for s in parts]).cpu())
+                       for parts in (p if isinstance(p, list) else [p] for p in out)]
             elif self.engine.has_head:
                 if part is not None:
                     out = self._whole_prefill(block_id, part, out[0])
@@ -173,12 +175,17 @@ class StageWorker:
 
     def _head(self, block_id: int, valid: list[torch.Tensor], query_len: int, part: PrefillPart | None,
               targets: tuple[tuple[torch.Tensor, torch.Tensor | None], ...] | None
-              ) -> Callable[[int, torch.Tensor], object] | None:
+              ) -> Callable[..., object] | None:
         """What the last stage's head makes of every position's logits (stage_engine.step's `head`); None: it keeps
         the last position's. `targets`: a scoring step's (Scoring.step_targets), whose columns the logits cover."""
         if targets is not None:
-            return lambda k, logits: target_scores(logits, *(t if t is None else t.to(logits.device)
-                                                             for t in targets[k]))
+            scoring = self._scoring[block_id]
+
+            def scores(k: int, logits: torch.Tensor, rows: slice = slice(None)) -> TargetScores:
+                columns, segments = (t if t is None else t[rows].to(logits.device) for t in targets[k])
+                return target_scores(logits, columns, segments, scoring.sequences_per_row(k))
+
+            return scores
         prefill = valid[0].shape[1] == query_len
         if block_id not in self._decoding or not prefill:
             return None
