@@ -26,9 +26,9 @@ from flexgen_dist.engine.generation import left_pad
 from flexgen_dist.models.likelihood import NOT_SCORED, TargetScores
 
 # The last stage computes a scoring GPU batch's logits for whole rows of about this many scored positions at a time:
-# [n, V] float32 logits and their log-softmax are its largest temporaries. opt-1.3b, 16 rows of a document's context
-# and 4 choices (up to ~600 scored positions a row): 3.9 GB at once, 0.8 GB in chunks. An LM-head GEMM of 2,048 rows
-# runs at the full rate (an opt-1.3b GEMM on machine B: 169-187 GFLOP/s at 2,048 rows, 162-181 at 512).
+# [n, V] float32 logits and their log-softmax are its largest temporaries. Row 18d (opt-1.3b, 16 rows of a document's
+# context and 4 choices, up to 214 scored positions a row): 1.4 GB at once, 0.8 GB in chunks of 9 rows. A GEMM of
+# 2,048 rows runs at the full rate (an opt-1.3b GEMM on machine B: 169-187 GFLOP/s at 2,048 rows, 162-181 at 512).
 HEAD_CHUNK_POSITIONS = 2048
 
 
