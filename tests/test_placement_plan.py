@@ -10,7 +10,7 @@ from flexgen_dist.engine.policy import Policy
 from flexgen_dist.engine.stage_engine import BatchInput, StageEngine
 from flexgen_dist.io.weights import DummyWeights
 from flexgen_dist.memory.placement import split_elements, split_heads
-from flexgen_dist.memory.tiers import Tier, nbytes_of
+from flexgen_dist.memory.tiers import Tier
 from flexgen_dist.models.family import config_by_name, model_layers
 from flexgen_dist.models.opt import OPT_SIZES
 from flexgen_dist.policy.memory_plan import plan_bytes, workspace_bytes
@@ -64,7 +64,7 @@ def test_plan_matches_measured_weights_and_cache(tmp_path, percent, extra):
         for home in engine.blocks[0].caches.values():
             for piece in home.pieces:
                 for stored in (piece.k, piece.v):
-                    cached[piece.tier] += nbytes_of(stored)
+                    cached[piece.tier] += stored.nbytes
         assert cached == plan.cache
         while not block.done:
             logits = engine.step(0, [BatchInput(t, v) for t, v in zip(block.tokens, block.valid)])

@@ -59,7 +59,7 @@ class Quantized:
     @property
     def nbytes(self) -> int:
         tensors = [self.codes, self.scale] + ([self.minimum] if self.minimum is not None else [])
-        return sum(t.numel() * t.element_size() for t in tensors)
+        return sum(t.nbytes for t in tensors)
 
 
 def code_shape(shape: tuple[int, ...], cfg: QuantConfig) -> tuple[int, ...]:

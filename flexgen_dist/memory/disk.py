@@ -172,7 +172,7 @@ class DiskTensor:
             raise ValueError(f"cannot write {tuple(src.shape)} at row {row_start} of {tuple(self.shape)}")
         self._check(src, len(src), "src")
         src = src.contiguous()
-        off, n = row_start * self.row_nbytes, src.numel() * src.element_size()
+        off, n = row_start * self.row_nbytes, src.nbytes
         if n == 0:
             return
         # O_DIRECT needs an aligned offset and a whole number of blocks; padding is allowed only past the tensor's end.
