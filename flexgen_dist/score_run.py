@@ -113,13 +113,13 @@ def plan_scoring(run: RunConfig, cfg: ModelConfig, dtype: torch.dtype, device: t
     budgets cannot hold a GPU batch of those rows, their activations and their logits, rows are cut to the widest
     sequence's width and scored positions, which plans what the sequences alone would."""
     share = decode_tokens == 0
-    rows = score_rows(sequences, cfg.max_positions, share=share)
+    rows = score_rows(sequences, cfg.hidden_size, cfg.max_positions, share=share)
     try:
         return ScoringPlan(_plan_rows(run, cfg, dtype, device, rows, decode_tokens), tuple(rows), decode_tokens)
     except UserError:
         if not any(r.prefix for r in rows):
             raise
-    rows = score_rows(sequences, max(len(s.input_ids) for s in sequences),
+    rows = score_rows(sequences, cfg.hidden_size, max(len(s.input_ids) for s in sequences),
                       max(s.logit_columns for s in sequences), share=share)
     return ScoringPlan(_plan_rows(run, cfg, dtype, device, rows, decode_tokens), tuple(rows), decode_tokens)
 

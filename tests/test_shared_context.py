@@ -54,7 +54,7 @@ def test_rows_share_a_whole_unscored_beginning_only():
     sibling = _request([2, 10, 11, 13], [50])
     whole = ScoredSequence(context + [20])  # every next token scored: nothing unscored to share
     sequences = [choices[0], other, choices[1], whole, choices[2], sibling]
-    rows = {row.indices: row for row in score_rows(sequences, max_width=64)}
+    rows = {row.indices: row for row in score_rows(sequences, hidden_size=64, max_width=64)}
     assert sorted(rows) == [(0, 2, 4, 5), (1,), (3,)]
     shared = rows[(0, 2, 4, 5)]
     assert shared.prefix == 3  # the context but its last token, whose logits predict each continuation's first
@@ -65,9 +65,27 @@ def test_rows_share_a_whole_unscored_beginning_only():
     assert rows[(1,)].prefix == 0 and rows[(1,)].segments == [1] * 5 and rows[(1,)].logit_columns == 2
     assert rows[(3,)].logit_columns == 5
     # A row holds at most max_width tokens: the third choice starts a row of its own, which shares nothing.
-    narrow = {row.indices: row.prefix for row in score_rows(sequences, max_width=7)}
+    narrow = {row.indices: row.prefix for row in score_rows(sequences, hidden_size=64, max_width=7)}
     assert narrow == {(0, 2): 3, (4, 5): 3, (1,): 0, (3,): 0}
-    assert all(len(row.sequences) == 1 for row in score_rows(sequences, 64, share=False))
+    assert all(len(row.sequences) == 1 for row in score_rows(sequences, 64, 64, share=False))
+
+
+def test_a_row_is_shared_only_where_it_computes_less():
+    """Sharing saves the prefix's per-token work and widens the row's attention (quadratic in its width): a long
+    context shares with short choices, but one token (BOS) does not bring long continuations of different two-token
+    contexts together (their prefix is the BOS alone: each context's last token is fed with its continuation)."""
+    rng = random.Random(2)
+
+    def tokens(n: int) -> list[int]:
+        return [rng.randrange(4, 500) for _ in range(n)]
+
+    context = [2] + tokens(100)
+    choices = [_request(context, tokens(40)) for _ in range(4)]
+    assert [len(r.sequences) for r in score_rows(choices, hidden_size=768, max_width=2048)] == [4]
+    short_contexts = [_request([2, t], tokens(300)) for t in tokens(6)]
+    assert [len(r.sequences) for r in score_rows(short_contexts, hidden_size=768, max_width=2048)] == [1] * 6
+    # One token of BOS before continuations of 2 tokens: the row's attention grows less than the work saved.
+    assert [len(r.sequences) for r in score_rows([_request([2, t], [5, 6]) for t in tokens(6)], 768, 2048)] == [6]
 
 
 @pytest.mark.parametrize("model,chunk", [("opt_preln_dir", HEAD_CHUNK_POSITIONS), ("llama_dir", HEAD_CHUNK_POSITIONS),
