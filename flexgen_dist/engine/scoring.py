@@ -107,7 +107,8 @@ class ScoreRow:
 
     @property
     def input_ids(self) -> list[int]:
-        return self.sequences[0].input_ids[: self.prefix] + [t for s in self.sequences for t in s.input_ids[self.prefix :]]
+        own = [t for s in self.sequences for t in s.input_ids[self.prefix :]]
+        return self.sequences[0].input_ids[: self.prefix] + own
 
     @property
     def segments(self) -> list[int]:
@@ -142,7 +143,8 @@ def score_rows(sequences: list[ScoredSequence], hidden_size: int, max_width: int
         own_tokens = 0  # the row's tokens after the prefix: all scored
         for i in members:
             own = len(sequences[i].input_ids) - len(prefix)
-            full = len(prefix) + own_tokens + own > max_width or max_columns is not None and own_tokens + own > max_columns
+            width, columns = len(prefix) + own_tokens + own, own_tokens + own
+            full = width > max_width or max_columns is not None and columns > max_columns
             if row and (full or not _joins(len(prefix), own_tokens, own, hidden_size)):
                 rows.append(_shared_row(sequences, row, len(prefix)))
                 row, own_tokens = [], 0
@@ -161,6 +163,8 @@ def _joins(prefix: int, row_own: int, own: int, hidden_size: int) -> bool:
     keep rows of their own."""
     added_attention = 2 * own * row_own - prefix * prefix  # (W + own)^2 - W^2 - (prefix + own)^2
     return 6 * hidden_size * prefix > added_attention  # 24 h^2 prefix > 4 h added_attention, both over 4 h
+
+
 def _shared_row(sequences: list[ScoredSequence], indices: list[int], prefix: int) -> ScoreRow:
     """The row of `sequences[i]` for i in `indices`, sharing `prefix` tokens; a row of one shares nothing."""
     return ScoreRow(tuple(indices), tuple(sequences[i] for i in indices), prefix if len(indices) > 1 else 0)
