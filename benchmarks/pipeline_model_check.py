@@ -33,6 +33,8 @@ def main() -> None:
     ap.add_argument("--gpu-batch-size", type=int, default=16)
     ap.add_argument("--num-gpu-batches", type=int, default=1)
     ap.add_argument("--stages", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--blocks-in-flight", type=int, nargs="+",
+                    help="per stage count (default: what the measured run kept, else one block per stage)")
     ap.add_argument("--bench-json", help="the last stdout line of `flexgen-dist bench --stages …`, saved to a file")
     args = ap.parse_args()
     measured = {}
@@ -43,10 +45,14 @@ def main() -> None:
     cfg, hardware = config_by_name(args.model), load_profile(args.hardware)
     policy = Policy(gpu_batch_size=args.gpu_batch_size, num_gpu_batches=args.num_gpu_batches)  # every tier resident
     rows = []
-    for stages in args.stages:
+    for i, stages in enumerate(args.stages):
+        if args.blocks_in_flight:
+            in_flight = args.blocks_in_flight[i]
+        else:
+            in_flight = measured[stages].get("blocks_in_flight", stages) if stages in measured else stages
         pred = predict_pipeline(cfg, [policy] * stages, [hardware] * stages, DTYPES[args.dtype], args.prompt_len,
-                                args.gen_len, args.num_prompts, prefill_chunks(None, [policy] * stages))
-        row = {"stages": stages, "predicted_tok_s": round(pred.throughput_tok_s, 2),
+                                args.gen_len, args.num_prompts, prefill_chunks(None, [policy] * stages), in_flight)
+        row = {"stages": stages, "blocks_in_flight": in_flight, "predicted_tok_s": round(pred.throughput_tok_s, 2),
                "predicted_idle_s": [round(x, 2) for x in pred.stage_idle_s], "predicted_bubble": round(pred.bubble, 3)}
         if stages in measured:
             m = measured[stages]

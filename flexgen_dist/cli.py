@@ -111,6 +111,10 @@ def _add_distribution_flags(p: argparse.ArgumentParser, stage_counts: bool = Fal
                       help="cut each block's prefill into about N pipeline steps of a few sequences, so the next "
                            "stage starts early and other blocks' decode steps are not held up behind it (exact; "
                            "default: 2 per stage with --stages > 1 and no KV cache on disk, else 1)")
+    dist.add_argument("--blocks-in-flight", type=int, metavar="N",
+                      help="blocks in flight through the stages, each stage holding every one's KV cache "
+                           "(default: one per stage). More fill the gaps a prefill part or a round trip leaves between "
+                           "a block's steps, where devices do not slow each other down (docs/distributed.md)")
     dist.add_argument("--executor", default="auto", choices=EXECUTORS,
                       help="ray: one actor per stage; local: the same stage workers in this process; auto (default): "
                            "local for one stage on this machine, unless --ray-address, RAY_ADDRESS or "
@@ -373,6 +377,7 @@ def _run_config(args: argparse.Namespace, sampling: Sampling, **fields) -> RunCo
         placement_strategy=args.placement_strategy,
         cpus_per_stage=args.cpus_per_stage,
         prefill_chunks=args.prefill_chunks,
+        blocks_in_flight=args.blocks_in_flight,
         **fields,
     )
 
@@ -491,6 +496,7 @@ _BENCH_PASSTHROUGH = (
     ("dtype", "--dtype"), ("max_memory", "--max-memory"), ("offload_dir", "--offload-dir"),
     ("ray_address", "--ray-address"), ("placement_strategy", "--placement-strategy"), ("executor", "--executor"),
     ("cpus_per_stage", "--cpus-per-stage"), ("prefill_chunks", "--prefill-chunks"),
+    ("blocks_in_flight", "--blocks-in-flight"),
 )  # --stages: per point
 
 
@@ -502,7 +508,8 @@ def _bench(args: argparse.Namespace) -> int:
     from flexgen_dist.policy.auto import machine_profile
     from flexgen_dist.policy.hardware import load_profile
 
-    _require_positive(args, ("prompt_len", "gen_len", "num_prompts", "baseline_calls", "prefill_chunks"))
+    _require_positive(args, ("prompt_len", "gen_len", "num_prompts", "baseline_calls", "prefill_chunks",
+                             "blocks_in_flight"))
     unknown = [b for b in args.baseline if b not in SYSTEMS]
     if unknown:  # checked here, not by argparse choices, so that the parser needs no benchmarking code
         raise UserError(f"--baseline {unknown[0]}: unknown system (choose from {', '.join(SYSTEMS)})")

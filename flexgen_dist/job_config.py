@@ -33,8 +33,8 @@ from flexgen_dist.run_config import PLACEMENT_STRATEGIES, RunConfig
 POLICY_DIR = Path("configs/policies")  # where `policy: NAME.yaml` is looked up, relative to the working directory
 INPUT_KINDS = ("prompts", "synthetic", "prompt")
 KEYS = ("model", "dummy_weights", "policy", "max_memory", "stages", "placement_strategy", "cpus_per_stage",
-        "prefill_chunks", "refill", "device", "dtype", "input", "max_new_tokens", "sampling", "stop", "logprobs",
-        "output", "offload_dir", "metrics_port", "metrics_host", "metrics_linger_s", "eval")
+        "prefill_chunks", "blocks_in_flight", "refill", "device", "dtype", "input", "max_new_tokens", "sampling", "stop",
+        "logprobs", "output", "offload_dir", "metrics_port", "metrics_host", "metrics_linger_s", "eval")
 EVAL_KEYS = ("tasks", "include_path", "num_fewshot", "limit", "log_samples")
 
 
@@ -133,6 +133,7 @@ def parse_job_config(data: dict, where: str) -> JobConfig:
         placement_strategy=opt.choice("placement_strategy", PLACEMENT_STRATEGIES) or RunConfig.placement_strategy,
         cpus_per_stage=opt.get("cpus_per_stage", float, None),
         prefill_chunks=opt.get("prefill_chunks", int, None),
+        blocks_in_flight=opt.get("blocks_in_flight", int, None),
         refill=opt.get("refill", bool, False),
         metrics_port=_metrics_port(opt.get("metrics_port", int, RunConfig.metrics_port), where),
         metrics_host=opt.get("metrics_host", str, RunConfig.metrics_host),

@@ -31,12 +31,13 @@ from flexgen_dist.models.family import ModelConfig, model_layers
 from flexgen_dist.observability.metrics import RunMetrics, serve
 from flexgen_dist.observability.progress import progress
 from flexgen_dist.policy import auto as auto_policy
-from flexgen_dist.policy.hardware import detect_capacities
+from flexgen_dist.policy.hardware import HardwareProfile, detect_capacities
 from flexgen_dist.policy.memory_plan import TierPlan, check_budget, plan_bytes
+from flexgen_dist.policy.pipeline_model import predict_pipeline
 from flexgen_dist.run_config import RunConfig
 from flexgen_dist.runtime.coordinator import prefill_chunks, run_blocks
 from flexgen_dist.runtime.executor import Executor, LocalExecutor
-from flexgen_dist.runtime.partition import embedding_resident, partition
+from flexgen_dist.runtime.partition import partition, resident_work
 from flexgen_dist.runtime.worker import StageSpec
 
 
@@ -146,24 +147,30 @@ class OwnFormat:
 
 @dataclass(frozen=True)
 class StagePlan:
-    """A run's stages: their layer ranges, memory plans (checked against the budgets) and specs."""
+    """A run's stages: their layer ranges, memory plans (checked against the budgets) and specs, and how many blocks
+    the coordinator keeps in flight (each stage holds the KV cache of every one)."""
 
     ranges: list[tuple[int, int]]
     plans: list[TierPlan]
     specs: list[StageSpec]
+    blocks_in_flight: int
 
 
 def plan_stages(run: RunConfig, cfg: ModelConfig, dtype: torch.dtype, device: torch.device, prompt_len: int,
                 gen_len: int, head_workspace: int = 0, policies: list[Policy] | None = None,
-                kv_cache: bool = True) -> StagePlan:
+                kv_cache: bool = True, head_positions: int | None = None) -> StagePlan:
     """Cut the model into stages and refuse, before any loading, a policy that does not fit the budgets.
     `head_workspace`: compute-device bytes the last stage needs beyond a generation step's (scoring's logits);
-    `policies`: each stage's (default: the run's for every stage); `kv_cache`: whether blocks keep one."""
+    `policies`: each stage's (default: the run's for every stage); `kv_cache`: whether blocks keep one;
+    `head_positions`: the positions per sequence the head gives logits for, when not one per new token (scoring's),
+    to balance the stages."""
     layers = model_layers(cfg)
     policies = policies or [run.policy] * run.stages
-    ranges = partition(layers, run.stages, embedding_resident(policies[0].w_gpu_percent))  # stage 0 holds it
-    # Each stage holds the KV cache of every block in flight (one per stage) on its own device, CPU and disk.
-    plans = [plan_bytes(cfg, layers[a:b], policy, dtype, device, prompt_len, gen_len, blocks_in_flight=run.stages,
+    work = resident_work(policies[0].w_gpu_percent, prompt_len, gen_len, head_positions)  # stage 0 holds the table
+    ranges = partition(layers, run.stages, work)
+    in_flight = run.blocks_in_flight or run.stages
+    # Each stage holds the KV cache of every block in flight on its own device, CPU and disk.
+    plans = [plan_bytes(cfg, layers[a:b], policy, dtype, device, prompt_len, gen_len, blocks_in_flight=in_flight,
                         kv_cache=kv_cache) for (a, b), policy in zip(ranges, policies)]
     last = plans[-1]
     plans[-1] = replace(last, buffers={**last.buffers, Tier.GPU: last.buffers[Tier.GPU] + head_workspace})
@@ -177,7 +184,7 @@ def plan_stages(run: RunConfig, cfg: ModelConfig, dtype: torch.dtype, device: to
     specs = [StageSpec(run.model, run.dummy_weights, run.sampling.seed, a, b, policy, run.device, run.dtype,
                        run.offload_dir, run_id=run_id, stage=i)
              for i, ((a, b), policy) in enumerate(zip(ranges, policies))]
-    return StagePlan(ranges, plans, specs)
+    return StagePlan(ranges, plans, specs, in_flight)
 
 
 def stages_on_this_machine(run: RunConfig) -> bool:
@@ -258,25 +265,29 @@ def generate(run: RunConfig, requests: list[Request], results: Results | None = 
         prompt_len = max((len(s.prompt_ids) for _, s in work), default=1)
         # With refill a block's cache holds REFILL_SPAN times its longest generation, and it runs about that long.
         gen_len = max((s.max_new_tokens for _, s in work), default=1) * (REFILL_SPAN if run.refill else 1)
-        policies, search = auto_policy.resolve(run.policy, cfg, dtype, device, prompt_len, gen_len, len(work),
-                                               run.budget, run.stages, run.offload_dir, on_stages if work else None,
-                                               run.prefill_chunks)
+        policies, search, hardware = auto_policy.resolve(run.policy, cfg, dtype, device, prompt_len, gen_len,
+                                                         len(work), run.budget, run.stages, run.offload_dir,
+                                                         on_stages if work else None)
         executor = reserved[0] if reserved else None
-        return _execute(run, source, work, results, errors, policies, search, executor, device, dtype, prompt_len,
-                        gen_len, sink)
+        return _execute(run, source, work, results, errors, policies, search, hardware, executor, device, dtype,
+                        prompt_len, gen_len, sink)
 
 
 def _execute(run: RunConfig, source: ModelSource, work: list[tuple[Request, Sequence]], results: Results,
-             errors: list[dict], policies: list[Policy], search: dict | None, executor: Executor | None,
-             device: torch.device, dtype: torch.dtype, prompt_len: int, gen_len: int,
+             errors: list[dict], policies: list[Policy], search: dict | None, hardware: list[HardwareProfile],
+             executor: Executor | None, device: torch.device, dtype: torch.dtype, prompt_len: int, gen_len: int,
              sink: Callable[[list[dict]], None] | None) -> dict:
     """Plan the stages for the chosen policies, start them (in `executor` if already reserved), write the error
-    records, run every block."""
+    records, run every block. `hardware`: each stage's profile where the policies were searched, for the pipeline
+    model's prediction of the run."""
     cfg = source.config
     policy = policies[0]  # every stage's has the same block shape
     run = replace(run, policy=policy)
     chunks = prefill_chunks(run.prefill_chunks, policies)
     stages = plan_stages(run, cfg, dtype, device, prompt_len, gen_len, policies=policies)
+    if search is not None and run.stages > 1:  # the pipeline model's prediction of the run as planned
+        search["pipeline"] = predict_pipeline(cfg, policies, hardware, dtype, prompt_len, gen_len, len(work), chunks,
+                                              stages.blocks_in_flight).to_dict()
 
     # Similar lengths share a block: less padding computed and cached. Blocks are cut from the waiting sequences as
     # they start, longest prompts first; with refill, a block's finished rows take waiting sequences too.
@@ -284,7 +295,8 @@ def _execute(run: RunConfig, source: ModelSource, work: list[tuple[Request, Sequ
     request_of = {id(s): r for r, s in work}  # a sequence's request, until its record is written
     waiting = [s for _, s in reversed(work)]  # a stack: the longest prompt last, popped first
     summary = {"model": cfg.name, "device": device.type, "dtype": dtype_name(dtype),
-               "stages": run.stages, "executor": run.executor_name, "sequences": len(work), "generated_tokens": 0,
+               "stages": run.stages, "blocks_in_flight": stages.blocks_in_flight, "executor": run.executor_name,
+               "sequences": len(work), "generated_tokens": 0,
                "prompt_tokens": sum(len(s.prompt_ids) for _, s in work), "failed_requests": len(errors),
                "stage_restarts": 0, "decode_row_steps": 0, "finished_row_steps": 0}
     if run.refill:
@@ -387,7 +399,8 @@ def _execute(run: RunConfig, source: ModelSource, work: list[tuple[Request, Sequ
                 metrics.stage_restarted(stage)
 
             metrics.run_started(summary["sequences"])
-            timing = run_blocks(executor, block_runs(), lambda block: block.head_task, max_in_flight=run.stages,
+            timing = run_blocks(executor, block_runs(), lambda block: block.head_task,
+                                max_in_flight=stages.blocks_in_flight,
                                 on_block_done=finished, on_step=stepped, on_restart=restarted, prefill_chunks=chunks)
             metrics.finish()
             stage_stats = executor.stats()

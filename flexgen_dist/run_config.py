@@ -37,6 +37,7 @@ class RunConfig:
     placement_strategy: str = "PACK"
     cpus_per_stage: float | None = None  # Ray CPUs (compute threads) per stage; None: an equal share of a node's CPUs
     prefill_chunks: int | None = None  # pipeline steps a block's prefill is cut into; None: chosen (run.py)
+    blocks_in_flight: int | None = None  # blocks the stages hold at once; None: one per stage
     refill: bool = False  # rows whose sequence stopped take waiting prompts (generation.BlockRun)
     metrics_port: int = 0  # 0: no metrics server
     metrics_host: str = "127.0.0.1"
@@ -53,6 +54,8 @@ class RunConfig:
             raise UserError(f"--cpus-per-stage must be > 0, got {self.cpus_per_stage:g}")
         if self.prefill_chunks is not None and self.prefill_chunks < 1:
             raise UserError(f"--prefill-chunks must be >= 1, got {self.prefill_chunks}")
+        if self.blocks_in_flight is not None and self.blocks_in_flight < 1:
+            raise UserError(f"--blocks-in-flight must be >= 1, got {self.blocks_in_flight}")
         sparsity = (self.policy.base if isinstance(self.policy, AutoPolicy) else self.policy).attn_sparsity
         if self.refill and sparsity < 1:
             # Top-k keeps a share of every position a row has, its padding too: a refilled row, padded further than

@@ -131,7 +131,7 @@ def _plan_rows(run: RunConfig, cfg: ModelConfig, dtype: torch.dtype, device: tor
     # The head computes the logits of head_rows rows at a time (engine.scoring.HEAD_CHUNK_POSITIONS).
     logits_bytes = _LOGITS_COPIES * min(run.policy.gpu_batch_size, head_rows(columns)) * columns * cfg.vocab_size * 4
     return plan_stages(run, cfg, dtype, device, prompt_len, gen_len=0, head_workspace=logits_bytes,
-                       kv_cache=decode_tokens > 0)
+                       kv_cache=decode_tokens > 0, head_positions=columns)
 
 
 def run_scoring(run: RunConfig, cfg: ModelConfig, plan: ScoringPlan, sequences: list[ScoredSequence],
@@ -171,7 +171,8 @@ def run_scoring(run: RunConfig, cfg: ModelConfig, plan: ScoringPlan, sequences: 
                     bar.step_done(sum(len(r.input_ids) for r in block.rows))
                     bar.block_done(len(block.sequences))
 
-            total_s = run_blocks(executor, iter(blocks), lambda block: block.head_task, max_in_flight=run.stages,
+            total_s = run_blocks(executor, iter(blocks), lambda block: block.head_task,
+                                 max_in_flight=stages.blocks_in_flight,
                                  on_block_done=finished).total_s
             stage_stats = executor.stats()
     nll = sum(s.nll for s in sequences)

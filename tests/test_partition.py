@@ -6,7 +6,7 @@ import pytest
 
 from flexgen_dist.base.errors import UserError
 from flexgen_dist.models.family import config_by_name, model_layers
-from flexgen_dist.runtime.partition import layer_cost, partition
+from flexgen_dist.runtime.partition import ResidentWork, embedding_resident, layer_cost, partition, resident_work
 
 
 @pytest.mark.parametrize("model,stages", [("opt-125m", 1), ("opt-1.3b", 2), ("opt-6.7b", 4), ("opt-30b", 4), ("opt-350m", 3)])
@@ -43,8 +43,26 @@ def test_a_resident_embedding_is_a_lookup_so_stage_zero_takes_more_layers():
     """A resident table costs only the rows looked up; streamed, its bytes count. opt-1.3b at S=2: the resident cut
     gives stage 0 more of the decoder layers than the streamed one."""
     layers = model_layers(config_by_name("opt-1.3b"))
+    work = ResidentWork(positions=95, head_positions=95)  # the head as heavy as its weights: the table alone differs
     (_, streamed_cut), _ = partition(layers, 2)
-    (_, resident_cut), _ = partition(layers, 2, embedding_resident=True)
+    (_, resident_cut), _ = partition(layers, 2, work)
     assert resident_cut > streamed_cut
-    costs = [sum(layer_cost(l, embedding_resident=True) for l in part) for part in (layers[:resident_cut], layers[resident_cut:])]
-    assert abs(costs[0] - costs[1]) <= max(layer_cost(l) for l in layers[1:-1])  # within one half-layer
+    costs = [sum(layer_cost(l, work) for l in part) for part in (layers[:resident_cut], layers[resident_cut:])]
+    assert abs(costs[0] - costs[1]) <= max(layer_cost(l, work) for l in layers[1:-1])  # within one half-layer
+
+
+def test_a_resident_head_costs_the_positions_it_gives_logits_for():
+    """Issue 19's workload (opt-1.3b, 64 x (64 + 32), S=2): the head computes 32 positions a sequence, a decoder layer
+    95, so stage 1 takes one MLP more than if the head cost as a streamed layer (measured: stage busy 32.8 and 32.2 s
+    against 35.3 and 32.9). Decode-only work (one prompt position) makes the head as heavy as its weights again."""
+    layers = model_layers(config_by_name("opt-1.3b"))
+    assert partition(layers, 2, resident_work(100, 64, 32)) == [(0, 26), (26, 50)]
+    heavy_head = partition(layers, 2, resident_work(100, 1, 256))
+    assert heavy_head[0][1] > 26
+    assert resident_work(50, 64, 32) is None  # streamed weights: bytes and work per token, as before
+    scoring = resident_work(100, 512, 0, head_positions=512)
+    assert scoring == ResidentWork(512, 512)
+
+
+def test_embedding_resident_means_every_weight_on_the_device():
+    assert embedding_resident(100) and not embedding_resident(99.5)

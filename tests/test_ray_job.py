@@ -32,6 +32,7 @@ VALID = {
     "placement_strategy": "SPREAD",
     "cpus_per_stage": 1,
     "prefill_chunks": 3,
+    "blocks_in_flight": 2,
     "refill": True,
     "device": "cpu",
     "dtype": "float32",
@@ -77,7 +78,7 @@ def test_config_maps_onto_run_config(tmp_path, monkeypatch):
     run = job.run
     assert (run.model, run.dummy_weights, run.stages, run.placement_strategy) == ("opt-125m", True, 2, "SPREAD")
     assert (run.device, run.dtype, run.max_new_tokens, run.executor_name) == ("cpu", "float32", 4, "ray")
-    assert (run.cpus_per_stage, run.prefill_chunks, run.refill) == (1.0, 3, True)
+    assert (run.cpus_per_stage, run.prefill_chunks, run.blocks_in_flight, run.refill) == (1.0, 3, 2, True)
     assert run.policy == Policy(gpu_batch_size=4, num_gpu_batches=2, w_gpu_percent=0, w_cpu_percent=50)
     assert run.budget == MemoryBudget(cpu=8 * 2**30)
     assert run.sampling == Sampling(temperature=0.7, top_p=0.9, seed=7, ignore_eos=True)
@@ -134,6 +135,7 @@ def test_evaluation_job_config(tmp_path, monkeypatch):
     ({"model": None}, [], "missing 'model'"),
     ({"cpus_per_stage": 0}, [], "--cpus-per-stage must be > 0"),
     ({"prefill_chunks": 0}, [], "--prefill-chunks must be >= 1"),
+    ({"blocks_in_flight": 0}, [], "--blocks-in-flight must be >= 1"),
     ({"input": {"synthetic": {"n": 2, "prompt_len": 3}, "prompt": ["hi"]}}, [], "exactly one of prompts, synthetic"),
     ({"input": None}, [], "input: missing"),
     ({"input": {"synthetic": {"n": 2}}}, [], "synthetic: give both n and prompt_len"),

@@ -11,8 +11,8 @@ import pytest
 import torch
 from hf_oracle import hf_log_softmax
 
-from flexgen_dist.engine.policy import Policy
 from flexgen_dist.engine import scoring
+from flexgen_dist.engine.policy import Policy
 from flexgen_dist.engine.scoring import HEAD_CHUNK_POSITIONS, ScoredSequence, score_rows
 from flexgen_dist.io.model_source import model_config
 from flexgen_dist.memory.budget import MemoryBudget

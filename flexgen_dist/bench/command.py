@@ -166,7 +166,8 @@ def _ours_point(spec: BenchSpec, summary: dict, hardware: HardwareProfile | None
     policy = summary["policy"]
     block = (policy["gpu_batch_size"], policy["num_gpu_batches"])
     point = {"system": "flexgen_dist", "block": f"{block[0]}x{block[1]}", "block_size": block[0] * block[1],
-             "stages": summary["stages"], "sequences": summary["sequences"], "total_s": summary["total_s"],
+             "stages": summary["stages"], "blocks_in_flight": summary["blocks_in_flight"],
+             "sequences": summary["sequences"], "total_s": summary["total_s"],
              "prefill_s": summary["prefill_s"], "decode_s": summary["decode_s"], "latency_s": summary["total_s"] / rounds,
              "generation_throughput_tok_s": summary["generation_throughput_tok_s"], "policy": policy,
              "peak_bytes": summary["peak_bytes"],
@@ -280,7 +281,8 @@ def scaling(points: list[dict]) -> list[dict]:
             continue
         base = runs[0]
         for p in runs:
-            rows.append({"block": p["block"], "stages": p["stages"], "generation_throughput_tok_s": p["generation_throughput_tok_s"],
+            rows.append({"block": p["block"], "stages": p["stages"], "blocks_in_flight": p["blocks_in_flight"],
+                         "generation_throughput_tok_s": p["generation_throughput_tok_s"],
                          "speedup": round(p["generation_throughput_tok_s"] / base["generation_throughput_tok_s"], 3),
                          "over_stages": base["stages"],
                          "stage_busy_s": [s["busy_s"] for s in p["stage_stats"]],

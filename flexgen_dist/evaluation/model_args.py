@@ -19,7 +19,8 @@ _WHERE = "flexgen-dist model_args"
 # RunConfig's settings, typed; `policy` names a policy YAML file whose fields the Policy keys then override.
 _RUN_KEYS = {"model": str, "dummy_weights": bool, "seed": int, "device": str, "dtype": str, "max_memory": str,
              "offload_dir": str, "stages": int, "executor": str, "ray_address": str, "placement_strategy": str,
-             "cpus_per_stage": float, "prefill_chunks": int, "refill": bool, "policy": str}
+             "cpus_per_stage": float, "prefill_chunks": int, "blocks_in_flight": int, "refill": bool,
+             "policy": str}
 _CHOICES = {"device": DEVICES, "dtype": tuple(DTYPES), "executor": EXECUTORS,
             "placement_strategy": PLACEMENT_STRATEGIES}
 # What simple_evaluate adds to every model's arguments; batch_size is our GPU batch size unless gpu_batch_size is given.
@@ -55,4 +56,4 @@ def run_config(model_args: dict) -> RunConfig:
         offload_dir=given.get("offload_dir"), stages=given.get("stages", 1), executor=given.get("executor", "auto"),
         ray_address=given.get("ray_address"), placement_strategy=given.get("placement_strategy", "PACK"),
         cpus_per_stage=given.get("cpus_per_stage"), prefill_chunks=given.get("prefill_chunks"),
-        refill=given.get("refill", False))
+        blocks_in_flight=given.get("blocks_in_flight"), refill=given.get("refill", False))

@@ -23,10 +23,8 @@ from flexgen_dist.memory.budget import MemoryBudget
 from flexgen_dist.models.family import ModelConfig, model_layers
 from flexgen_dist.models.layout import LayerSpec
 from flexgen_dist.policy.hardware import HardwareProfile, detect_capacities, load_profile, save_profile
-from flexgen_dist.policy.pipeline_model import predict_pipeline
 from flexgen_dist.policy.search import SearchResult, SearchSpace, search_policy
-from flexgen_dist.runtime.coordinator import prefill_chunks
-from flexgen_dist.runtime.partition import embedding_resident, partition
+from flexgen_dist.runtime.partition import embedding_resident, partition, resident_work
 
 # The fields the search chooses; a user may pin any of them next to --policy auto (e.g. --gpu-batch-size 8).
 SEARCHED = ("gpu_batch_size", "num_gpu_batches", "compress_weight", "compress_cache", "cpu_cache_compute")
@@ -139,12 +137,12 @@ def stage_hardware(auto: AutoPolicy, cfg: ModelConfig, device: torch.device, dty
     return on_stages(stage_profile, *args)
 
 
-def stage_layers(cfg: ModelConfig, stages: int) -> list[LayerSpec]:
+def stage_layers(cfg: ModelConfig, stages: int, prompt_len: int, gen_len: int) -> list[LayerSpec]:
     """The layers of the heaviest pipeline stage: every stage runs the same policy, the heaviest bounds it. The run
     cuts the model one way when the policy keeps every weight on the device, another otherwise
     (partition.layer_cost), so the heaviest stage of either cut."""
     layers = model_layers(cfg)
-    ranges = partition(layers, stages) + partition(layers, stages, embedding_resident=True)
+    ranges = partition(layers, stages) + partition(layers, stages, resident_work(100, prompt_len, gen_len))
     a, b = max(ranges, key=lambda r: sum(layer.numel for layer in layers[r[0]:r[1]]))
     return layers[a:b]
 
@@ -154,8 +152,8 @@ def choose_policy(auto: AutoPolicy, cfg: ModelConfig, hardware: HardwareProfile,
     # Never fewer blocks than stages where the prompts allow: one block of every prompt leaves all but one stage
     # idle (issue 19: S=2 chose one block of 128, and ran at 0.95x one stage).
     max_block = max(1, num_sequences // stages) if num_sequences is not None else None
-    return search_policy(cfg, stage_layers(cfg, stages), hardware, dtype, prompt_len, gen_len, budget, auto.base,
-                         auto.space(max_block), blocks_in_flight=stages)
+    return search_policy(cfg, stage_layers(cfg, stages, prompt_len, gen_len), hardware, dtype, prompt_len, gen_len,
+                         budget, auto.base, auto.space(max_block), blocks_in_flight=stages)
 
 
 def stage_policies(result: SearchResult, cfg: ModelConfig, hardware: list[HardwareProfile], dtype: torch.dtype,
@@ -173,7 +171,7 @@ def stage_policies(result: SearchResult, cfg: ModelConfig, hardware: list[Hardwa
     stages = len(hardware)
     resident = embedding_resident(shape.w_gpu_percent)
     for _ in range(2):  # the cut counts the embedding by stage 0's placement: search again if that moved it
-        ranges = partition(layers, stages, resident)
+        ranges = partition(layers, stages, resident_work(100 if resident else 0, prompt_len, gen_len))
         results = [search_policy(cfg, layers[a:b], profile, dtype, prompt_len, gen_len, budget, shape, space,
                                  blocks_in_flight=stages) for (a, b), profile in zip(ranges, hardware)]
         if embedding_resident(results[0].policy.w_gpu_percent) == resident:
@@ -184,21 +182,19 @@ def stage_policies(result: SearchResult, cfg: ModelConfig, hardware: list[Hardwa
 
 def resolve(policy: Policy | AutoPolicy, cfg: ModelConfig, dtype: torch.dtype, device: torch.device, prompt_len: int,
             gen_len: int, num_sequences: int, budget: MemoryBudget, stages: int, offload_dir: str | None,
-            on_stages: OnStages | None = None, chunks: int | None = None) -> tuple[list[Policy], dict | None]:
+            on_stages: OnStages | None = None) -> tuple[list[Policy], dict | None, list[HardwareProfile]]:
     """Each stage's policy: searched per stage when the run asked for --policy auto (else `policy` for every
-    stage), and the search's report for the summary, with S > 1 the pipeline model's prediction of the run.
-    `on_stages`: runs the profiler where the stages run; `chunks`: the run's --prefill-chunks."""
+    stage), the search's report for the summary, and each stage's hardware profile ([] without a search).
+    `on_stages`: runs the profiler where the stages run."""
     if not isinstance(policy, AutoPolicy):
-        return [policy] * stages, None
+        return [policy] * stages, None, []
     hardware = stage_hardware(policy, cfg, device, dtype, offload_dir, budget, stages, on_stages)
     # The block shape from the heaviest stage's layers on the smallest device: it bounds every stage.
     smallest = min(hardware, key=lambda h: h.device_memory_bytes)
     result = choose_policy(policy, cfg, smallest, dtype, prompt_len, gen_len, budget, stages, num_sequences)
     if stages == 1:
-        return [result.policy], {"hardware": smallest.name, **result.to_dict()}
+        return [result.policy], {"hardware": smallest.name, **result.to_dict()}, hardware
     per_stage = stage_policies(result, cfg, hardware, dtype, prompt_len, gen_len, budget)
-    policies = [r.policy for r in per_stage]
-    pipeline = predict_pipeline(cfg, policies, hardware, dtype, prompt_len, gen_len, num_sequences,
-                                prefill_chunks(chunks, policies))
-    return policies, {"hardware": smallest.name, **result.to_dict(), "pipeline": pipeline.to_dict(),
-                      "stages": [{"hardware": h.name, **r.to_dict()} for h, r in zip(hardware, per_stage)]}
+    return [r.policy for r in per_stage], {
+        "hardware": smallest.name, **result.to_dict(),
+        "stages": [{"hardware": h.name, **r.to_dict()} for h, r in zip(hardware, per_stage)]}, hardware

@@ -23,7 +23,7 @@ from flexgen_dist.policy.hardware import HardwareProfile
 from flexgen_dist.policy.memory_plan import plan_bytes
 from flexgen_dist.policy.search import Budgets
 from flexgen_dist.runtime.coordinator import prefill_parts
-from flexgen_dist.runtime.partition import embedding_resident, partition
+from flexgen_dist.runtime.partition import partition, resident_work
 
 # Measured on the 2-core machines (docs/benchmark-history.md): an object-store hop costs ~3 ms for a decode hidden
 # state and 47 ms for a 16.8 MB prefill one; a step's round trip through the driver (result, advance, resubmit) ~5 ms
@@ -169,16 +169,18 @@ def stage_times(cfg: ModelConfig, layers, policy: Policy, hardware: HardwareProf
 
 
 def predict_pipeline(cfg: ModelConfig, policies: list[Policy], hardware: list[HardwareProfile], dtype: torch.dtype,
-                     prompt_len: int, gen_len: int, num_prompts: int, prefill_chunks: int = 1) -> PipelinePrediction:
+                     prompt_len: int, gen_len: int, num_prompts: int, prefill_chunks: int = 1,
+                     blocks_in_flight: int | None = None) -> PipelinePrediction:
     """A generation run of `num_prompts` prompts through one stage per policy (each stage's own placement, one block
-    shape) on each stage's own hardware, cut as `run.plan_stages` cuts them."""
+    shape) on each stage's own hardware, cut as `run.plan_stages` cuts them, `blocks_in_flight` at a time (default:
+    one per stage)."""
     layers = model_layers(cfg)
     stages = len(policies)
-    ranges = partition(layers, stages, embedding_resident(policies[0].w_gpu_percent))
+    ranges = partition(layers, stages, resident_work(policies[0].w_gpu_percent, prompt_len, gen_len))
     num_blocks = math.ceil(num_prompts / policies[0].block_size)
     times = [stage_times(cfg, layers[a:b], policy, profile, dtype, prompt_len, gen_len, prefill_chunks, i == stages - 1)
              for i, ((a, b), policy, profile) in enumerate(zip(ranges, policies, hardware))]
-    total, busy, idle = simulate(times, num_blocks, len(times[0].prefill_parts_s), stages)
+    total, busy, idle = simulate(times, num_blocks, len(times[0].prefill_parts_s), blocks_in_flight or stages)
     return PipelinePrediction(total, num_prompts * gen_len, tuple(busy), tuple(idle), tuple(ranges))
 
 
