@@ -267,7 +267,7 @@ def generate(run: RunConfig, requests: list[Request], results: Results | None = 
         gen_len = max((s.max_new_tokens for _, s in work), default=1) * (REFILL_SPAN if run.refill else 1)
         policies, search, hardware = auto_policy.resolve(run.policy, cfg, dtype, device, prompt_len, gen_len,
                                                          len(work), run.budget, run.stages, run.offload_dir,
-                                                         on_stages if work else None)
+                                                         on_stages if work else None, run.blocks_in_flight)
         executor = reserved[0] if reserved else None
         return _execute(run, source, work, results, errors, policies, search, hardware, executor, device, dtype,
                         prompt_len, gen_len, sink)

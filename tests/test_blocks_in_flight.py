@@ -69,3 +69,25 @@ def test_lm_eval_model_args_take_the_count():
     from flexgen_dist.evaluation.model_args import run_config
 
     assert run_config({"model": "m", "blocks_in_flight": 3}).blocks_in_flight == 3
+
+
+def test_the_policy_search_prices_every_block_in_flight(monkeypatch):
+    """--policy auto with --blocks-in-flight plans each stage for that many blocks' KV caches, not one per stage."""
+    from test_policy_search import _profile
+
+    from flexgen_dist.models.family import config_by_name
+    from flexgen_dist.policy import auto
+
+    priced = []
+    real = auto.search_policy
+
+    def spy(*args, **kwargs):
+        priced.append(kwargs["blocks_in_flight"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(auto, "search_policy", spy)
+    cfg, hw = config_by_name("opt-125m"), _profile()
+    result = auto.choose_policy(auto.AutoPolicy(), cfg, hw, torch.float32, 64, 16, MemoryBudget(), 2, 128, 4)
+    auto.stage_policies(result, cfg, [hw, hw], torch.float32, 64, 16, MemoryBudget(), 4)
+    auto.choose_policy(auto.AutoPolicy(), cfg, hw, torch.float32, 64, 16, MemoryBudget(), 2, 128)
+    assert priced[:-1] == [4] * (len(priced) - 1) and priced[-1] == 2

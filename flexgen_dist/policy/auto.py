@@ -148,16 +148,19 @@ def stage_layers(cfg: ModelConfig, stages: int, prompt_len: int, gen_len: int) -
 
 
 def choose_policy(auto: AutoPolicy, cfg: ModelConfig, hardware: HardwareProfile, dtype: torch.dtype, prompt_len: int,
-                  gen_len: int, budget: MemoryBudget, stages: int = 1, num_sequences: int | None = None) -> SearchResult:
+                  gen_len: int, budget: MemoryBudget, stages: int = 1, num_sequences: int | None = None,
+                  blocks_in_flight: int | None = None) -> SearchResult:
+    """`blocks_in_flight`: the KV caches each stage holds (--blocks-in-flight; default one block per stage)."""
     # Never fewer blocks than stages where the prompts allow: one block of every prompt leaves all but one stage
     # idle (issue 19: S=2 chose one block of 128, and ran at 0.95x one stage).
     max_block = max(1, num_sequences // stages) if num_sequences is not None else None
     return search_policy(cfg, stage_layers(cfg, stages, prompt_len, gen_len), hardware, dtype, prompt_len, gen_len,
-                         budget, auto.base, auto.space(max_block), blocks_in_flight=stages)
+                         budget, auto.base, auto.space(max_block), blocks_in_flight=blocks_in_flight or stages)
 
 
 def stage_policies(result: SearchResult, cfg: ModelConfig, hardware: list[HardwareProfile], dtype: torch.dtype,
-                   prompt_len: int, gen_len: int, budget: MemoryBudget) -> list[SearchResult]:
+                   prompt_len: int, gen_len: int, budget: MemoryBudget,
+                   blocks_in_flight: int | None = None) -> list[SearchResult]:
     """Each stage's own placement, searched on its own layers (the first holds the embedding, the last the head)
     with its own hardware (`hardware`, one per stage) under its own budget, with the block shape and compression
     `result` chose for the heaviest stage: blocks flow through every stage, so their shape is one. A policy planned
@@ -173,7 +176,8 @@ def stage_policies(result: SearchResult, cfg: ModelConfig, hardware: list[Hardwa
     for _ in range(2):  # the cut counts the embedding by stage 0's placement: search again if that moved it
         ranges = partition(layers, stages, resident_work(100 if resident else 0, prompt_len, gen_len))
         results = [search_policy(cfg, layers[a:b], profile, dtype, prompt_len, gen_len, budget, shape, space,
-                                 blocks_in_flight=stages) for (a, b), profile in zip(ranges, hardware)]
+                                 blocks_in_flight=blocks_in_flight or stages)
+                   for (a, b), profile in zip(ranges, hardware)]
         if embedding_resident(results[0].policy.w_gpu_percent) == resident:
             break
         resident = not resident
@@ -182,19 +186,21 @@ def stage_policies(result: SearchResult, cfg: ModelConfig, hardware: list[Hardwa
 
 def resolve(policy: Policy | AutoPolicy, cfg: ModelConfig, dtype: torch.dtype, device: torch.device, prompt_len: int,
             gen_len: int, num_sequences: int, budget: MemoryBudget, stages: int, offload_dir: str | None,
-            on_stages: OnStages | None = None) -> tuple[list[Policy], dict | None, list[HardwareProfile]]:
+            on_stages: OnStages | None = None, blocks_in_flight: int | None = None
+            ) -> tuple[list[Policy], dict | None, list[HardwareProfile]]:
     """Each stage's policy: searched per stage when the run asked for --policy auto (else `policy` for every
     stage), the search's report for the summary, and each stage's hardware profile ([] without a search).
-    `on_stages`: runs the profiler where the stages run."""
+    `on_stages`: runs the profiler where the stages run; `blocks_in_flight`: the run's --blocks-in-flight."""
     if not isinstance(policy, AutoPolicy):
         return [policy] * stages, None, []
     hardware = stage_hardware(policy, cfg, device, dtype, offload_dir, budget, stages, on_stages)
     # The block shape from the heaviest stage's layers on the smallest device: it bounds every stage.
     smallest = min(hardware, key=lambda h: h.device_memory_bytes)
-    result = choose_policy(policy, cfg, smallest, dtype, prompt_len, gen_len, budget, stages, num_sequences)
+    result = choose_policy(policy, cfg, smallest, dtype, prompt_len, gen_len, budget, stages, num_sequences,
+                           blocks_in_flight)
     if stages == 1:
         return [result.policy], {"hardware": smallest.name, **result.to_dict()}, hardware
-    per_stage = stage_policies(result, cfg, hardware, dtype, prompt_len, gen_len, budget)
+    per_stage = stage_policies(result, cfg, hardware, dtype, prompt_len, gen_len, budget, blocks_in_flight)
     return [r.policy for r in per_stage], {
         "hardware": smallest.name, **result.to_dict(),
         "stages": [{"hardware": h.name, **r.to_dict()} for h, r in zip(hardware, per_stage)]}, hardware
