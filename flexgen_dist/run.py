@@ -37,7 +37,7 @@ from flexgen_dist.policy.pipeline_model import predict_pipeline
 from flexgen_dist.run_config import RunConfig
 from flexgen_dist.runtime.coordinator import prefill_chunks, run_blocks
 from flexgen_dist.runtime.executor import Executor, LocalExecutor
-from flexgen_dist.runtime.partition import partition, resident_work
+from flexgen_dist.runtime.partition import embedding_resident, partition, resident_work
 from flexgen_dist.runtime.worker import StageSpec
 
 
@@ -166,7 +166,8 @@ def plan_stages(run: RunConfig, cfg: ModelConfig, dtype: torch.dtype, device: to
     to balance the stages."""
     layers = model_layers(cfg)
     policies = policies or [run.policy] * run.stages
-    work = resident_work(policies[0].w_gpu_percent, prompt_len, gen_len, head_positions)  # stage 0 holds the table
+    resident = embedding_resident(policies[0].w_gpu_percent)  # stage 0 holds the table
+    work = resident_work(resident, prompt_len, gen_len, head_positions)
     ranges = partition(layers, run.stages, work)
     in_flight = run.blocks_in_flight or run.stages
     # Each stage holds the KV cache of every block in flight on its own device, CPU and disk.

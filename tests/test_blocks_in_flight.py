@@ -19,7 +19,7 @@ from flexgen_dist.models.family import model_layers
 from flexgen_dist.policy.memory_plan import plan_bytes
 from flexgen_dist.run import plan_stages
 from flexgen_dist.run_config import RunConfig
-from flexgen_dist.runtime.partition import partition, resident_work
+from flexgen_dist.runtime.partition import embedding_resident, partition, resident_work
 
 
 @pytest.mark.parametrize("in_flight", ["1", "3", "5"])
@@ -38,7 +38,7 @@ def test_one_block_per_stage_by_default(tmp_path, opt_postln_dir, capsys):
 def _largest_stage_bytes(cfg, policy: Policy, in_flight: int) -> int:
     """The biggest stage's bytes in RAM (the gpu and cpu tiers of a CPU device) with `in_flight` blocks."""
     layers = model_layers(cfg)
-    ranges = partition(layers, 2, resident_work(policy.w_gpu_percent, 8, 4))
+    ranges = partition(layers, 2, resident_work(embedding_resident(policy.w_gpu_percent), 8, 4))
     return max(sum(plan_bytes(cfg, layers[a:b], policy, torch.float32, torch.device("cpu"), 8, 4, in_flight).total(t)
                    for t in (Tier.GPU, Tier.CPU)) for a, b in ranges)
 

@@ -56,11 +56,11 @@ def test_a_resident_head_costs_the_positions_it_gives_logits_for():
     95, so stage 1 takes one MLP more than if the head cost as a streamed layer (measured: stage busy 32.8 and 32.2 s
     against 35.3 and 32.9). Decode-only work (one prompt position) makes the head as heavy as its weights again."""
     layers = model_layers(config_by_name("opt-1.3b"))
-    assert partition(layers, 2, resident_work(100, 64, 32)) == [(0, 26), (26, 50)]
-    heavy_head = partition(layers, 2, resident_work(100, 1, 256))
+    assert partition(layers, 2, resident_work(True, 64, 32)) == [(0, 26), (26, 50)]
+    heavy_head = partition(layers, 2, resident_work(True, 1, 256))
     assert heavy_head[0][1] > 26
-    assert resident_work(50, 64, 32) is None  # streamed weights: bytes and work per token, as before
-    scoring = resident_work(100, 512, 0, head_positions=512)
+    assert resident_work(False, 64, 32) is None  # streamed weights: bytes and work per token, as before
+    scoring = resident_work(True, 512, 0, head_positions=512)
     assert scoring == ResidentWork(512, 512)
 
 

@@ -142,7 +142,7 @@ def stage_layers(cfg: ModelConfig, stages: int, prompt_len: int, gen_len: int) -
     cuts the model one way when the policy keeps every weight on the device, another otherwise
     (partition.layer_cost), so the heaviest stage of either cut."""
     layers = model_layers(cfg)
-    ranges = partition(layers, stages) + partition(layers, stages, resident_work(100, prompt_len, gen_len))
+    ranges = partition(layers, stages) + partition(layers, stages, resident_work(True, prompt_len, gen_len))
     a, b = max(ranges, key=lambda r: sum(layer.numel for layer in layers[r[0]:r[1]]))
     return layers[a:b]
 
@@ -174,7 +174,7 @@ def stage_policies(result: SearchResult, cfg: ModelConfig, hardware: list[Hardwa
     stages = len(hardware)
     resident = embedding_resident(shape.w_gpu_percent)
     for _ in range(2):  # the cut counts the embedding by stage 0's placement: search again if that moved it
-        ranges = partition(layers, stages, resident_work(100 if resident else 0, prompt_len, gen_len))
+        ranges = partition(layers, stages, resident_work(resident, prompt_len, gen_len))
         results = [search_policy(cfg, layers[a:b], profile, dtype, prompt_len, gen_len, budget, shape, space,
                                  blocks_in_flight=blocks_in_flight or stages)
                    for (a, b), profile in zip(ranges, hardware)]

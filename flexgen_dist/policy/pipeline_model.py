@@ -23,7 +23,7 @@ from flexgen_dist.policy.hardware import HardwareProfile
 from flexgen_dist.policy.memory_plan import plan_bytes
 from flexgen_dist.policy.search import Budgets
 from flexgen_dist.runtime.coordinator import prefill_parts
-from flexgen_dist.runtime.partition import partition, resident_work
+from flexgen_dist.runtime.partition import embedding_resident, partition, resident_work
 
 # Measured on the 2-core machines (docs/benchmark-history.md): an object-store hop costs ~3 ms for a decode hidden
 # state and 47 ms for a 16.8 MB prefill one; a step's round trip through the driver (result, advance, resubmit) ~5 ms
@@ -176,7 +176,8 @@ def predict_pipeline(cfg: ModelConfig, policies: list[Policy], hardware: list[Ha
     one per stage)."""
     layers = model_layers(cfg)
     stages = len(policies)
-    ranges = partition(layers, stages, resident_work(policies[0].w_gpu_percent, prompt_len, gen_len))
+    work = resident_work(embedding_resident(policies[0].w_gpu_percent), prompt_len, gen_len)
+    ranges = partition(layers, stages, work)
     num_blocks = math.ceil(num_prompts / policies[0].block_size)
     times = [stage_times(cfg, layers[a:b], policy, profile, dtype, prompt_len, gen_len, prefill_chunks, i == stages - 1)
              for i, ((a, b), policy, profile) in enumerate(zip(ranges, policies, hardware))]

@@ -18,11 +18,12 @@ class ResidentWork:
     head_positions: int
 
 
-def resident_work(weights_on_device_percent: float, prompt_len: int, gen_len: int,
+def resident_work(resident: bool, prompt_len: int, gen_len: int,
                   head_positions: int | None = None) -> ResidentWork | None:
-    """The work a policy's cut is balanced by: None where it streams weights (`layer_cost`). `head_positions`:
-    the head's positions per sequence when not one per new token (scoring's)."""
-    if not embedding_resident(weights_on_device_percent):
+    """The work a cut is balanced by where every weight is resident (`embedding_resident`); None where weights
+    stream (`layer_cost`). `head_positions`: the head's positions per sequence when not one per new token
+    (scoring's)."""
+    if not resident:
         return None
     return ResidentWork(prompt_len + max(gen_len - 1, 0), gen_len if head_positions is None else head_positions)
 
