@@ -1,13 +1,13 @@
-"""The coordinator: feeds blocks through the stages with S blocks in flight (or as many as asked), samples or scores nothing itself
-(the last stage does), lets each block track its own progress and stopping, and hands finished blocks back as they
-complete. Generation and scoring share it.
+"""The coordinator: feeds blocks through the stages with S blocks in flight (or as many as asked), samples or scores
+nothing itself (the last stage does), lets each block track its own progress and stopping, and hands finished blocks
+back as they complete. Generation and scoring share it.
 
 With S stages and S blocks in flight, stage s works on one block while stage s+1 works on the block submitted before
 it: Ray runs each actor's calls in order, and object refs flow actor to actor without visiting the coordinator. More
 blocks in flight (--blocks-in-flight) also fill the gaps a prefill part or a block's round trip through the driver
 leaves between a block's steps: the pipeline model gives 2S about 3% more at S=2 (opt-1.3b, 64 x (64 + 32), blocks
-of 16), but on a 2-core CPU the stages then compute together more often and each runs 2-9% slower (they share the
-memory bandwidth), which ate the gain (docs/benchmark-history.md), so S stays the default.
+of 16), but on a 2-core CPU the stages then compute together more often, and its two cores run slower together than
+one alone (one-thread GEMMs lose 10-14%): 2-8% below S in flight (docs/benchmark-history.md), so S stays the default.
 
 A block's prefill costs many decode steps (~20x for opt-1.3b at prompt 64, batch 16). Sent whole, it holds up the
 next stage, and the decode steps of the other blocks behind it, for that long: with S=2 the stages sat idle 14.4 and

@@ -35,12 +35,11 @@ def layer_cost(layer: LayerSpec, resident: ResidentWork | None = None) -> int:
     the positions it gives logits for, and the embedding is a lookup plus its projection. Counted as a streamed
     layer, opt-1.3b's head (2 decoder layers of weights) put a whole MLP too many on stage 0 of 2: busy 35.3 s
     against stage 1's 32.9 at 64 x (64 + 32) (issue 19, machine D); priced by its positions, 32.8 against 32.2."""
+    projection = sum(w.numel for w in layer.weights if w.name == "project_in")
     if resident is None:
-        if layer.kind == "embed":
-            return layer.numel + sum(w.numel for w in layer.weights if w.name == "project_in")
-        return 2 * layer.numel
+        return layer.numel + projection if layer.kind == "embed" else 2 * layer.numel
     if layer.kind == "embed":
-        return resident.positions * sum(w.numel for w in layer.weights if w.name == "project_in")
+        return resident.positions * projection
     return (resident.head_positions if layer.kind == "head" else resident.positions) * layer.numel
 
 
@@ -49,7 +48,8 @@ def embedding_resident(weights_on_device_percent: float) -> bool:
     return weights_on_device_percent >= 100
 
 
-def partition(layers: list[LayerSpec], num_stages: int, resident: ResidentWork | None = None) -> list[tuple[int, int]]:
+def partition(layers: list[LayerSpec], num_stages: int,
+              resident: ResidentWork | None = None) -> list[tuple[int, int]]:
     """[start, stop) layer ranges for each stage, contiguous, minimising the most expensive stage (`layer_cost`;
     `resident`: the work of a policy that keeps every weight on the device)."""
     n = len(layers)
